@@ -1,0 +1,1 @@
+"""Datasets: the synthetic MotionX-like world and readers of the MotionX layout."""

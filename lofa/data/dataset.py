@@ -1,0 +1,56 @@
+"""Preprocessed clips in memory: what pretraining, fitting and evaluation read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lofa.data.preprocess import load_manifest
+from lofa.io import ArtifactError, load_tensors
+
+
+@dataclass(frozen=True)
+class ClipSet:
+    """Stacked clips of one or more splits.
+
+    Attributes:
+        ids, captions, splits: one entry per clip.
+        latents: (N, 16, T', H', W') float32.
+        text: (N, L, D) float32, rows past each prompt zeroed.
+        mask: (N, L) bool.
+    """
+
+    ids: list[str]
+    captions: list[str]
+    splits: list[str]
+    latents: torch.Tensor
+    text: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: list[int] | torch.Tensor) -> "ClipSet":
+        idx = torch.as_tensor(index, dtype=torch.long)
+        pick = idx.tolist()
+        return ClipSet([self.ids[i] for i in pick], [self.captions[i] for i in pick],
+                       [self.splits[i] for i in pick], self.latents[idx], self.text[idx], self.mask[idx])
+
+
+def load_clips(pre_dir: str | Path, splits: tuple[str, ...] = ("train",)) -> ClipSet:
+    """Load every clip of ``splits`` from a preprocess output directory."""
+    pre_dir = Path(pre_dir)
+    df = load_manifest(pre_dir)
+    df = df[df["split"].isin(splits)].reset_index(drop=True)
+    if df.empty:
+        raise ArtifactError(f"{pre_dir / 'manifest.parquet'}: no clips in splits {list(splits)}")
+    lat, txt, msk = [], [], []
+    for rel in df["path"]:
+        t = load_tensors(pre_dir / rel)
+        lat.append(t["latents"])
+        txt.append(t["text"])
+        msk.append(t["mask"])
+    return ClipSet(df["id"].tolist(), df["caption"].tolist(), df["split"].tolist(),
+                   torch.stack(lat), torch.stack(txt), torch.stack(msk))

@@ -1,0 +1,169 @@
+"""Stage ``preprocess``: a MotionX-layout root -> per-clip latents + text embeddings.
+
+Outputs under ``out_dir``:
+- ``clips/<id>.safetensors``: ``latents`` (16, T', H', W') float32, ``text`` (L, D)
+  float32 (rows past the prompt zeroed) and ``mask`` (L,) bool; the header holds
+  the clip's id, split, caption and source info, so a resumed run rebuilds the
+  manifest without re-encoding.
+- ``manifest.parquet``: one row per usable clip.
+- ``rejected.csv``: one row per skipped clip with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from lofa.data.motionx import ClipError, ClipRef, list_clips, read_caption, read_video
+from lofa.io import ArtifactError, atomic_path, load_tensors, read_metadata, save_tensors, sha256_file
+
+MANIFEST_COLUMNS = (
+    "id", "split", "caption", "num_frames", "src_fps", "src_frames", "src_height", "src_width",
+    "latent_shape", "text_shape", "path", "sha256",
+)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The ``preprocess`` params section."""
+
+    profile: Literal["synthetic", "wan"] = "synthetic"
+    num_frames: int = 17
+    fps: float = 8.0
+    height: int = 64
+    width: int = 64
+    text_max_length: int = 32
+    video_dir: str = "video"
+    encode_batch: int = 8
+    device: str = "cpu"
+    # real profile only: local files the user downloaded
+    text_encoder_path: str = ""
+    tokenizer_path: str = ""
+    vae_path: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"preprocess.num_frames must be 4k+1 (Wan's contract), got {self.num_frames}")
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"preprocess.height/width must be multiples of 16, got {self.height}x{self.width}")
+
+
+def clip_path(out_dir: Path, clip_id: str) -> Path:
+    return out_dir / "clips" / f"{clip_id}.safetensors"
+
+
+def _build_encoders(cfg: PreprocessConfig) -> tuple[Any, Any]:
+    from lofa.encoders.text import build_text_encoder
+    from lofa.encoders.video import build_codec
+
+    if cfg.profile == "synthetic":
+        return (build_text_encoder("synthetic", max_length=cfg.text_max_length, device=cfg.device),
+                build_codec("synthetic"))
+    return (build_text_encoder("wan", weights_path=cfg.text_encoder_path, tokenizer_path=cfg.tokenizer_path,
+                               device=cfg.device),
+            build_codec("wan", weights_path=cfg.vae_path, device=cfg.device))
+
+
+def _row_from_file(path: Path, out_dir: Path) -> dict[str, Any]:
+    meta = read_metadata(path)
+    t = load_tensors(path)
+    row = json.loads(meta["lofa_clip"])
+    row.update(latent_shape=list(t["latents"].shape), text_shape=list(t["text"].shape),
+               path=path.relative_to(out_dir).as_posix(), sha256=sha256_file(path))
+    return row
+
+
+def _encode_group(group: list[tuple[ClipRef, str, torch.Tensor, Any]], text_enc: Any, codec: Any,
+                  cfg: PreprocessConfig, out_dir: Path) -> list[dict[str, Any]]:
+    captions = [c for _, c, _, _ in group]
+    emb = text_enc.encode(captions)
+    video = torch.stack([v for _, _, v, _ in group]).to(cfg.device)  # (B, 3, T, H, W)
+    with torch.no_grad():
+        latents = codec.encode(video).float().cpu()
+    rows = []
+    for i, (ref, caption, _, info) in enumerate(group):
+        head = {"id": ref.id, "split": ref.split, "caption": caption, "num_frames": cfg.num_frames,
+                "src_fps": info.src_fps, "src_frames": info.src_frames,
+                "src_height": info.src_height, "src_width": info.src_width}
+        path = clip_path(out_dir, ref.id)
+        save_tensors(path, {"latents": latents[i], "text": emb.tokens[i].float(), "mask": emb.mask[i].bool()},
+                     metadata={"lofa_clip": json.dumps(head), "format": "lofa.clip.v1"})
+        rows.append(_row_from_file(path, out_dir))
+    return rows
+
+
+def preprocess(cfg: PreprocessConfig, root: str | Path, out_dir: str | Path,
+               progress: bool = True) -> dict[str, Any]:
+    """Encode every usable clip of ``root`` into ``out_dir``; resumable.
+
+    Returns a summary: counts per split, rejects per reason, wall time.
+    Raises RuntimeError when no usable clip remains.
+    """
+    t0 = time.perf_counter()
+    root, out_dir = Path(root), Path(out_dir)
+    refs, rejected = list_clips(root, cfg.video_dir)
+    rows: list[dict[str, Any]] = []
+    todo: list[ClipRef] = []
+    for ref in refs:
+        p = clip_path(out_dir, ref.id)
+        try:
+            rows.append(_row_from_file(p, out_dir)) if p.is_file() else todo.append(ref)
+        except (ArtifactError, KeyError, json.JSONDecodeError):
+            todo.append(ref)  # a damaged earlier output: redo it
+    encoders: tuple[Any, Any] | None = None
+    group: list[tuple[ClipRef, str, torch.Tensor, Any]] = []
+    encoded = 0
+
+    def flush() -> None:
+        nonlocal encoders, group, encoded
+        if group:
+            encoders = encoders or _build_encoders(cfg)
+            rows.extend(_encode_group(group, *encoders, cfg, out_dir))
+            encoded += len(group)
+            group = []
+
+    bar = tqdm(todo, desc="preprocess", unit="clip", disable=not progress)
+    for ref in bar:
+        try:
+            caption = read_caption(ref.caption_path)
+            video, info = read_video(ref.video_path, cfg.num_frames, cfg.fps, cfg.height, cfg.width)
+        except ClipError as e:
+            rejected.append((ref.id, e.reason))
+            bar.set_postfix(rejected=len(rejected))
+            continue
+        group.append((ref, caption, video, info))
+        if len(group) == cfg.encode_batch:
+            flush()
+    flush()
+    rej = pd.DataFrame(rejected, columns=["id", "reason"])
+    with atomic_path(out_dir / "rejected.csv") as tmp:
+        rej.to_csv(tmp, index=False)
+    if not rows:
+        raise RuntimeError(f"preprocess: no usable clip under {root} ({len(rej)} rejected; see {out_dir / 'rejected.csv'})")
+    manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).sort_values("id").reset_index(drop=True)
+    with atomic_path(out_dir / "manifest.parquet") as tmp:
+        manifest.to_parquet(tmp, index=False)
+    return {
+        "clips": len(manifest),
+        "per_split": {s: int((manifest["split"] == s).sum()) for s in sorted(manifest["split"].unique())},
+        "rejected": len(rej),
+        "rejected_by_reason": rej["reason"].value_counts().to_dict(),
+        "encoded_now": encoded,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def load_manifest(out_dir: str | Path, split: str | None = None) -> pd.DataFrame:
+    """The preprocess manifest, optionally one split (clear error when absent)."""
+    p = Path(out_dir) / "manifest.parquet"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no manifest; run the preprocess stage first")
+    df = pd.read_parquet(p)
+    return df if split is None else df[df["split"] == split].reset_index(drop=True)

@@ -1,0 +1,43 @@
+"""Process environment for every lofa command, applied explicitly (never at import)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Settings every command needs: offline hubs, no telemetry.
+OFFLINE_ENV: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DIFFSYNTH_SKIP_DOWNLOAD": "True",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The directory holding ``params.yaml`` (searched upwards from ``start`` or cwd)."""
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "params.yaml").is_file() and (d / "lofa").is_dir():
+            return d
+    return here
+
+
+def setup_env(root: Path | None = None) -> Path:
+    """Apply offline/telemetry settings and keep tracking stores inside the repo.
+
+    MLflow: a sqlite backend ``mlflow.db`` at the repo root with artifacts under
+    ``mlruns/`` (MLflow 3 refuses the old file store). Prefect: ``PREFECT_HOME``
+    is ``.prefect/`` in the repo. Existing user settings win.
+    """
+    root = repo_root(root)
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    os.environ.setdefault("LOFA_MLFLOW_ARTIFACTS", (root / "mlruns").as_uri())
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    return root

@@ -1,0 +1,30 @@
+"""What every stage command shares: arguments, environment, params section, MLflow run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from lofa.config import load_params
+from lofa.env import setup_env
+
+
+def stage_args(description: str, **paths: str) -> argparse.Namespace:
+    """Parse ``--params`` plus one ``--<name>`` option per path, defaulting to ``paths``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    for name, default in paths.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=default, type=Path)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = p.parse_args()
+    setup_env()
+    return args
+
+
+def section(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The raw ``name`` section of the params file (validated by the caller's config class)."""
+    params = load_params(args.params)
+    if name not in params:
+        raise SystemExit(f"{args.params}: missing section '{name}'")
+    return params[name] or {}

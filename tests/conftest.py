@@ -1,0 +1,24 @@
+"""Test session setup: offline settings, and tracking stores in a temp dir."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+from lofa.env import OFFLINE_ENV
+
+for _k, _v in OFFLINE_ENV.items():
+    os.environ.setdefault(_k, _v)
+_STORE = tempfile.mkdtemp(prefix="lofa-test-store-")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_STORE}/mlflow.db"
+os.environ["LOFA_MLFLOW_ARTIFACTS"] = f"file://{_STORE}/mlruns"
+os.environ.setdefault("PREFECT_HOME", f"{_STORE}/prefect")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    import torch
+
+    torch.manual_seed(0)
