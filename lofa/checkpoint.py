@@ -58,6 +58,12 @@ class CheckpointDir:
         if self.is_main:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def drop_partial(self) -> None:
+        """Remove directories a killed run left half-written (``.tmp-*``, never pointed to)."""
+        if self.is_main and self.root.is_dir():
+            for tmp in self.root.glob(".tmp-*"):
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
     def save(self, step: int, model: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor],
              sidecar: dict[str, Any], rng: list[dict[str, Any]]) -> None:
         """Write one checkpoint atomically and prune old ones (no-op off the main process)."""

@@ -92,10 +92,6 @@ class HyperNetConfig:
             raise ConfigError("HyperNetConfig: " + "; ".join(errors))
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
-
-    @property
     def b_std(self) -> float:
         """The B head's init std after resolving the stage default."""
         if self.b_init_std is not None:
@@ -133,8 +129,9 @@ class MatrixGroup:
     def shape(self) -> tuple[int, int]:
         return int(self.weight.shape[1]), int(self.weight.shape[2])
 
-    def to(self, device: torch.device | str) -> "MatrixGroup":
-        return MatrixGroup(self.weight.to(device), self.matrix_ids.to(device), self.prompt_ids.to(device))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MatrixGroup":
+        return MatrixGroup(*(t.to(device, non_blocking=non_blocking)
+                             for t in (self.weight, self.matrix_ids, self.prompt_ids)))
 
 
 @dataclass(frozen=True)
@@ -195,6 +192,13 @@ def group_by_shape(vocab: Vocabulary, matrix_ids: Tensor, prompt_ids: Tensor
     return [(s, torch.tensor(by_shape[s], dtype=torch.long)) for s in sorted(by_shape)]
 
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm whose gain is cast to the input's dtype (the fused kernel under bf16 autocast)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def _heads(x: Tensor, lead: int, num_heads: int) -> Tensor:
     """(..., d) with n*S rows -> (lead, heads, rows/lead, head_dim)."""
     return x.reshape(lead, -1, num_heads, x.shape[-1] // num_heads).transpose(1, 2)
@@ -210,8 +214,8 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(d, 2 * d)
         self.o = nn.Linear(d, d)
         hd = d // num_heads
-        self.q_norm = nn.RMSNorm(hd, eps=eps) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(hd, eps=eps) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(hd, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(hd, eps=eps) if qk_norm else nn.Identity()
 
     def context(self, c: Tensor) -> tuple[Tensor, Tensor]:
         """c: (P, L, d) -> K, V each (P, heads, L, head_dim), K normalised."""
@@ -236,8 +240,8 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.o = nn.Linear(d, d)
         hd = d // num_heads
-        self.q_norm = nn.RMSNorm(hd, eps=eps) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(hd, eps=eps) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(hd, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(hd, eps=eps) if qk_norm else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (n, S, d) -> (n, S, d)."""
@@ -304,7 +308,8 @@ class LoraHead(nn.Module):
         """h: (n, d), rms: (n,) -> A (n, r, in), B (n, out, r) with B in units of RMS(W)."""
         n = h.shape[0]
         a = self.A(h).view(n, self.rank, self.in_features)
-        b = self.B(h).view(n, self.out_features, self.rank) * rms[:, None, None].to(h.dtype)
+        b = self.B(h).view(n, self.out_features, self.rank)
+        b = b * rms[:, None, None].to(b.dtype)
         return a, b
 
 
@@ -357,7 +362,10 @@ class HyperNet(nn.Module):
         for t in (self.row_embed, self.col_embed, self.cls_token):
             nn.init.trunc_normal_(t, std=0.02)
         for head in self.heads.values():
-            nn.init.normal_(head.B.weight, std=head.b_std) if head.b_std > 0 else nn.init.zeros_(head.B.weight)
+            if head.b_std > 0:
+                nn.init.normal_(head.B.weight, std=head.b_std)
+            else:
+                nn.init.zeros_(head.B.weight)
         if self.alpha_head is not None:
             nn.init.zeros_(self.alpha_head.weight)
             nn.init.constant_(self.alpha_head.bias, math.log(math.expm1(self.cfg.alpha_init)))
@@ -406,25 +414,31 @@ class HyperNet(nn.Module):
         return _TextContext(tuple(k for k, _ in kv), tuple(v for _, v in kv), None if all_valid else mask)
 
     def _embed(self, g: MatrixGroup) -> tuple[Tensor, Tensor]:
-        """Tokens (n, 1 + T, d) of W / RMS(W) and RMS(W) (n,) fp32."""
-        p, (out_f, in_f), n = self.cfg.patch_size, g.shape, g.weight.shape[0]
+        """Tokens (n, 1 + T, d) of W / RMS(W), and RMS(W) (n,) fp32.
+
+        The 1 / RMS scale is applied after the matmul (it is linear), and the tiles
+        are unfolded a bounded chunk of matrices at a time.
+        """
+        p, (out_f, in_f) = self.cfg.patch_size, g.shape
         gh, gw = -(-out_f // p), -(-in_f // p)
         dtype = self._compute_dtype(g.weight.device)
-        rms = torch.linalg.vector_norm(g.weight, dim=(1, 2), dtype=torch.float32) / math.sqrt(out_f * in_f)
-        rms = rms.clamp_min(torch.finfo(torch.float32).tiny)
-        w = F.pad(g.weight, (0, gw * p - in_f, 0, gh * p - out_f))
         weight = self.patch_embed.weight.to(dtype)
-        chunk = max(1, _PATCH_CHUNK_BYTES // (w[0].numel() * w.element_size()))
-        parts = []
-        for w_c, r_c in zip(w.split(chunk), rms.split(chunk)):
-            tiles = w_c.view(-1, gh, p, gw, p).permute(0, 1, 3, 2, 4).reshape(-1, gh * gw, p * p)
-            parts.append(F.linear(tiles.to(dtype), weight) * (1.0 / r_c).to(dtype)[:, None, None])
+        chunk = max(1, _PATCH_CHUNK_BYTES // (out_f * in_f * g.weight.element_size()))
+        parts, rms = [], []
+        for w in g.weight.split(chunk):
+            r = torch.linalg.vector_norm(w, dim=(1, 2), dtype=torch.float32) / math.sqrt(out_f * in_f)
+            r = r.clamp_min(torch.finfo(torch.float32).tiny)
+            if (gh * p, gw * p) != (out_f, in_f):
+                w = F.pad(w, (0, gw * p - in_f, 0, gh * p - out_f))
+            tiles = w.reshape(-1, gh, p, gw, p).permute(0, 1, 3, 2, 4).reshape(-1, gh * gw, p * p)
+            parts.append(F.linear(tiles.to(dtype), weight) * (1.0 / r).to(dtype)[:, None, None])
+            rms.append(r)
         x = self.patch_norm(torch.cat(parts) + self.patch_embed.bias.to(dtype))  # (n, T, d)
         pos = (self.row_embed[:gh, None] + self.col_embed[None, :gw]).reshape(gh * gw, -1)
         meta = self.depth_embed(self.depth_ids[g.matrix_ids]) + self.type_embed(self.type_ids[g.matrix_ids])
         x = x + pos.to(x.dtype) + meta[:, None].to(x.dtype)
         cls = (self.cls_token + meta)[:, None].to(x.dtype)
-        return torch.cat([cls, x], dim=1), rms
+        return torch.cat([cls, x], dim=1), torch.cat(rms)
 
     def _text_for(self, g: MatrixGroup, ctx: _TextContext) -> tuple[Tensor | None, Tensor | None]:
         """Index (n,) into the prompts, or None when the group is m consecutive matrices per prompt."""
@@ -445,10 +459,10 @@ class HyperNet(nn.Module):
         if key not in self.heads:
             raise ValueError(f"HyperNet: no head for matrices of shape {g.shape}; the vocabulary has "
                              f"{sorted(self.heads)}")
+        if stage1_tokens is not None and stage1_tokens.shape[0] != g.weight.shape[0]:
+            raise ValueError(f"HyperNet: stage1_tokens {tuple(stage1_tokens.shape)} for {g.weight.shape[0]} matrices")
+        index, mask = self._text_for(g, ctx)  # before any heavy work: it syncs with the host
         x, rms = self._embed(g)
-        if stage1_tokens is not None and stage1_tokens.shape[0] != x.shape[0]:
-            raise ValueError(f"HyperNet: stage1_tokens {tuple(stage1_tokens.shape)} for {x.shape[0]} matrices")
-        index, mask = self._text_for(g, ctx)
         for i, block in enumerate(self.blocks):
             k, v = ctx.keys[i], ctx.values[i]
             if index is not None:

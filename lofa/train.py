@@ -16,11 +16,12 @@ function of the step, so resume needs no data-loader state.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -31,9 +32,9 @@ from accelerate.utils import send_to_device, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
+from lofa.checkpoint import CheckpointDir, gather_rng, load_optimizer_tensors, optimizer_tensors, restore_rng
 from lofa.config import to_dict
 from lofa.io import SCHEMA_VERSION, ArtifactError, load_tensors, read_json, save_tensors, tensors_hash, write_json
-from lofa.checkpoint import CheckpointDir, gather_rng, load_optimizer_tensors, optimizer_tensors, restore_rng
 
 #: Config fields that may change between a run and its resume (they do not change the numbers).
 RESUMABLE_CHANGES = frozenset({"log_every", "ckpt_every", "keep_last"})
@@ -89,7 +90,6 @@ class TrainResult:
     metrics: dict[str, float]
     model_path: Path
     resumed_from: int | None = None
-    history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
 
 class NonFiniteError(RuntimeError):
@@ -150,6 +150,10 @@ def assert_fp32_trainable(model: nn.Module) -> None:
 
 
 def _check_accelerator(acc: Accelerator, cfg: TrainConfig) -> None:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise RuntimeError(f"train: launched with WORLD_SIZE={launched} but the Accelerator sees "
+                           f"{acc.num_processes} process(es); without CUDA build it with Accelerator(cpu=True)")
     if acc.gradient_accumulation_steps != 1:
         raise ValueError("train: the loop accumulates gradients itself (TrainConfig.grad_accum); "
                          "build the Accelerator with gradient_accumulation_steps=1")
@@ -168,10 +172,11 @@ def _check_config(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
 
 
 def _micro_steps(acc: Accelerator, model: nn.Module, loss_step: LossStep, batches: Batches,
-                 cfg: TrainConfig, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+                 cfg: TrainConfig, step: int, log_now: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
     """Forward/backward of the ``grad_accum`` micro-batches of ``step``.
 
-    Returns the mean loss (0-d, detached), the summed metrics and the first batch.
+    Returns the mean loss (0-d, detached), the summed metrics (at log steps only)
+    and the first batch.
     """
     loss_sum = torch.zeros((), device=acc.device)
     sums: dict[str, torch.Tensor] = {}
@@ -189,7 +194,7 @@ def _micro_steps(acc: Accelerator, model: nn.Module, loss_step: LossStep, batche
                                  f"{tuple(getattr(loss, 'shape', ()))}")
             acc.backward(loss / cfg.grad_accum)
         loss_sum += loss.detach().float()
-        for k, v in metrics.items():
+        for k, v in metrics.items() if log_now else ():
             sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=acc.device).detach()
     return loss_sum / cfg.grad_accum, sums, first
 
@@ -295,15 +300,17 @@ def train(model: nn.Module, loss_step: LossStep, batches: Batches, cfg: TrainCon
             (may run its own backward; grads and RNG are restored afterwards).
         resume: continue from ``ckpt/latest.json`` if present; False deletes ``ckpt/``.
         meta: JSON-able facts stored in every sidecar (model config, base-model hash).
-        accelerator: default ``Accelerator()``.
+        accelerator: default ``Accelerator(cpu=not torch.cuda.is_available())`` (``cpu=True``
+            is what makes a CPU-only ``torchrun``/``accelerate launch`` run gloo DDP).
     """
-    acc = accelerator or Accelerator()
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     _check_accelerator(acc, cfg)
     assert_fp32_trainable(model)
     out_dir = Path(out_dir)
     ckpts = CheckpointDir(out_dir / "ckpt", cfg.keep_last, acc.is_main_process)
     if not resume:
         ckpts.clear()
+    ckpts.drop_partial()
     acc.wait_for_everyone()
     set_seed(cfg.seed, device_specific=True)
     start, sidecar = _resume(acc, model, cfg, ckpts)
@@ -315,7 +322,7 @@ def train(model: nn.Module, loss_step: LossStep, batches: Batches, cfg: TrainCon
     run.logged = dict(sidecar["metrics"]) if sidecar else {}
     run.loop(start, loss_step, batches, logger, diagnostics)
     path = run.export(out_dir)
-    return TrainResult(cfg.max_steps, run.logged, path, start if sidecar else None, run.history)
+    return TrainResult(cfg.max_steps, run.logged, path, start if sidecar else None)
 
 
 class _Run:
@@ -327,7 +334,6 @@ class _Run:
         self.ckpts, self.meta = ckpts, meta
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.logged: dict[str, float] = {}
-        self.history: list[tuple[int, dict[str, float]]] = []
 
     def loop(self, start: int, loss_step: LossStep, batches: Batches,
              logger: Callable[[int, dict[str, float]], None] | None,
@@ -339,7 +345,7 @@ class _Run:
         try:
             for step in range(start + 1, cfg.max_steps + 1):
                 log_now = step % cfg.log_every == 0 or step == cfg.max_steps
-                loss, sums, first = _micro_steps(acc, self.model, loss_step, batches, cfg, step)
+                loss, sums, first = _micro_steps(acc, self.model, loss_step, batches, cfg, step, log_now)
                 grad_norm = acc.clip_grad_norm_(self.params, cfg.grad_clip or math.inf)
                 loss_v, norm_v = _guard(acc, step, loss, grad_norm, self.ckpts)
                 for group in self.opt.param_groups:
@@ -355,7 +361,6 @@ class _Run:
                     loop = {"loss": sum(window) / len(window), "grad_norm": norm_v, "lr": lr_at(step, cfg),
                             "steps_per_s": len(window) / max(elapsed, 1e-9)}
                     self.logged, window = _loop_metrics(acc, self.model, sums, diag, cfg, loop), []
-                    self.history.append((step, self.logged))
                 if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                     self.save(step)
                 if log_now and logger is not None and acc.is_main_process:

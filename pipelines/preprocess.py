@@ -12,12 +12,14 @@ from pipelines._common import section, stage_args
 
 
 def main() -> None:
-    args = stage_args(__doc__, root="data/motionx_synth", out="data/preprocessed")
+    args = stage_args(__doc__, root="data/motionx_synth", out="data/preprocessed",
+                      metrics="metrics/preprocess.json")
     cfg = from_dict(PreprocessConfig, section(args, "preprocess"), "preprocess")
     with stage_run("preprocess", to_dict(cfg)) as mlflow:
         summary = preprocess(cfg, args.root, args.out, progress=not args.no_progress)
         summary["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         write_json(args.out / "summary.json", summary)
+        write_json(args.metrics, summary)
         mlflow.log_metrics({"clips": summary["clips"], "rejected": summary["rejected"],
                             "seconds": summary["seconds"], "peak_rss_mib": summary["peak_rss_mib"],
                             **{f"clips_{s}": n for s, n in summary["per_split"].items()}})

@@ -10,12 +10,12 @@ from pipelines._common import section, stage_args
 
 
 def main() -> None:
-    args = stage_args(__doc__, out="data/motionx_synth")
+    args = stage_args(__doc__, out="data/motionx_synth", metrics="metrics/synthesize.json")
     cfg = SynthConfig.from_params(section(args, "synthetic"))
     with stage_run("synthesize", to_dict(cfg)) as mlflow:
         summary = generate(cfg, args.out, progress=not args.no_progress)
         sheet = contact_sheet(args.out, args.out / "contact_sheet.png")
-        write_json(args.out / "summary.json", summary)
+        write_json(args.metrics, summary)
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         mlflow.log_dict(summary, "summary.json")
         mlflow.log_artifact(str(sheet))

@@ -151,13 +151,20 @@ def test_preprocess_contract_rejects_and_resume(motionx: Path, tmp_path: Path) -
     again = preprocess(cfg, motionx, out, progress=False)
     assert again["encoded_now"] == 0 and again["clips"] == 6
     victim = out / man.loc[0, "path"]
+    before = load_tensors(victim)
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "clips").rglob("*.safetensors") if p != victim}
     victim.unlink()
     third = preprocess(cfg, motionx, out, progress=False)
     assert third["encoded_now"] == 1 and victim.is_file()
     assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())
     assert not list(out.rglob(".tmp-*"))
-    assert pd.read_parquet(out / "manifest.parquet").equals(man)
+    after = pd.read_parquet(out / "manifest.parquet")
+    for col in MANIFEST_COLUMNS[:-1]:  # the re-encoded clip's bytes may differ in the last float bits
+        assert after[col].astype(str).tolist() == man[col].astype(str).tolist(), col
+    assert after["sha256"].tolist()[1:] == man["sha256"].tolist()[1:]
+    redone = load_tensors(victim)
+    for k in before:
+        torch.testing.assert_close(redone[k], before[k], rtol=1e-4, atol=1e-5)
 
 
 def test_preprocess_fails_when_nothing_usable(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
 }
 DIRECTIONS: tuple[str, ...] = ("left", "right")
 SPEEDS: dict[str, float] = {"slow": 0.5, "normal": 0.8, "fast": 1.3}  # action cycles per second
-SIZES: dict[str, float] = {"small": 0.46, "large": 0.68}  # standing height / frame height
+SIZES: dict[str, float] = {"small": 0.46, "large": 0.64}  # standing height / frame height
 
 # Body proportions (unit = standing height) and capsule radii.
 _SEG_LEN = {"ua": 0.16, "fa": 0.155, "th": 0.245, "sh": 0.235}
@@ -123,7 +123,7 @@ _JUMP_KEYS = [
 def _jump(c: float) -> Pose:
     u = c % 1.0
     v = min(max((u - 0.35) / 0.4, 0.0), 1.0)
-    return {**_keyframes(u, _JUMP_KEYS), "lift": 0.9 * v * (1 - v)}
+    return {**_keyframes(u, _JUMP_KEYS), "lift": 0.8 * v * (1 - v)}
 
 
 def _wave(c: float) -> Pose:
@@ -221,8 +221,9 @@ def _skeleton(pose: Pose) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
         lat = np.array([sgn, 0.0, 0.0])
         for (up_name, low_name), root in ((("ua", "fa"), neck - 0.02 * up + _SHOULDER_W * lat),
                                           (("th", "sh"), hip + _HIP_W * lat)):
-            mid = root + _SEG_LEN[up_name] * _seg_dir(pose[f"{up_name}_{side}.swing"], pose[f"{up_name}_{side}.raise"], sgn)
-            end = mid + _SEG_LEN[low_name] * _seg_dir(pose[f"{low_name}_{side}.swing"], pose[f"{low_name}_{side}.raise"], sgn)
+            upper, lower = f"{up_name}_{side}", f"{low_name}_{side}"
+            mid = root + _SEG_LEN[up_name] * _seg_dir(pose[f"{upper}.swing"], pose[f"{upper}.raise"], sgn)
+            end = mid + _SEG_LEN[low_name] * _seg_dir(pose[f"{lower}.swing"], pose[f"{lower}.raise"], sgn)
             segs += [(f"{up_name}_{side}", root, mid, _LIMB_R), (f"{low_name}_{side}", mid, end, _LIMB_R)]
     return segs
 
@@ -289,13 +290,18 @@ def _draw_capsule(img: np.ndarray, cap: np.ndarray, rgb: np.ndarray) -> None:
 
 
 def render_clip(spec: ClipSpec, frames: int, height: int, width: int, fps: float) -> np.ndarray:
-    """Render one clip of ``spec`` as video frames.
+    """Render one clip of ``spec`` as video frames (a pure function of its arguments).
+
+    Args:
+        spec: action and attributes; ``spec.seed`` sets the start phase, position and tempo jitter.
+        frames, height, width: output shape; fps: frame rate that converts ``SPEEDS`` (Hz) to frames.
 
     Returns:
         uint8 array ``(frames, height, width, 3)``, RGB.
     """
     rng = np.random.default_rng([spec.seed, 7919])
-    phase, x_jit, g_jit, freq_jit = rng.random(), rng.uniform(-0.08, 0.08), rng.uniform(-0.02, 0.02), rng.uniform(0.92, 1.08)
+    phase, x_jit = rng.random(), rng.uniform(-0.08, 0.08)
+    g_jit, freq_jit = rng.uniform(-0.02, 0.02), rng.uniform(0.92, 1.08)
     facing = 1.0 if spec.direction == "right" else -1.0
     scale = SIZES[spec.size] * height  # pixels per body unit
     ground = (_GROUND + g_jit) * height

@@ -156,7 +156,10 @@ def read_video(path: Path, num_frames: int, fps: float, height: int, width: int)
         raise ClipError("bad_dimensions", f"{path}: {w}x{h} outside [{MIN_SIDE}, {MAX_SIDE}]")
     if not np.isfinite(src_fps) or src_fps <= 0:
         raise ClipError("bad_fps", f"{path}: fps {src_fps}")
-    idx = sample_indices(n, src_fps, num_frames, fps)
+    try:
+        idx = sample_indices(n, src_fps, num_frames, fps)
+    except ClipError as e:
+        raise ClipError(e.reason, f"{path}: {e.detail}") from None
     try:
         frames = torch.from_numpy(vr.get_batch(idx).asnumpy())
     except Exception as e:

@@ -1,0 +1,378 @@
+"""Benchmark of the LoFA hypernetwork at the Wan2.1-1.3B shapes (GPU), or tiny shapes on CPU (--tiny).
+
+Sections (each independent; a failure is recorded and the rest still run; the JSON
+is rewritten after every section so a timeout keeps what finished):
+  ceiling     a large bf16 matmul: the achievable TFLOP/s on this card
+  predict     stage I + stage II over all matrices of one prompt, bf16 weights,
+              eager: median ms, peak memory, error against the fp32 model
+  train1      one stage-I training step over all matrices (AdamW, bf16 autocast,
+              fp32 weights), without and with gradient checkpointing
+  compiled    the same two with the trunk blocks compiled (regional torch.compile)
+              and the fused stage-I loss; compile time reported separately
+  fp8         prediction with the trunk's linears in FP8 (per-tensor scales,
+              torch._scaled_mm), compiled; dW error against the bf16 result
+  dit         (--dit) one stage-II training step with the flow-matching loss
+              through the 1.3B DiT at 17x256x256 (needs diffsynth)
+
+Prints JSON, then a short table; writes $OUT/bench_hypernet.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lofa.hypernet import HyperNet, HyperNetConfig, MatrixGroup  # noqa: E402
+from lofa.layers import Vocabulary  # noqa: E402
+from lofa.objectives import HyperBatch, LoraGroup, Stage1LossConfig, stage1_loss, stage2_loss  # noqa: E402
+
+FULL = dict(dims=(1536, 8960, 30), text_len=512,
+            cfg=dict(d_model=768, num_heads=12, num_blocks=8, patch_size=96, rank=32, text_dim=4096))
+TINY = dict(dims=(64, 128, 2), text_len=16,
+            cfg=dict(d_model=64, num_heads=4, num_blocks=2, patch_size=16, rank=4, text_dim=32,
+                     cross_stage1_after=(0, 1)))
+
+
+def forward_flops(cfg: HyperNetConfig, vocab: Vocabulary, num_prompts: int, text_len: int) -> float:
+    """FLOPs of one forward over every vocabulary matrix for each of ``num_prompts`` prompts."""
+    d, h, p = cfg.d_model, round(cfg.d_model * cfg.mlp_ratio), cfg.patch_size
+    total = 2.0 * num_prompts * text_len * (cfg.text_dim * d + cfg.num_blocks * 2 * d * d)
+    for m in vocab:
+        t = -(-m.out_features // p) * -(-m.in_features // p)
+        s = num_prompts * (1 + t)  # token rows of this matrix over all prompts
+        total += 2.0 * num_prompts * t * p * p * d
+        block = 2 * s * (3 * d * d + d * d + 2 * d * h + 2 * d * d + 2 * d * h)
+        block += 4 * s * (1 + t) * d + 4 * s * text_len * d
+        total += cfg.num_blocks * block
+        if cfg.uses_stage1:
+            total += len(cfg.cross_stage1_after) * (2 * s * (4 * d * d + 2 * d * h) + 4 * s * (1 + t) * d)
+        total += 2 * num_prompts * d * cfg.rank * (m.in_features + m.out_features)
+    return total
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median / min / max milliseconds of ``fn`` after ``warmup`` calls (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": repeats}
+
+
+def first_call_s(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def matmul_ceiling(device: torch.device, n: int) -> dict[str, float]:
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    t = timeit(lambda: a @ b, device, 3, 10 if device.type == "cuda" else 2)
+    return {"n": n, **t, "tflops": 2 * n ** 3 / t["median_ms"] / 1e9}
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T + b with W and x in float8_e4m3fn, per-tensor scales (x's computed per call)."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        w = lin.weight.detach().float()
+        scale = w.abs().amax().clamp_min(1e-12) / 448.0
+        self.register_buffer("w8", (w / scale).to(torch.float8_e4m3fn))
+        self.register_buffer("w_scale", scale)
+        self.register_buffer("bias", lin.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        scale = x2.abs().amax().float().clamp_min(1e-12) / 448.0
+        x8 = (x2 / scale).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(x8, self.w8.t(), scale_a=scale, scale_b=self.w_scale, bias=self.bias,
+                             out_dtype=torch.bfloat16)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def to_fp8(model: HyperNet) -> HyperNet:
+    """A copy whose trunk and stage-I block linears run in FP8."""
+    model = copy.deepcopy(model)
+    for root in (model.blocks, model.stage1_blocks):
+        for name, mod in list(root.named_modules()):
+            if isinstance(mod, nn.Linear):
+                parent, _, child = name.rpartition(".")
+                setattr(root.get_submodule(parent) if parent else root, child, Fp8Linear(mod))
+    return model
+
+
+def compile_blocks(model: HyperNet) -> HyperNet:
+    for block in [*model.blocks, *model.stage1_blocks.values()]:
+        block.compile(dynamic=False)
+    return model
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = torch.device("cpu" if args.tiny else "cuda")
+        spec = TINY if args.tiny else FULL
+        self.vocab = Vocabulary.from_dims(*spec["dims"])
+        self.text_len = spec["text_len"]
+        # B heads non-zero so that dW (and its error) is not trivially zero
+        self.cfg1 = HyperNetConfig(**spec["cfg"], stage=1, b_init_std=1e-3)
+        self.cfg2 = HyperNetConfig(**spec["cfg"], stage=2, b_init_std=1e-3)
+        self.warmup, self.repeats = (1, 2) if args.tiny else (3, args.repeats)
+        self.train_repeats = 1 if args.tiny else max(3, args.repeats // 2)
+        self.report: dict[str, object] = {"results": {}, "errors": {}}
+
+    def setup(self) -> None:
+        dev, n, (o, i) = self.device, len(self.vocab), (self.vocab[0].out_features, self.vocab[0].in_features)
+        torch.manual_seed(0)
+        self.s1, self.s2 = HyperNet(self.cfg1, self.vocab).to(dev), HyperNet(self.cfg2, self.vocab).to(dev)
+        self.W = torch.randn(n, o, i, device=dev, dtype=torch.bfloat16) * 0.02
+        self.group = MatrixGroup(self.W, torch.arange(n, device=dev), torch.zeros(n, dtype=torch.long, device=dev))
+        self.text = torch.randn(1, self.text_len, self.cfg1.text_dim, device=dev, dtype=torch.bfloat16)
+        self.mask = torch.ones(1, self.text_len, dtype=torch.bool, device=dev)
+        r = self.cfg1.rank
+        self.lora = (torch.randn(n, r, i, device=dev, dtype=torch.bfloat16) / i ** 0.5,
+                     torch.randn(n, o, r, device=dev, dtype=torch.bfloat16) * 2e-3)
+        self.report["config"] = {"stage1": vars(self.cfg1) | {}, "num_matrices": n, "matrix_shape": [o, i],
+                                 "text_len": self.text_len,
+                                 "params_stage1_M": sum(p.numel() for p in self.s1.parameters()) / 1e6,
+                                 "params_stage2_M": sum(p.numel() for p in self.s2.parameters()) / 1e6}
+        f1 = forward_flops(self.cfg1, self.vocab, 1, self.text_len)
+        f2 = forward_flops(self.cfg2, self.vocab, 1, self.text_len)
+        self.flops = {"stage1_fwd": f1, "stage2_fwd": f2, "predict": f1 + f2}
+        self.report["flops_T"] = {k: v / 1e12 for k, v in self.flops.items()}
+
+    @staticmethod
+    def predict(s1: HyperNet, s2: HyperNet, group: MatrixGroup, text: torch.Tensor, mask: torch.Tensor):
+        with torch.inference_mode():
+            tokens = [o.tokens for o in s1([group], text, mask)]
+            return s2([group], text, mask, tokens)[0]
+
+    def tflops(self, flops: float, ms: float) -> float:
+        return flops / ms / 1e9
+
+    def run_predict(self) -> dict[str, object]:
+        dev = self.device
+        b1, b2 = copy.deepcopy(self.s1).bfloat16().eval(), copy.deepcopy(self.s2).bfloat16().eval()
+        self.s1.cpu(), self.s2.cpu()  # the fp32 models stay off the card while measuring memory
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            static = torch.cuda.memory_allocated(dev)
+        run = lambda: self.predict(b1, b2, self.group, self.text, self.mask)  # noqa: E731
+        out = run()
+        res: dict[str, object] = {}
+        if dev.type == "cuda":
+            res["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+            res["static_gib"] = static / 2 ** 30
+        res.update(timeit(run, dev, self.warmup, self.repeats))
+        res["tflops"] = self.tflops(self.flops["predict"], res["median_ms"])
+        self.bf16_models, self.bf16_out = (b1, b2), out
+        self.s1.to(dev), self.s2.to(dev)
+        res["vs_fp32"] = self.fp32_errors(out)
+        return res
+
+    def fp32_errors(self, out) -> dict[str, float]:
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            g = MatrixGroup(self.W.float(), self.group.matrix_ids, self.group.prompt_ids)
+            ref = self.predict(self.s1.eval(), self.s2.eval(), g, self.text.float(), self.mask)
+            errs = {"dW": rel_err(out.delta(), ref.delta()), "A": rel_err(out.A, ref.A),
+                    "B_scaled": rel_err(out.B_scaled, ref.B_scaled), "alpha": rel_err(out.alpha, ref.alpha)}
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        del g, ref
+        return errs
+
+    def train_step_fn(self, model: HyperNet, loss_cfg: Stage1LossConfig) -> Callable[[], None]:
+        batch = HyperBatch(self.text, self.mask, (LoraGroup(self.group, *self.lora),))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=self.device.type == "cuda")
+
+        def step() -> None:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                loss, _ = stage1_loss(model, batch, loss_cfg)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    def run_train(self, compiled: bool) -> dict[str, object]:
+        res: dict[str, object] = {}
+        for ckpt in (False, True):
+            model = HyperNet(HyperNetConfig(**{**vars(self.cfg1), "grad_checkpointing": ckpt}), self.vocab)
+            model.load_state_dict(self.s1.state_dict())
+            model.to(self.device).train()
+            if compiled:
+                compile_blocks(model)
+            step = self.train_step_fn(model, Stage1LossConfig(compile=compiled))
+            key = "ckpt" if ckpt else "no_ckpt"
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(self.device)
+            first = first_call_s(step, self.device)
+            t = timeit(step, self.device, self.warmup, self.train_repeats)
+            passes = 4 if ckpt else 3  # forward, 2x backward (+ recompute)
+            res[key] = {**t, "first_call_s": first, "tflops": self.tflops(passes * self.flops["stage1_fwd"], t["median_ms"])}
+            if self.device.type == "cuda":
+                res[key]["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            del model, step
+        return res
+
+    def run_compiled_predict(self) -> dict[str, object]:
+        b1, b2 = (compile_blocks(copy.deepcopy(m)) for m in self.bf16_models)
+        run = lambda: self.predict(b1, b2, self.group, self.text, self.mask)  # noqa: E731
+        first = first_call_s(run, self.device)
+        t = timeit(run, self.device, self.warmup, self.repeats)
+        out = run()
+        return {**t, "first_call_s": first, "tflops": self.tflops(self.flops["predict"], t["median_ms"]),
+                "dW_err_vs_eager_bf16": rel_err(out.delta(), self.bf16_out.delta())}
+
+    def run_fp8(self) -> dict[str, object]:
+        b1, b2 = (compile_blocks(to_fp8(m)) for m in self.bf16_models)
+        run = lambda: self.predict(b1, b2, self.group, self.text, self.mask)  # noqa: E731
+        first = first_call_s(run, self.device)
+        t = timeit(run, self.device, self.warmup, self.repeats)
+        out = run()
+        return {**t, "first_call_s": first, "dW_err_vs_bf16": rel_err(out.delta(), self.bf16_out.delta()),
+                "tflops_equiv": self.tflops(self.flops["predict"], t["median_ms"])}
+
+    def run_dit(self) -> dict[str, object]:
+        from lofa.wan import WAN21_T2V_1_3B, build_dit
+
+        dev = self.device
+        dit = build_dit(WAN21_T2V_1_3B, device=dev, dtype=torch.bfloat16).requires_grad_(False)
+        s1 = self.bf16_models[0]
+        model = HyperNet(self.cfg2, self.vocab)
+        model.load_state_dict(self.s2.state_dict())
+        model.to(dev).train()
+        g = torch.Generator(dev).manual_seed(0)
+        latents = torch.randn(1, 16, 5, 32, 32, device=dev, generator=g)
+        batch = HyperBatch(self.text, self.mask, (LoraGroup(self.group, *self.lora),), latents,
+                           torch.randn(latents.shape, device=dev, generator=g), torch.tensor([500.0], device=dev))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+        def step() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = stage2_loss(model, s1, batch, dit)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        first = first_call_s(step, dev)
+        t = timeit(step, dev, 1, 5)
+        return {**t, "first_call_s": first, "peak_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30,
+                "clip": "17x256x256 (latent 16x5x32x32)"}
+
+    def section(self, name: str, fn: Callable[[], object]) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.report["results"][name] = fn()
+        except Exception as e:  # noqa: BLE001 - a failed section is reported, the others still run
+            self.report["errors"][name] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        self.report.setdefault("section_s", {})[name] = round(time.perf_counter() - t0, 2)
+        self.save()
+
+    def save(self) -> None:
+        out = os.environ.get("OUT") or self.args.out
+        if out:
+            path = Path(out) / "bench_hypernet.json" if os.environ.get("OUT") else Path(out)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.report, indent=2, default=str))
+
+
+def table(report: dict[str, object]) -> str:
+    r, lines = report["results"], [f"device: {report.get('device')}  torch {report.get('torch')}"]
+    if "ceiling" in r:
+        lines.append(f"bf16 matmul ceiling: {r['ceiling']['tflops']:.0f} TFLOP/s")
+    rows = [("predict eager bf16", r.get("predict")), ("predict compiled", r.get("compiled_predict")),
+            ("predict fp8 compiled", r.get("fp8")), ("train1 eager", (r.get("train1") or {}).get("no_ckpt")),
+            ("train1 eager ckpt", (r.get("train1") or {}).get("ckpt")),
+            ("train1 compiled", (r.get("train1_compiled") or {}).get("no_ckpt")),
+            ("train1 compiled ckpt", (r.get("train1_compiled") or {}).get("ckpt")), ("train2 + DiT", r.get("dit"))]
+    lines.append(f"{'what':24s} {'ms':>9s} {'TFLOP/s':>8s} {'peak GiB':>9s} {'compile s':>9s}")
+    for name, v in rows:
+        if v:
+            tf = v.get("tflops", v.get("tflops_equiv", float("nan")))
+            lines.append(f"{name:24s} {v['median_ms']:9.2f} {tf:8.0f} {v.get('peak_gib', float('nan')):9.2f} "
+                         f"{v.get('first_call_s', float('nan')):9.1f}")
+    if "predict" in r:
+        lines.append(f"bf16 vs fp32 rel. error: {r['predict']['vs_fp32']}")
+    for k in ("compiled_predict", "fp8"):
+        if k in r:
+            lines.append(f"{k}: {({a: b for a, b in r[k].items() if 'err' in a})}")
+    if report["errors"]:
+        lines.append(f"errors: {report['errors']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="small shapes on CPU (a smoke run)")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip")
+    ap.add_argument("--dit", action="store_true", help="also the stage-II step with the 1.3B DiT")
+    ap.add_argument("--out", default="", help="JSON path when OUT is not set")
+    args = ap.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("bench_hypernet: no CUDA device; use --tiny for the CPU smoke run")
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    b = Bench(args)
+    b.report.update(device=torch.cuda.get_device_name() if not args.tiny else "cpu", torch=torch.__version__)
+    skip = set(filter(None, args.skip.split(",")))
+    gpu = not args.tiny
+    b.setup()
+    plan = [("ceiling", lambda: matmul_ceiling(b.device, 8192 if gpu else 256), True),
+            ("predict", b.run_predict, True), ("train1", lambda: b.run_train(False), True),
+            ("compiled_predict", b.run_compiled_predict, gpu), ("train1_compiled", lambda: b.run_train(True), gpu),
+            ("fp8", b.run_fp8, gpu), ("dit", b.run_dit, gpu and args.dit)]
+    for name, fn, enabled in plan:
+        if enabled and name not in skip:
+            b.section(name, fn)
+    print(json.dumps(b.report, indent=1, default=str))
+    print(table(b.report))
+    return b.report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""Per-clip LoRA fitting: K clips per forward, each with its own LoRA; resumable shards.
+
+Every clip gets its own random stream (seeded from the config seed and the clip
+id), so a clip's LoRA does not depend on which clips share its batch or on
+how the work was sharded or resumed. The K LoRAs are independent: the loss is
+the sum of per-clip losses (each gradient is the clip's own), AdamW is
+elementwise, and gradient clipping, if on, is per clip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lofa.config import to_dict
+from lofa.io import SCHEMA_VERSION, load_tensors, write_json
+from lofa.layers import ATTN_MODULES, Vocabulary
+from lofa.lora import LoRAWeights, base_weights, response_stats, save_lora
+from lofa.wan import base_model_hash, dit_config, flow_loss, flow_schedule, sample_timesteps
+
+LATENTS_KEY = "latents"
+CONTEXT_KEY = "context"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How one LoRA is fitted to one clip (params section ``fit_loras``)."""
+
+    rank: int = 32
+    alpha: float = 32.0
+    steps: int = 200
+    lr: float = 1e-4
+    clips_per_batch: int = 4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = None
+    timestep_min: float = 0.0
+    timestep_max: float = 1.0
+    seed: int = 0
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    grad_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    modules: tuple[str, ...] = ATTN_MODULES
+    eval_points: int = 4
+    save_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules", tuple(self.modules))
+        object.__setattr__(self, "betas", tuple(self.betas))
+        for name in ("rank", "steps", "clips_per_batch", "eval_points"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FitConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.alpha <= 0:
+            raise ValueError(f"FitConfig: lr and alpha must be positive, got {self.lr}, {self.alpha}")
+        if not 0 <= self.timestep_min < self.timestep_max <= 1:
+            raise ValueError(f"FitConfig: need 0 <= timestep_min < timestep_max <= 1, got "
+                             f"{self.timestep_min}, {self.timestep_max}")
+        for key, valid in (("init", ("kaiming", "gaussian")), ("dtype", tuple(_DTYPES)),
+                           ("save_dtype", tuple(_DTYPES))):
+            if getattr(self, key) not in valid:
+                raise ValueError(f"FitConfig.{key}: {getattr(self, key)!r} is not one of {list(valid)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """K fitted LoRAs and their curves."""
+
+    lora: LoRAWeights  # A (K, r, in), B (K, out, r), scale alpha / r
+    losses: torch.Tensor  # (K, steps) training loss per step
+    base_loss: torch.Tensor  # (K,) eval loss of the base model
+    final_loss: torch.Tensor  # (K,) eval loss with the fitted LoRA
+    seconds: float
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (stable across processes and runs)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def init_lora(vocab: Vocabulary, cfg: FitConfig, generators: Sequence[torch.Generator],
+              device: torch.device | str) -> LoRAWeights:
+    """K fresh fp32 LoRAs (one per generator): A kaiming-uniform (as peft) or N(0, 1/r^2), B zero."""
+    A, B = [], []
+    for m in vocab:
+        rows = []
+        for g in generators:
+            if cfg.init == "kaiming":  # peft: kaiming_uniform_(a=sqrt(5)) -> U(-1/sqrt(in), 1/sqrt(in))
+                bound = 1.0 / math.sqrt(m.in_features)
+                a = torch.rand((cfg.rank, m.in_features), generator=g, device=g.device) * (2 * bound) - bound
+            else:  # peft "gaussian": normal_(std=1/r)
+                a = torch.randn((cfg.rank, m.in_features), generator=g, device=g.device) / cfg.rank
+            rows.append(a.to(device))
+        A.append(torch.stack(rows).requires_grad_(True))
+        B.append(torch.zeros(len(generators), m.out_features, cfg.rank, device=device, requires_grad=True))
+    return LoRAWeights(vocab, tuple(A), tuple(B), cfg.scale)
+
+
+def draw_step(generators: Sequence[torch.Generator], sample_shape: Sequence[int], cfg: FitConfig,
+              device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's (timesteps (K,), noise (K, *sample_shape)), each clip from its own generator."""
+    ts, noise = [], []
+    for g in generators:
+        ts.append(sample_timesteps(1, g, device, cfg.timestep_min, cfg.timestep_max))
+        noise.append(torch.randn(tuple(sample_shape), generator=g, device=g.device).to(device))
+    return torch.cat(ts), torch.stack(noise)
+
+
+def eval_inputs(seed: int, sample_shape: Sequence[int], n: int,
+                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed eval timesteps (n,) spread over the grid, and noise (n, *sample_shape) from ``seed``."""
+    grid = flow_schedule().timesteps
+    ids = ((torch.arange(n) + 0.5) * len(grid) / n).long()
+    g = torch.Generator().manual_seed(derive_seed(seed, "eval"))
+    return grid[ids].to(device), torch.randn((n, *sample_shape), generator=g).to(device)
+
+
+def _generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def _clip_per_clip(params: Sequence[torch.Tensor], max_norm: float) -> None:
+    sq = sum(p.grad.float().pow(2).flatten(1).sum(1) for p in params)  # (K,)
+    factor = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(factor.view(-1, *([1] * (p.ndim - 1))).to(p.grad.dtype))
+
+
+@torch.no_grad()
+def eval_loss(dit: nn.Module, latents: torch.Tensor, context: torch.Tensor, seeds: Sequence[int],
+              cfg: FitConfig, lora: LoRAWeights | None) -> torch.Tensor:
+    """(K,) mean weighted flow loss over each clip's fixed eval points (see :func:`eval_inputs`)."""
+    per_clip = [eval_inputs(s, latents.shape[1:], cfg.eval_points, latents.device) for s in seeds]
+    total = torch.zeros(latents.shape[0], device=latents.device)
+    with torch.autocast(latents.device.type, _DTYPES[cfg.dtype], enabled=cfg.dtype != "float32"):
+        for j in range(cfg.eval_points):
+            ts = torch.stack([t[j] for t, _ in per_clip])
+            noise = torch.stack([n[j] for _, n in per_clip])
+            total += flow_loss(dit, latents, context, ts, noise, lora=lora)
+    return total / cfg.eval_points
+
+
+def fit_batch(dit: nn.Module, vocab: Vocabulary, latents: torch.Tensor, context: torch.Tensor,
+              cfg: FitConfig, seeds: Sequence[int],
+              on_step: Callable[[int, torch.Tensor], None] | None = None) -> FitResult:
+    """Fit K LoRAs, one per clip, in one batched loop (the DiT is frozen in place).
+
+    Args:
+        latents: (K, 16, T, H, W) clean latents; context: (K, L, text_dim).
+        seeds: K per-clip seeds (see :func:`derive_seed`); each drives that clip's
+            LoRA init, timesteps and noise, in this order.
+        on_step: called after each optimizer step with (step, losses (K,)).
+    """
+    k = latents.shape[0]
+    if context.shape[0] != k or len(seeds) != k:
+        raise ValueError(f"fit_batch: {k} latents, {context.shape[0]} contexts, {len(seeds)} seeds")
+    t0 = time.perf_counter()
+    device = latents.device
+    dit.requires_grad_(False)
+    gens = _generators(seeds, device)
+    lora = init_lora(vocab, cfg, gens, device)
+    opt = torch.optim.AdamW(lora.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                            weight_decay=cfg.weight_decay)
+    curve = torch.zeros(k, cfg.steps, device=device)
+    for step in range(cfg.steps):
+        ts, noise = draw_step(gens, latents.shape[1:], cfg, device)
+        with torch.autocast(device.type, _DTYPES[cfg.dtype], enabled=cfg.dtype != "float32"):
+            losses = flow_loss(dit, latents, context, ts, noise, lora=lora,
+                               grad_checkpointing=cfg.grad_checkpointing)
+        losses.sum().backward()
+        if cfg.max_grad_norm is not None:
+            _clip_per_clip(lora.parameters(), cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        curve[:, step] = losses.detach()
+        if on_step is not None:
+            on_step(step, losses.detach())
+    fitted = LoRAWeights(vocab, tuple(a.detach() for a in lora.A), tuple(b.detach() for b in lora.B), lora.scale)
+    base = eval_loss(dit, latents, context, seeds, cfg, None)
+    final = eval_loss(dit, latents, context, seeds, cfg, fitted)
+    return FitResult(fitted, curve.cpu(), base.cpu(), final.cpu(), time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- shards
+
+@dataclass(frozen=True)
+class ClipRecord:
+    """One clip to fit: its latents file (keys ``latents`` (16,T,H,W) and, unless
+    ``context_path`` is given, ``context`` (L, D))."""
+
+    clip_id: str
+    latents_path: str
+    prompt: str = ""
+    context_path: str | None = None
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    shard_index: int
+    num_shards: int
+    fitted: tuple[str, ...]
+    skipped: tuple[str, ...]
+    clip_steps_per_s: float
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_clip_id(clip_id: str) -> str:
+    """A file name for ``clip_id``: '/' -> '__', other unsafe characters -> '_', plus a short
+    hash whenever that mapping could be ambiguous."""
+    safe = _UNSAFE.sub("_", clip_id.replace("/", "__"))
+    if safe.replace("__", "/") != clip_id or safe.startswith("."):
+        safe = f"{safe}-{hashlib.sha256(clip_id.encode()).hexdigest()[:8]}"
+    return safe
+
+
+def lora_path(out_dir: str | Path, clip_id: str) -> Path:
+    return Path(out_dir) / "loras" / f"{safe_clip_id(clip_id)}.safetensors"
+
+
+def curve_path(out_dir: str | Path, clip_id: str) -> Path:
+    return Path(out_dir) / "curves" / f"{safe_clip_id(clip_id)}.json"
+
+
+def select_shard(records: Sequence[ClipRecord], shard_index: int, num_shards: int) -> list[ClipRecord]:
+    """Records ``i`` with ``i % num_shards == shard_index``."""
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"select_shard: need 0 <= shard_index < num_shards, got {shard_index}, {num_shards}")
+    return [r for i, r in enumerate(records) if i % num_shards == shard_index]
+
+
+def load_clip(record: ClipRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents (16, T, H, W), context (L, D)) of one record, as float32 CPU tensors."""
+    lat = load_tensors(record.latents_path)
+    ctx = load_tensors(record.context_path) if record.context_path else lat
+    for key, src, path in ((LATENTS_KEY, lat, record.latents_path),
+                           (CONTEXT_KEY, ctx, record.context_path or record.latents_path)):
+        if key not in src:
+            raise KeyError(f"{path}: no tensor {key!r} (clip {record.clip_id}); keys: {sorted(src)}")
+    latents, context = lat[LATENTS_KEY].float(), ctx[CONTEXT_KEY].float()
+    if latents.ndim != 4 or context.ndim != 2:
+        raise ValueError(f"{record.latents_path}: expected latents (C,T,H,W) and context (L,D), got "
+                         f"{tuple(latents.shape)} and {tuple(context.shape)}")
+    return latents, context
+
+
+def _batches(records: Sequence[ClipRecord], size: int):
+    """Yield (records, latents (K,...), context (K,...)) batches of equal shapes, in order."""
+    pending: dict[tuple, list[tuple[ClipRecord, torch.Tensor, torch.Tensor]]] = {}
+    for rec in records:
+        lat, ctx = load_clip(rec)
+        key = (tuple(lat.shape), tuple(ctx.shape))
+        pending.setdefault(key, []).append((rec, lat, ctx))
+        if len(pending[key]) == size:
+            group = pending.pop(key)
+            yield [g[0] for g in group], torch.stack([g[1] for g in group]), torch.stack([g[2] for g in group])
+    for group in pending.values():
+        yield [g[0] for g in group], torch.stack([g[1] for g in group]), torch.stack([g[2] for g in group])
+
+
+def _write_clip(out_dir: Path, rec: ClipRecord, k: int, res: FitResult, cfg: FitConfig, dit: nn.Module,
+                base_hash: str, shard: tuple[int, int]) -> None:
+    """The curve JSON, then the LoRA (its existence marks the clip done)."""
+    A, B = res.lora.factors(k)
+    stats = response_stats(A, B, base_weights(dit, res.lora.vocab), res.lora.vocab)
+    write_json(curve_path(out_dir, rec.clip_id), {
+        "schema_version": SCHEMA_VERSION, "clip_id": rec.clip_id, "prompt": rec.prompt,
+        "losses": res.losses[k].tolist(), "base_loss": float(res.base_loss[k]),
+        "final_loss": float(res.final_loss[k]), "steps": cfg.steps, "rank": cfg.rank,
+        "config": to_dict(cfg), "base_model_hash": base_hash, "response_map": stats,
+        "shard": list(shard), "batch_seconds": res.seconds, "batch_size": res.lora.num_loras,
+    })
+    save_lora(lora_path(out_dir, rec.clip_id), A, B, res.lora.vocab,
+              {"prompt": rec.prompt, "base_model_hash": base_hash, "clip_id": rec.clip_id,
+               "fit_steps": cfg.steps, "fit_final_loss": float(res.final_loss[k])},
+              dtype=_DTYPES[cfg.save_dtype])
+
+
+def fit_shard(dit: nn.Module, records: Sequence[ClipRecord], out_dir: str | Path, cfg: FitConfig, *,
+              shard_index: int = 0, num_shards: int = 1, base_hash: str | None = None,
+              progress: bool = True) -> ShardReport:
+    """Fit every clip of this shard whose LoRA file is missing; write LoRAs and curves.
+
+    Writes ``<out>/loras/<safe id>.safetensors`` (export format) and
+    ``<out>/curves/<safe id>.json`` per clip, each atomically; clips whose LoRA
+    exists are skipped, so a killed run resumes. Runs on the DiT's device.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    mine = select_shard(records, shard_index, num_shards)
+    todo = [r for r in mine if not lora_path(out_dir, r.clip_id).is_file()]
+    skipped = tuple(r.clip_id for r in mine if lora_path(out_dir, r.clip_id).is_file())
+    vocab = Vocabulary.from_dit_config(dit_config(dit), cfg.modules)
+    device = next(dit.parameters()).device
+    base_hash = base_hash or base_model_hash(dit)
+    bar = tqdm(total=len(todo) * cfg.steps, unit="clip-step", disable=not progress, position=shard_index,
+               desc=f"fit shard {shard_index}/{num_shards}", dynamic_ncols=True)
+    fitted: list[str] = []
+    t0 = time.perf_counter()
+    for recs, lat, ctx in _batches(todo, cfg.clips_per_batch):
+        seeds = [derive_seed(cfg.seed, r.clip_id) for r in recs]
+        res = fit_batch(dit, vocab, lat.to(device), ctx.to(device), cfg, seeds,
+                        on_step=lambda _s, _l, n=len(recs): bar.update(n))
+        for k, rec in enumerate(recs):
+            _write_clip(out_dir, rec, k, res, cfg, dit, base_hash, (shard_index, num_shards))
+            fitted.append(rec.clip_id)
+        bar.set_postfix(clips=f"{len(fitted)}/{len(todo)}", loss=f"{float(res.final_loss.mean()):.4f}")
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    rate = len(fitted) * cfg.steps / elapsed if fitted else 0.0
+    return ShardReport(shard_index, num_shards, tuple(fitted), skipped, rate)
+
+
+def fit_shard_distributed(build_dit: Callable[[torch.device], nn.Module], records: Sequence[ClipRecord],
+                          out_dir: str | Path, cfg: FitConfig, *, cpu: bool = False,
+                          base_hash: str | None = None, progress: bool = True) -> ShardReport:
+    """The per-process entry under ``accelerate launch`` / ``torchrun``: this process fits
+    shard ``process_index`` of ``num_processes`` on its own device, then waits for the others."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu)
+    dit = build_dit(state.device)
+    report = fit_shard(dit, records, out_dir, cfg, shard_index=state.process_index,
+                       num_shards=state.num_processes, base_hash=base_hash, progress=progress)
+    state.wait_for_everyone()
+    return report

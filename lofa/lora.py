@@ -1,0 +1,312 @@
+"""Batched multi-LoRA on the Wan DiT, the LoRA file format, and response maps.
+
+One functional path applies LoRAs: the adapted ``nn.Linear`` modules of the
+vocabulary are replaced once by :class:`LoRALinear` (same parameters, same
+state-dict keys), and ``with apply_lora(dit, lora): ...`` binds a
+:class:`LoRAWeights` set for the duration of a forward. A set holds K LoRAs;
+sample k of a batch of K goes through LoRA k (``K == 1`` broadcasts one LoRA
+to the whole batch):
+
+    y = x W^T + b + scale_k * (x A_k^T) B_k^T
+
+Gradients flow to the LoRA tensors only when they require grad; the DiT's own
+parameters are untouched. diffsynth's hot loading (``enable_lora_hot_loading``)
+applies one LoRA to a whole batch, so it cannot fit K clips at once; this
+module replaces it for fitting and stays compatible with its file format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lofa
+from lofa.io import ArtifactError, load_tensors, save_tensors
+from lofa.layers import KEY_FORMATS, Vocabulary
+
+LORA_FORMAT = "lofa-lora-v1"
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_REQUIRED_METADATA = ("prompt", "base_model_hash")
+
+
+class LoRAFormatError(ArtifactError):
+    """A LoRA file that does not match the vocabulary (names the file and the first problem)."""
+
+
+@dataclass(frozen=True)
+class LoRAWeights:
+    """K LoRAs over every matrix of ``vocab`` (vocabulary order).
+
+    ``A[i]`` is (K, rank, in_i), ``B[i]`` is (K, out_i, rank); ``scale`` is a
+    float or a (K,) tensor multiplying ``B A``.
+    """
+
+    vocab: Vocabulary
+    A: tuple[torch.Tensor, ...]
+    B: tuple[torch.Tensor, ...]
+    scale: float | torch.Tensor = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "A", tuple(self.A))
+        object.__setattr__(self, "B", tuple(self.B))
+        if not len(self.A) == len(self.B) == len(self.vocab):
+            raise ValueError(f"LoRAWeights: {len(self.A)} A and {len(self.B)} B tensors for "
+                             f"{len(self.vocab)} vocabulary matrices")
+        k, r = self.A[0].shape[0], self.A[0].shape[1]
+        for m, a, b in zip(self.vocab, self.A, self.B):
+            if tuple(a.shape) != (k, r, m.in_features) or tuple(b.shape) != (k, m.out_features, r):
+                raise ValueError(f"LoRAWeights: {m.prefix} has A {tuple(a.shape)} and B {tuple(b.shape)}; "
+                                 f"expected ({k}, {r}, {m.in_features}) and ({k}, {m.out_features}, {r})")
+        if isinstance(self.scale, torch.Tensor) and tuple(self.scale.shape) != (k,):
+            raise ValueError(f"LoRAWeights: scale must be a float or a ({k},) tensor, got {tuple(self.scale.shape)}")
+
+    @property
+    def num_loras(self) -> int:
+        return self.A[0].shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.A[0].shape[1]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [*self.A, *self.B]
+
+    def scale_of(self, k: int) -> float:
+        return float(self.scale[k]) if isinstance(self.scale, torch.Tensor) else float(self.scale)
+
+    def factors(self, k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """LoRA ``k`` as per-matrix A (rank, in) and B (out, rank), its scale folded into B."""
+        s = self.scale_of(k)
+        return [a[k].detach() for a in self.A], [b[k].detach() * s for b in self.B]
+
+    @classmethod
+    def from_factors(cls, vocab: Vocabulary, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
+                     scale: float = 1.0) -> "LoRAWeights":
+        """One LoRA (K = 1) from per-matrix A (rank, in) and B (out, rank)."""
+        return cls(vocab, tuple(a.unsqueeze(0) for a in A), tuple(b.unsqueeze(0) for b in B), scale)
+
+
+class LoRALinear(nn.Linear):
+    """An ``nn.Linear`` (sharing the wrapped module's parameters) plus an optional bound LoRA set."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        self.adapter: tuple[torch.Tensor, torch.Tensor, float | torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.adapter is None:
+            return y
+        return y + lora_delta(x, *self.adapter)
+
+
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """``scale_k (x_k A_k^T) B_k^T`` for each sample k.
+
+    Args:
+        x: (N, ..., in) inputs; N == K, or any N when K == 1.
+        A: (K, r, in); B: (K, out, r); scale: float or (K,).
+    Returns:
+        (N, ..., out) in the dtype of ``x`` (LoRA tensors are cast, differentiably).
+    """
+    k = A.shape[0]
+    if not torch.is_autocast_enabled(x.device.type):
+        A, B = A.to(x.dtype), B.to(x.dtype)
+    if k == 1:
+        h = x @ A[0].T  # (N, ..., r)
+        s = scale[0] if isinstance(scale, torch.Tensor) else scale
+    elif k == x.shape[0]:
+        h = torch.bmm(x.reshape(k, -1, x.shape[-1]), A.transpose(1, 2))  # (K, S, r)
+        s = scale.view(k, 1, 1) if isinstance(scale, torch.Tensor) else scale
+    else:
+        raise ValueError(f"lora_delta: {k} LoRAs for a batch of {x.shape[0]} (need K == batch or K == 1)")
+    if not (isinstance(s, float) and s == 1.0):
+        h = h * (s.to(h.dtype) if isinstance(s, torch.Tensor) else s)
+    if k == 1:
+        return h @ B[0].T
+    return torch.bmm(h, B.transpose(1, 2)).reshape(*x.shape[:-1], B.shape[1])
+
+
+def wrap_linears(model: nn.Module, vocab: Vocabulary,
+                 blocks: Iterable[int] | None = None) -> list[LoRALinear]:
+    """Replace the vocabulary's linears by :class:`LoRALinear` (idempotent); return them in order."""
+    wanted = None if blocks is None else set(blocks)
+    out: list[LoRALinear] = []
+    for m in vocab:
+        if wanted is not None and m.block not in wanted:
+            continue
+        mod = model.get_submodule(m.prefix)
+        if not isinstance(mod, LoRALinear):
+            if not isinstance(mod, nn.Linear):
+                raise TypeError(f"{m.prefix} is a {type(mod).__name__}, not an nn.Linear")
+            if (mod.out_features, mod.in_features) != (m.out_features, m.in_features):
+                raise ValueError(f"{m.prefix}: weight ({mod.out_features}, {mod.in_features}) does not match "
+                                 f"the vocabulary's ({m.out_features}, {m.in_features})")
+            parent_name, _, child = m.prefix.rpartition(".")
+            mod = LoRALinear(mod)
+            setattr(model.get_submodule(parent_name), child, mod)
+        out.append(mod)
+    return out
+
+
+@contextmanager
+def apply_lora(model: nn.Module, lora: LoRAWeights, blocks: Iterable[int] | None = None) -> Iterator[None]:
+    """Bind ``lora`` to the model's adapted linears (only ``blocks`` if given) inside the block.
+
+    Re-entrant: the previous bindings are restored on exit. With gradient
+    checkpointing, use :func:`lofa.wan.dit_forward` (it re-binds on recompute).
+    """
+    blocks = None if blocks is None else tuple(blocks)
+    idx = [i for i, m in enumerate(lora.vocab) if blocks is None or m.block in blocks]
+    mods = wrap_linears(model, lora.vocab, blocks)
+    previous = [mod.adapter for mod in mods]
+    for mod, i in zip(mods, idx):
+        mod.adapter = (lora.A[i], lora.B[i], lora.scale)
+    try:
+        yield
+    finally:
+        for mod, prev in zip(mods, previous):
+            mod.adapter = prev
+
+
+def base_weights(model: nn.Module, vocab: Vocabulary) -> list[torch.Tensor]:
+    """The base weight W (out, in) of every vocabulary matrix (no copy)."""
+    return [model.get_submodule(m.prefix).weight for m in vocab]
+
+
+# --------------------------------------------------------------------------- files
+
+@dataclass(frozen=True)
+class LoRAFile:
+    """A loaded LoRA: per-matrix A (rank, in) and B (out, rank), scale folded into B."""
+
+    vocab: Vocabulary
+    A: tuple[torch.Tensor, ...]
+    B: tuple[torch.Tensor, ...]
+    metadata: dict[str, str]
+    key_format: str
+
+    @property
+    def rank(self) -> int:
+        return self.A[0].shape[0]
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, rank, in) and (M, out, rank); all matrices must share one shape."""
+        try:
+            return torch.stack(self.A), torch.stack(self.B)
+        except RuntimeError:
+            raise ValueError("LoRAFile.stacked: matrices of different shapes cannot be stacked") from None
+
+    def to_weights(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoRAWeights:
+        """As a K = 1 :class:`LoRAWeights` (scale 1)."""
+        return LoRAWeights.from_factors(self.vocab, [a.to(device, dtype) for a in self.A],
+                                        [b.to(device, dtype) for b in self.B])
+
+
+def save_lora(path: str | Path, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], vocab: Vocabulary,
+              metadata: Mapping[str, object], scale: float = 1.0, dtype: torch.dtype = torch.float32) -> None:
+    """Write one LoRA in the export format (DESIGN section 4), atomically.
+
+    Args:
+        A: per vocabulary matrix, (rank, in); B: per matrix, (out, rank).
+        metadata: must hold ``prompt`` and ``base_model_hash``; ``rank``, ``producer``
+            and ``format`` are added. ``scale`` is folded into B.
+    """
+    missing = [k for k in _REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise ValueError(f"save_lora {path}: metadata lacks {missing}")
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"save_lora {path}: dtype {dtype} is not one of {list(_FLOAT_DTYPES)}")
+    weights = LoRAWeights.from_factors(vocab, list(A), list(B))  # validates shapes
+    tensors: dict[str, torch.Tensor] = {}
+    for m, a, b in zip(vocab, A, B):
+        ka, kb = m.lora_keys("export")
+        tensors[ka] = a.detach().to(dtype)
+        tensors[kb] = (b.detach().float() * scale).to(dtype)
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"save_lora {path}: tensor {name!r} contains NaN or inf")
+    meta = {k: str(v) for k, v in metadata.items()}
+    meta.update(rank=str(weights.rank), producer=f"lofa {lofa.__version__}", format=LORA_FORMAT)
+    save_tensors(path, tensors, meta)
+
+
+def _detect_format(path: Path, keys: Iterable[str], vocab: Vocabulary) -> str:
+    keys = set(keys)
+    hits = {fmt: len(keys & set(vocab.lora_keys(fmt))) for fmt in KEY_FORMATS}
+    fmt = max(hits, key=hits.get)
+    if hits[fmt] == 0:
+        first = sorted(keys)[0] if keys else "(no tensors)"
+        raise LoRAFormatError(f"{path}: no LoRA key of the formats {list(KEY_FORMATS)} for this vocabulary; "
+                              f"first key: {first!r}")
+    return fmt
+
+
+def load_lora(path: str | Path, vocab: Vocabulary, rank: int | None = None) -> LoRAFile:
+    """Load a LoRA file (export, diffsynth or peft keys), validated against ``vocab``.
+
+    Fails with :class:`LoRAFormatError` naming the file and the first mismatch:
+    missing key, unexpected key, wrong shape, wrong dtype, non-finite values.
+    """
+    from lofa.io import read_metadata
+
+    path = Path(path)
+    tensors = load_tensors(path, check_finite=False)
+    fmt = _detect_format(path, tensors, vocab)
+    expected = vocab.lora_keys(fmt)
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise LoRAFormatError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing, {fmt} format)")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise LoRAFormatError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} not in the vocabulary)")
+    rank = rank if rank is not None else tensors[expected[0]].shape[0]
+    for key, shape in vocab.lora_shapes(rank, fmt).items():
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise LoRAFormatError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {shape} (rank {rank})")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise LoRAFormatError(f"{path}: {key!r} has dtype {t.dtype}, expected one of {list(_FLOAT_DTYPES)}")
+        if not torch.isfinite(t).all():
+            raise LoRAFormatError(f"{path}: {key!r} contains NaN or inf")
+    A = tuple(tensors[m.lora_keys(fmt)[0]] for m in vocab)
+    B = tuple(tensors[m.lora_keys(fmt)[1]] for m in vocab)
+    return LoRAFile(vocab, A, B, read_metadata(path), fmt)
+
+
+# --------------------------------------------------------------------------- response maps
+
+def response_map(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, tau: float = 0.02) -> torch.Tensor:
+    """R = |dW / W| > tau with dW = B A, as a bool (out, in) map.
+
+    Computed as ``|dW| > tau |W|``: where W == 0, R is true exactly when dW != 0.
+    A: (rank, in), B: (out, rank), W: (out, in).
+    """
+    dW = B.float() @ A.float()
+    return dW.abs() > tau * W.float().abs()
+
+
+def response_stats(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], W: Sequence[torch.Tensor],
+                   vocab: Vocabulary, tau: float = 0.02) -> dict[str, object]:
+    """Share of responding entries: overall, per block (list) and per module type (dict)."""
+    counts = [(m, int(response_map(a, b, w.to(a.device), tau).sum()), m.out_features * m.in_features)
+              for m, a, b, w in zip(vocab, A, B, W)]
+
+    def share(sel: list[tuple[object, int, int]]) -> float:
+        return sum(c for _, c, _ in sel) / max(1, sum(n for _, _, n in sel))
+
+    return {
+        "tau": tau,
+        "fraction": share(counts),
+        "by_block": [share([c for c in counts if c[0].block == i]) for i in range(vocab.num_blocks)],
+        "by_module": {mod: share([c for c in counts if c[0].module == mod]) for mod in vocab.modules},
+    }

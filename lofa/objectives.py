@@ -1,0 +1,305 @@
+"""Stage-I and stage-II loss steps of the LoFA hypernetwork (``loss_step(model, batch)``).
+
+Stage I learns the response map R = |dW / W| > tau of each matrix's fitted LoRA
+(``lofa.lora.response_map``). The predicted map's logit is a log-ratio,
+
+    logit = s * (log(|dW_hat| + eps tau |W|) - log((1 + eps) tau |W|)),
+
+0 exactly at |dW_hat| = tau |W| (the target's threshold), about ``s log(1/eps)``
+below zero at dW_hat = 0 and unbounded above, so confident negatives and
+positives are both reachable (the public release's logit never went below
+-tau / T: a negative's probability never fell under 0.45).
+
+Stage II regresses dW = alpha B A onto the fitted LoRA's dW (L1), plus ``fm_weight``
+times the flow-matching loss of the frozen DiT running the predicted LoRA (alpha
+folded into B, exactly the dW of the L1 term) on each clip's latent and caption.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lofa.hypernet import HyperNet, HyperOutput, MatrixGroup, group_by_shape
+from lofa.layers import Vocabulary
+from lofa.lora import LoRAWeights, response_map
+
+
+@dataclass(frozen=True)
+class LoraGroup:
+    """A MatrixGroup with the fitted LoRA of each matrix (rank of the fit, any).
+
+    Attributes:
+        matrices: the base weights and their ids (n matrices of one shape).
+        lora_A: (n, r_fit, in); lora_B: (n, out, r_fit). dW = lora_B @ lora_A.
+    """
+
+    matrices: MatrixGroup
+    lora_A: Tensor
+    lora_B: Tensor
+
+    def delta(self) -> Tensor:
+        """(n, out, in) fitted dW in float32."""
+        return torch.bmm(self.lora_B.float(), self.lora_A.float())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "LoraGroup":
+        return LoraGroup(self.matrices.to(device, non_blocking), self.lora_A.to(device, non_blocking=non_blocking),
+                         self.lora_B.to(device, non_blocking=non_blocking))
+
+
+@dataclass(frozen=True)
+class HyperBatch:
+    """Prompts, their matrices (by shape) with fitted LoRAs, and (stage II) their clips.
+
+    Attributes:
+        text: (P, L, text_dim) prompt embeddings, also the DiT's context.
+        text_mask: (P, L) bool.
+        groups: LoraGroups whose prompt_ids index the P prompts.
+        latents, noise: (P, C, T, H, W) clean clip latents and flow-matching noise.
+        timesteps: (P,) flow-matching timesteps in [0, 1000].
+    """
+
+    text: Tensor
+    text_mask: Tensor
+    groups: tuple[LoraGroup, ...]
+    latents: Tensor | None = None
+    noise: Tensor | None = None
+    timesteps: Tensor | None = None
+
+    @property
+    def matrix_groups(self) -> list[MatrixGroup]:
+        return [g.matrices for g in self.groups]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "HyperBatch":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return HyperBatch(mv(self.text), mv(self.text_mask), tuple(g.to(device, non_blocking) for g in self.groups),
+                          mv(self.latents), mv(self.noise), mv(self.timesteps))
+
+
+def make_batch(vocab: Vocabulary, base: Sequence[Tensor], loras: Sequence[tuple[Sequence[Tensor], Sequence[Tensor]]],
+               text: Tensor, text_mask: Tensor, matrix_ids: Sequence[Sequence[int]] | None = None,
+               **clips: Tensor) -> HyperBatch:
+    """Assemble a HyperBatch (grouped by shape, sorted by prompt).
+
+    Args:
+        base: W (out, in) of every vocabulary matrix (``lofa.lora.base_weights``).
+        loras: per prompt, the fitted LoRA as (A per matrix (r, in), B per matrix (out, r)).
+        text, text_mask: (P, L, D) and (P, L), one row per LoRA.
+        matrix_ids: per prompt, the vocabulary indices to use (None: all of them).
+        clips: ``latents``, ``noise``, ``timesteps`` for stage II.
+    """
+    if len(loras) != text.shape[0]:
+        raise ValueError(f"make_batch: {len(loras)} LoRAs for {text.shape[0]} prompts")
+    picks = [list(range(len(vocab)))] * len(loras) if matrix_ids is None else [list(m) for m in matrix_ids]
+    mids = torch.tensor([j for p in picks for j in p], dtype=torch.long)
+    pids = torch.tensor([i for i, p in enumerate(picks) for _ in p], dtype=torch.long)
+    groups = []
+    for _, pos in group_by_shape(vocab, mids, pids):
+        m, p = mids[pos].tolist(), pids[pos].tolist()
+        g = MatrixGroup(torch.stack([base[j] for j in m]), mids[pos], pids[pos])
+        groups.append(LoraGroup(g, torch.stack([loras[i][0][j] for i, j in zip(p, m)]),
+                                torch.stack([loras[i][1][j] for i, j in zip(p, m)])))
+    return HyperBatch(text, text_mask.bool(), tuple(groups), **clips)
+
+
+def random_matrix_ids(num_matrices: int, per_lora: int, num_loras: int,
+                      generator: torch.Generator | None = None) -> list[list[int]]:
+    """``per_lora`` distinct random vocabulary indices for each LoRA (stage I: 10 in the paper)."""
+    if not 0 < per_lora <= num_matrices:
+        raise ValueError(f"random_matrix_ids: per_lora must be in [1, {num_matrices}], got {per_lora}")
+    return [sorted(torch.randperm(num_matrices, generator=generator)[:per_lora].tolist()) for _ in range(num_loras)]
+
+
+# --------------------------------------------------------------------------- stage I
+
+@dataclass(frozen=True)
+class Stage1LossConfig:
+    """tau: response threshold; logit_scale: s; eps: floor of the ratio (sets the lowest logit);
+    l2_weight: weight of mean(A^2) + mean(B^2); pos_weight: BCE weight of positives (None = 1);
+    compile: fuse the per-entry map, logit and BCE with torch.compile (GPU)."""
+
+    tau: float = 0.02
+    logit_scale: float = 4.0
+    eps: float = 1e-4
+    l2_weight: float = 1e-4
+    pos_weight: float | None = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tau <= 0 or self.logit_scale <= 0 or not 0 < self.eps < 1 or self.l2_weight < 0:
+            raise ValueError(f"Stage1LossConfig: need tau > 0, logit_scale > 0, 0 < eps < 1, l2_weight >= 0; "
+                             f"got {self}")
+
+
+def response_logit(delta: Tensor, weight: Tensor, tau: float = 0.02, logit_scale: float = 4.0,
+                   eps: float = 1e-4) -> Tensor:
+    """Logit of the predicted response map (float32), > 0 exactly where |delta| > tau |W|.
+
+    Args:
+        delta: (..., out, in) predicted dW; weight: W, same shape.
+    Returns:
+        s * (log(|dW| + eps tau |W|) - log((1 + eps) tau |W|)); in [s log(eps / (1 + eps)), inf).
+    """
+    ref = tau * weight.float().abs() + torch.finfo(torch.float32).tiny
+    return logit_scale * (torch.log(delta.float().abs() + eps * ref) - torch.log(ref) - math.log1p(eps))
+
+
+def _map_counts(pred: Tensor, target: Tensor) -> Tensor:
+    """(3,) true positives, predicted positives, actual positives."""
+    return torch.stack([(pred & target).sum(), pred.sum(), target.sum()]).float()
+
+
+def _prf(counts: Tensor) -> dict[str, Tensor]:
+    tp, pp, ap = counts
+    precision, recall = tp / pp.clamp_min(1), tp / ap.clamp_min(1)
+    return {"precision": precision, "recall": recall,
+            "f1": 2 * tp / (pp + ap).clamp_min(1)}
+
+
+def _unwrap(model: nn.Module) -> HyperNet:
+    """The HyperNet inside a DDP / accelerate wrapper."""
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, HyperNet):
+        raise TypeError(f"expected a HyperNet (or a wrapper of one), got {type(inner).__name__}")
+    return inner
+
+
+def _stage1_terms(A: Tensor, B: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, tau: float,
+                  logit_scale: float, eps: float, pos_weight: float | None) -> tuple[Tensor, Tensor]:
+    """BCE summed over the entries of one group, and its (3,) map counts."""
+    with torch.no_grad():
+        target = response_map(lora_A, lora_B, weight, tau)
+    logit = response_logit(torch.bmm(B, A), weight, tau, logit_scale, eps)
+    pw = None if pos_weight is None else torch.tensor(pos_weight, device=logit.device)
+    bce = F.binary_cross_entropy_with_logits(logit, target.float(), reduction="sum", pos_weight=pw)
+    return bce, _map_counts(logit.detach() > 0, target)
+
+
+@functools.cache
+def _compiled_stage1_terms() -> Callable[..., tuple[Tensor, Tensor]]:
+    return torch.compile(_stage1_terms, dynamic=False)
+
+
+def stage1_loss(model: nn.Module, batch: HyperBatch, cfg: Stage1LossConfig = Stage1LossConfig()
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """BCE of the predicted response map against the fitted LoRA's, plus l2_weight (mean A^2 + mean B^2).
+
+    The BCE is the mean over every entry of every matrix; the L2 the mean over
+    matrices. Metrics (detached 0-d tensors): bce, l2, precision, recall, f1 of
+    the map ``logit > 0``.
+    """
+    if _unwrap(model).cfg.stage != 1:
+        raise ValueError("stage1_loss: the model is not a stage-I HyperNet (cfg.stage != 1)")
+    terms = _compiled_stage1_terms() if cfg.compile else _stage1_terms
+    outs = model(batch.matrix_groups, batch.text, batch.text_mask)
+    bce_sum = l2_sum = 0.0
+    counts = torch.zeros(3, device=batch.text.device)
+    entries = matrices = 0
+    for g, out in zip(batch.groups, outs):
+        bce_g, counts_g = terms(out.A, out.B, g.matrices.weight, g.lora_A, g.lora_B, cfg.tau, cfg.logit_scale,
+                                cfg.eps, cfg.pos_weight)
+        bce_sum = bce_sum + bce_g
+        l2_sum = l2_sum + (out.A.float().pow(2).mean((1, 2)) + out.B.float().pow(2).mean((1, 2))).sum()
+        counts += counts_g
+        entries, matrices = entries + g.lora_A.shape[0] * math.prod(g.matrices.shape), matrices + g.lora_A.shape[0]
+    bce, l2 = bce_sum / entries, l2_sum / matrices
+    metrics = {"bce": bce.detach(), "l2": l2.detach(), **_prf(counts)}
+    return bce + cfg.l2_weight * l2, metrics
+
+
+# --------------------------------------------------------------------------- stage II
+
+def _lora_weights(vocab: Vocabulary, groups: Sequence[LoraGroup], outs: Sequence[HyperOutput],
+                  num_prompts: int) -> LoRAWeights:
+    """The predicted LoRA of every prompt as a K = P LoRAWeights (alpha folded into B).
+
+    Needs every vocabulary matrix once per prompt. A group laid out as m matrices per
+    prompt in the same order for every prompt is split by views; others by indexing.
+    """
+    A: list[Tensor | None] = [None] * len(vocab)
+    B: list[Tensor | None] = [None] * len(vocab)
+    for g, out in zip(groups, outs):
+        mids, pids = g.matrices.matrix_ids.tolist(), g.matrices.prompt_ids.tolist()
+        n = len(mids)
+        m = n // num_prompts
+        b_scaled = out.B_scaled
+        if m * num_prompts == n and pids == [i // m for i in range(n)] and mids == mids[:m] * num_prompts:
+            for j, a_j, b_j in zip(mids[:m], out.A.unflatten(0, (num_prompts, m)).unbind(1),
+                                   b_scaled.unflatten(0, (num_prompts, m)).unbind(1)):
+                A[j], B[j] = a_j, b_j
+            continue
+        where = {(p, j): i for i, (p, j) in enumerate(zip(pids, mids))}
+        for j in set(mids):
+            idx = torch.tensor([where[(p, j)] for p in range(num_prompts) if (p, j) in where],
+                               device=out.A.device)
+            if idx.numel() != num_prompts:
+                raise ValueError(f"stage2_loss: matrix {vocab[j].prefix} is predicted for {idx.numel()} of "
+                                 f"{num_prompts} prompts; the DiT term needs every matrix for every prompt")
+            A[j], B[j] = out.A[idx], b_scaled[idx]
+    missing = [vocab[j].prefix for j, a in enumerate(A) if a is None]
+    if missing:
+        raise ValueError(f"stage2_loss: the DiT term needs every vocabulary matrix; missing {missing[:3]} "
+                         f"({len(missing)} in all)")
+    return LoRAWeights(vocab, tuple(A), tuple(B))
+
+
+def _flow_term(model: HyperNet, batch: HyperBatch, outs: Sequence[HyperOutput], dit: nn.Module,
+               grad_checkpointing: bool) -> Tensor:
+    from lofa.wan import flow_loss
+
+    if batch.latents is None or batch.noise is None or batch.timesteps is None:
+        raise ValueError("stage2_loss: the flow-matching term needs batch.latents, batch.noise and batch.timesteps")
+    if any(p.requires_grad for p in dit.parameters()):
+        raise ValueError("stage2_loss: the DiT must be frozen (requires_grad_(False))")
+    lora = _lora_weights(model.vocab, batch.groups, outs, batch.text.shape[0])
+    return flow_loss(dit, batch.latents, batch.text, batch.timesteps, batch.noise, lora=lora,
+                     reduction="mean", grad_checkpointing=grad_checkpointing)
+
+
+def stage2_loss(model: nn.Module, stage1_model: nn.Module | None, batch: HyperBatch, dit: nn.Module | None = None,
+                fm_weight: float = 10.0, *, l1_weight: float = 1.0, dit_grad_checkpointing: bool = False
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """l1_weight * L1(alpha B A, dW_fit) + fm_weight * flow-matching loss of the DiT with that LoRA.
+
+    ``stage1_model`` (frozen, run without gradients) supplies the stage-I tokens; it
+    is not used by the ablation (``use_stage1=False``) and may be None there. The
+    flow term is skipped when ``dit`` is None or ``fm_weight`` is 0. Metrics
+    (detached 0-d tensors): l1, fm (when computed), dw_rel_err and dw_cos (means
+    over matrices), alpha_mean.
+    """
+    net = _unwrap(model)
+    if net.cfg.stage != 2:
+        raise ValueError("stage2_loss: the model is not a stage-II HyperNet (cfg.stage != 2)")
+    stage1_tokens = None
+    if net.cfg.uses_stage1:
+        if stage1_model is None:
+            raise ValueError("stage2_loss: this model attends to stage-I tokens; pass the stage-I model")
+        with torch.no_grad():
+            stage1_tokens = [o.tokens for o in stage1_model(batch.matrix_groups, batch.text, batch.text_mask)]
+    outs = model(batch.matrix_groups, batch.text, batch.text_mask, stage1_tokens)
+    l1_sum, entries, rel, cos, alphas = 0.0, 0, [], [], []
+    for g, out in zip(batch.groups, outs):
+        pred, target = out.delta().float(), g.delta()
+        l1_sum = l1_sum + F.l1_loss(pred, target, reduction="sum")
+        entries += target.numel()
+        with torch.no_grad():
+            diff = (pred - target).flatten(1).norm(dim=1)
+            rel.append(diff / target.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny))
+            cos.append(F.cosine_similarity(pred.flatten(1), target.flatten(1), dim=1))
+            alphas.append(out.alpha.detach())
+    l1 = l1_sum / entries
+    loss = l1_weight * l1
+    metrics = {"l1": l1.detach(), "dw_rel_err": torch.cat(rel).mean(), "dw_cos": torch.cat(cos).mean(),
+               "alpha_mean": torch.cat(alphas).mean()}
+    if dit is not None and fm_weight:
+        fm = _flow_term(net, batch, outs, dit, dit_grad_checkpointing)
+        loss = loss + fm_weight * fm
+        metrics["fm"] = fm.detach()
+    return loss, metrics
+

@@ -1,0 +1,92 @@
+"""Stage ``pretrain_base`` (synthetic profile): train the tiny Wan DiT on all training clips.
+
+The result is the "generalist" base model that per-clip LoRAs personalise. The
+real profile skips this stage and loads Wan2.1 weights instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lofa.config import to_dict
+from lofa.data.dataset import ClipSet
+from lofa.io import save_tensors, write_json
+from lofa.train import TrainConfig, TrainResult, batch_indices, train
+from lofa.wan import WanDiTConfig, base_model_hash, build_dit, flow_loss, sample_timesteps
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The ``pretrain_base`` params section."""
+
+    dit: WanDiTConfig
+    train: TrainConfig
+    batch_size: int = 16
+    caption_dropout: float = 0.1  # zeroed text for classifier-free guidance
+    seed: int = 0
+
+
+class FlowMatchingObjective(nn.Module):
+    """The DiT wrapped so that the training loop calls ``model(...)`` (DDP syncs gradients)."""
+
+    def __init__(self, dit: nn.Module) -> None:
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor, timesteps: torch.Tensor,
+                noise: torch.Tensor) -> torch.Tensor:
+        """(B,) weighted flow-matching losses."""
+        return flow_loss(self.dit, latents, context, timesteps, noise)
+
+
+def make_batches(clips: ClipSet, cfg: PretrainConfig):
+    """A deterministic ``batches(draw, rank, world)`` over ``clips``: data, timesteps, noise, dropout."""
+
+    def batches(draw: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        idx = batch_indices(draw, num_items=len(clips), global_batch=cfg.batch_size, rank=rank,
+                            world=world, seed=cfg.seed)
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + draw * 104729 + rank)
+        latents = clips.latents[idx]
+        keep = (torch.rand(len(idx), generator=g) >= cfg.caption_dropout).float()
+        return {"latents": latents, "context": clips.text[idx] * keep[:, None, None],
+                "timesteps": sample_timesteps(len(idx), generator=g),
+                "noise": torch.randn(latents.shape, generator=g)}
+
+    return batches
+
+
+def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    losses = model(batch["latents"], batch["context"], batch["timesteps"], batch["noise"])
+    return losses.mean(), {}
+
+
+def pretrain(cfg: PretrainConfig, clips: ClipSet, out_dir: str | Path, *, logger=None,
+             accelerator=None) -> tuple[nn.Module, TrainResult]:
+    """Train a fresh DiT of ``cfg.dit`` on ``clips``; write ``dit.safetensors`` + ``dit.json``.
+
+    ``dit.safetensors`` holds the bare ``WanModel`` state dict (diffsynth's key
+    format, loadable with :func:`lofa.wan.load_dit`).
+    """
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    dit = build_dit(cfg.dit)
+    model = FlowMatchingObjective(dit)
+    result = train(model, loss_step, make_batches(clips, cfg), cfg.train, out_dir / "train",
+                   logger=logger, accelerator=accelerator, meta={"dit": to_dict(cfg.dit)})
+    dit.eval().requires_grad_(False)
+    save_tensors(out_dir / "dit.safetensors", dit.state_dict(), metadata={"format": "wan_video_dit"})
+    write_json(out_dir / "dit.json", {"config": to_dict(cfg.dit), "base_model_hash": base_model_hash(dit),
+                                      "step": result.step, "metrics": result.metrics,
+                                      "num_clips": len(clips), "schema_version": 1})
+    return dit, result
+
+
+def dit_config_from_sidecar(sidecar: dict[str, Any]) -> WanDiTConfig:
+    from lofa.config import from_dict
+
+    return from_dict(WanDiTConfig, sidecar["config"], "dit.json:config")

@@ -1,0 +1,220 @@
+"""The LoFA hypernetwork: shapes from the vocabulary, zero-B init, text K/V once per
+prompt, checkpointing gradients, fp32 weights under autocast, the stage-I ablation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lofa.config import ConfigError, from_dict
+from lofa.hypernet import HyperNet, HyperNetConfig, MatrixGroup, group_by_shape
+from lofa.layers import Vocabulary
+
+TINY = dict(d_model=32, num_heads=4, num_blocks=2, patch_size=8, rank=4, text_dim=24, cross_stage1_after=(0, 1))
+VOCAB = Vocabulary.from_dims(32, 48, 2)  # 16 square matrices of 32x32
+
+
+def _cfg(**kw) -> HyperNetConfig:
+    return HyperNetConfig(**{**TINY, **kw})
+
+
+def _weights(vocab: Vocabulary, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [0.05 * torch.randn(m.out_features, m.in_features, generator=g) for m in vocab]
+
+
+def _groups(vocab, weights, mids, pids) -> list[MatrixGroup]:
+    mids, pids = torch.as_tensor(mids), torch.as_tensor(pids)
+    return [MatrixGroup(torch.stack([weights[j] for j in mids[pos].tolist()]), mids[pos], pids[pos])
+            for _, pos in group_by_shape(vocab, mids, pids)]
+
+
+def _text(p: int, length: int = 6, dim: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(p, length, dtype=torch.bool)
+    for i in range(p):
+        mask[i, length - 1 - i % (length - 1):] = False  # different lengths, all >= 1
+    return torch.randn(p, length, dim, generator=g) * mask[..., None], mask
+
+
+def test_config_rejects_bad_values_and_unknown_keys():
+    assert from_dict(HyperNetConfig, {"d_model": 64, "num_heads": 4, "cross_stage1_after": [1]}).cross_stage1_after == (1,)
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(HyperNetConfig, {"dmodel": 64})
+    with pytest.raises(ConfigError, match="not divisible"):
+        HyperNetConfig(d_model=30, num_heads=4)
+    with pytest.raises(ConfigError, match="cross_stage1_after"):
+        HyperNetConfig(num_blocks=4, cross_stage1_after=(3, 7))
+    with pytest.raises(ConfigError, match="stage must be 1 or 2"):
+        HyperNetConfig(stage=3)
+    with pytest.raises(ConfigError, match="max_blocks"):
+        HyperNet(_cfg(max_blocks=1), VOCAB)
+
+
+@pytest.mark.parametrize("rank,num_blocks,patch", [(4, 2, 8), (3, 1, 7), (8, 3, 16)])
+def test_shapes_rectangular_any_rank_blocks_and_padding(rank, num_blocks, patch):
+    vocab = Vocabulary.from_dims(32, 48, 3, modules=("self_attn.q", "cross_attn.o", "ffn.0", "ffn.2"))
+    cfg = _cfg(rank=rank, num_blocks=num_blocks, patch_size=patch, cross_stage1_after=())
+    model = HyperNet(cfg, vocab)
+    assert sorted(model.heads) == ["32x32", "32x48", "48x32"]
+    w = _weights(vocab)
+    mids = list(range(len(vocab)))
+    groups = _groups(vocab, w, mids + mids, [0] * len(mids) + [1] * len(mids))
+    outs = model(groups, *_text(2))
+    grid = lambda n: -(-n // patch)  # noqa: E731
+    for g, out in zip(groups, outs):
+        o, i = g.shape
+        n = g.weight.shape[0]
+        assert out.A.shape == (n, rank, i) and out.B.shape == (n, o, rank)
+        assert out.tokens.shape == (n, 1 + grid(o) * grid(i), cfg.d_model)
+        assert out.alpha is None and out.delta().shape == (n, o, i)
+        assert torch.isfinite(out.A).all() and torch.isfinite(out.B).all()
+    assert model.row_embed.shape[0] == grid(48) and model.col_embed.shape[0] == grid(48)
+
+
+def test_zero_b_head_gives_zero_delta_in_stage2_and_alpha_init():
+    model = HyperNet(_cfg(stage=2, alpha_init=0.7, use_stage1=False), VOCAB)
+    assert all((h.B.weight == 0).all() for h in model.heads.values())
+    assert all((h.A.weight != 0).any() for h in model.heads.values())
+    groups = _groups(VOCAB, _weights(VOCAB), range(16), [0] * 16)
+    out = model(groups, *_text(1))[0]
+    assert torch.equal(out.delta(), torch.zeros(16, 32, 32))
+    assert torch.allclose(out.alpha, torch.full((16,), 0.7))
+    # stage I's default B init is tiny but non-zero (B = 0 is a stationary point of any |BA| loss)
+    s1 = HyperNet(_cfg(), VOCAB)
+    d = s1(groups, *_text(1))[0].delta()
+    w = torch.stack(_weights(VOCAB))
+    assert 0 < (d.abs() / w.abs()).median() < 1e-3
+
+
+def test_text_kv_once_per_prompt_and_equal_to_per_matrix_reference():
+    torch.manual_seed(0)
+    model = HyperNet(_cfg(), VOCAB).eval()
+    w = _weights(VOCAB)
+    text, mask = _text(3)
+    calls: dict[str, list[int]] = {}
+
+    def hook(name):
+        return lambda mod, args, out: calls.setdefault(name, []).append(args[0].shape[0])
+
+    handles = [model.text_proj.register_forward_hook(hook("text_proj"))]
+    handles += [b.cross.kv.register_forward_hook(hook(f"kv{i}")) for i, b in enumerate(model.blocks)]
+    mids = [0, 5, 9, 15, 2, 0, 7, 3, 3, 12, 1, 4]
+    layouts = {"blocked": [0] * 4 + [1] * 4 + [2] * 4, "shuffled": [2, 0, 1, 0, 2, 1, 1, 2, 0, 0, 1, 2]}
+    with torch.no_grad():
+        for pids in layouts.values():
+            calls.clear()
+            out = model(_groups(VOCAB, w, mids, pids), text, mask)[0]
+            assert calls == {"text_proj": [3], "kv0": [3], "kv1": [3]}  # once per forward, P = 3 rows
+            order = torch.argsort(torch.tensor(pids), stable=True).tolist()
+            for row, pos in enumerate(order):  # reference: each matrix alone with its prompt alone
+                p, j = pids[pos], mids[pos]
+                ref = model([MatrixGroup(w[j][None], torch.tensor([j]), torch.tensor([0]))],
+                            text[p:p + 1], mask[p:p + 1])[0]
+                torch.testing.assert_close(out.A[row], ref.A[0], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(out.B[row], ref.B[0], rtol=1e-5, atol=1e-9)
+                torch.testing.assert_close(out.tokens[row], ref.tokens[0], rtol=1e-5, atol=1e-5)
+    for h in handles:
+        h.remove()
+
+
+def _grads(model, groups, text, mask, stage1_tokens=None) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    outs = model(groups, text, mask, stage1_tokens)
+    sum(o.A.pow(2).sum() + o.B.sum() + o.tokens.sin().sum() + o.alpha.sum() for o in outs).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    cfg = _cfg(stage=2, b_init_std=0.02)
+    plain = HyperNet(cfg, VOCAB)
+    ckpt = HyperNet(_cfg(stage=2, b_init_std=0.02, grad_checkpointing=True), VOCAB)
+    ckpt.load_state_dict(plain.state_dict())
+    groups = _groups(VOCAB, _weights(VOCAB), list(range(16)) * 2, [0] * 16 + [1] * 16)
+    text, mask = _text(2)
+    s1 = [torch.randn(g.weight.shape[0], 17, 32) for g in groups]
+    runs = []
+    handle = ckpt.blocks[0].register_forward_pre_hook(lambda *a: runs.append(1))
+    g_ckpt = _grads(ckpt, groups, text, mask, s1)
+    handle.remove()
+    assert len(runs) == 2  # forward + recompute in backward: checkpointing is active
+    g_plain = _grads(plain, groups, text, mask, s1)
+    assert g_plain.keys() == g_ckpt.keys() and len(g_plain) == len(list(plain.parameters()))
+    for name in g_plain:
+        torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_params_stay_fp32_under_bf16_autocast_and_norm_gains_move():
+    from lofa.objectives import HyperBatch, LoraGroup, stage1_loss
+
+    torch.manual_seed(0)
+    model = HyperNet(_cfg(), VOCAB)
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    groups = _groups(VOCAB, _weights(VOCAB), range(16), [0] * 16)
+    g = torch.Generator().manual_seed(3)
+    batch = HyperBatch(*_text(1), tuple(LoraGroup(m, 0.1 * torch.randn(16, 2, 32, generator=g),
+                                                  0.01 * torch.randn(16, 32, 2, generator=g)) for m in groups))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = model(batch.matrix_groups, batch.text, batch.text_mask)
+        assert outs[0].A.dtype == torch.bfloat16
+        loss, _ = stage1_loss(model, batch)
+    loss.backward()
+    opt.step()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    after = model.state_dict()
+    for name in ("blocks.0.norm1.weight", "blocks.1.cross.q_norm.weight", "patch_norm.weight", "norm.weight"):
+        assert not torch.equal(after[name], before[name]), name
+
+
+def test_bf16_model_matches_fp32():
+    torch.manual_seed(0)
+    model = HyperNet(_cfg(stage=2, b_init_std=0.02, use_stage1=False), VOCAB).eval()
+    groups = _groups(VOCAB, _weights(VOCAB), range(16), [0] * 16)
+    text, mask = _text(1)
+    with torch.no_grad():
+        ref = model(groups, text, mask)[0].delta()
+        low = copy.deepcopy(model).to(torch.bfloat16)
+        bgroups = [MatrixGroup(g.weight.bfloat16(), g.matrix_ids, g.prompt_ids) for g in groups]
+        got = low(bgroups, text.bfloat16(), mask)[0].delta().float()
+    assert (got - ref).norm() / ref.norm() < 3e-2
+
+
+def test_stage2_ablation_has_no_stage1_blocks():
+    full = HyperNet(_cfg(stage=2), VOCAB)
+    ablation = HyperNet(_cfg(stage=2, use_stage1=False), VOCAB)
+    assert len(full.stage1_blocks) == 2 and len(ablation.stage1_blocks) == 0
+    assert not any("stage1" in n for n, _ in ablation.named_parameters())
+    n_extra = sum(p.numel() for p in full.stage1_blocks.parameters())
+    assert sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in ablation.parameters()) == n_extra
+    groups = _groups(VOCAB, _weights(VOCAB), range(16), [0] * 16)
+    text, mask = _text(1)
+    assert ablation(groups, text, mask)[0].alpha.shape == (16,)
+    with pytest.raises(ValueError, match="stage1_tokens"):
+        ablation(groups, text, mask, [torch.zeros(16, 17, 32)])
+    with pytest.raises(ValueError, match="stage1_tokens"):
+        full(groups, text, mask)
+    with pytest.raises(ValueError, match="no valid text token"):
+        full(groups, text, torch.zeros_like(mask), [torch.zeros(16, 17, 32)])
+
+
+def test_benchmark_tiny_smoke(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.delenv("OUT", raising=False)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_hypernet.py"
+    spec = importlib.util.spec_from_file_location("bench_hypernet", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--tiny", "--out", str(tmp_path / "b.json")])
+    assert report["errors"] == {} and {"ceiling", "predict", "train1"} <= set(report["results"])
+    assert report["results"]["predict"]["vs_fp32"]["dW"] < 3e-2
+    assert (tmp_path / "b.json").is_file()
+    # the FLOP count at the Wan2.1-1.3B shapes: about 31 TFLOP for stage I + stage II
+    vocab = Vocabulary.from_dims(1536, 8960, 30)
+    total = sum(bench.forward_flops(HyperNetConfig(stage=s), vocab, 1, 512) for s in (1, 2))
+    assert 31e12 < total < 32e12

@@ -1,0 +1,178 @@
+"""Stage-I and stage-II losses against hand-computed values on tiny tensors and models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lofa.hypernet import HyperNet, HyperNetConfig, MatrixGroup
+from lofa.layers import Vocabulary
+from lofa.lora import LoRAWeights, response_map
+from lofa.objectives import (HyperBatch, LoraGroup, Stage1LossConfig, make_batch, random_matrix_ids,
+                             response_logit, stage1_loss, stage2_loss)
+from lofa.wan import WanDiTConfig, build_dit, dit_config, flow_loss
+
+TINY = dict(d_model=32, num_heads=4, num_blocks=2, patch_size=8, rank=4, text_dim=24, cross_stage1_after=(1,))
+VOCAB = Vocabulary.from_dims(32, 48, 2)  # 16 matrices 32x32
+
+
+def _loras(vocab: Vocabulary, n: int, rank: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [([0.3 * torch.randn(rank, m.in_features, generator=g) for m in vocab],
+             [0.01 * torch.randn(m.out_features, rank, generator=g) for m in vocab]) for _ in range(n)]
+
+
+def _batch(vocab: Vocabulary, p: int, text_dim: int = 24, matrix_ids=None, seed: int = 0, **clips) -> HyperBatch:
+    g = torch.Generator().manual_seed(seed)
+    base = [0.05 * torch.randn(m.out_features, m.in_features, generator=g) for m in vocab]
+    mask = torch.ones(p, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    return make_batch(vocab, base, _loras(vocab, p, seed=seed), torch.randn(p, 5, text_dim, generator=g), mask,
+                      matrix_ids, **clips)
+
+
+def test_response_logit_hand_values_and_both_tails_reachable():
+    s, eps, tau = 4.0, 1e-4, 0.02
+    w = torch.tensor([0.5, 0.5, -0.1, 0.3])
+    d = torch.tensor([0.01, 0.0, 0.02, -0.3])  # rel = tau, 0, 10 tau, 50 tau
+    got = response_logit(d, w, tau, s, eps)
+    want = [0.0, s * math.log(eps / (1 + eps)), s * math.log((10 + eps) / (1 + eps)),
+            s * math.log((50 + eps) / (1 + eps))]
+    torch.testing.assert_close(got, torch.tensor(want), atol=1e-5, rtol=1e-5)
+    p = torch.sigmoid(got)
+    assert p[1] < 1e-15 and p[2] > 0.999 and p[3] > 0.99999  # confident negatives and positives
+    # logit > 0 exactly where the response map (lofa.lora.response_map) is 1
+    g = torch.Generator().manual_seed(0)
+    A, B, W = torch.randn(4, 20, generator=g), 0.01 * torch.randn(10, 4, generator=g), 0.1 * torch.randn(10, 20, generator=g)
+    assert torch.equal(response_logit(B @ A, W) > 0, response_map(A, B, W))
+
+
+def test_stage1_loss_matches_hand_computation_and_metrics():
+    torch.manual_seed(0)
+    model = HyperNet(HyperNetConfig(**TINY, b_init_std=0.05), VOCAB)
+    batch = _batch(VOCAB, 2, matrix_ids=[[0, 3, 7], [1, 3, 15]])
+    cfg = Stage1LossConfig(tau=0.02, logit_scale=3.0, eps=1e-3, l2_weight=0.5)
+    loss, metrics = stage1_loss(model, batch, cfg)
+    out, g = model(batch.matrix_groups, batch.text, batch.text_mask)[0], batch.groups[0]
+    dw, w = out.B @ out.A, g.matrices.weight
+    logit = 3.0 * (torch.log(dw.abs() + 1e-3 * 0.02 * w.abs()) - math.log(1 + 1e-3) - torch.log(0.02 * w.abs()))
+    r = ((g.lora_B @ g.lora_A).abs() > 0.02 * w.abs()).float()
+    prob = torch.sigmoid(logit)
+    bce = -(r * prob.log() + (1 - r) * (1 - prob).log()).mean()
+    l2 = sum(out.A[i].pow(2).mean() + out.B[i].pow(2).mean() for i in range(6)) / 6
+    torch.testing.assert_close(loss, bce + 0.5 * l2, rtol=1e-4, atol=1e-6)
+    pred = logit > 0
+    tp, pp, ap = (pred & (r > 0)).sum().item(), pred.sum().item(), r.sum().item()
+    assert 0 < tp < pp and tp < ap  # a non-trivial case
+    torch.testing.assert_close(metrics["precision"], torch.tensor(tp / pp))
+    torch.testing.assert_close(metrics["recall"], torch.tensor(tp / ap))
+    torch.testing.assert_close(metrics["f1"], torch.tensor(2 * tp / (pp + ap)))
+    assert set(metrics) == {"bce", "l2", "precision", "recall", "f1"}
+
+
+def test_zero_b_head_is_a_stationary_point_of_stage1_and_the_default_init_is_not():
+    batch = _batch(VOCAB, 1, matrix_ids=[[0, 1, 2]])
+    for std, moves in ((0.0, False), (None, True)):
+        torch.manual_seed(0)
+        model = HyperNet(HyperNetConfig(**TINY, b_init_std=std), VOCAB)
+        stage1_loss(model, batch)[0].backward()
+        assert (model.heads["32x32"].B.weight.grad.abs().sum() > 0) == moves
+
+
+def test_stage1_training_reduces_the_loss():
+    torch.manual_seed(0)
+    model = HyperNet(HyperNetConfig(**TINY), VOCAB)
+    batch = _batch(VOCAB, 2, matrix_ids=random_matrix_ids(len(VOCAB), 4, 2, torch.Generator().manual_seed(1)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses, f1 = [], []
+    for _ in range(10):
+        loss, metrics = stage1_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        f1.append(metrics["f1"].item())
+    assert losses[-1] < 0.2 * losses[0] and f1[-1] > 0.6, (losses, f1)
+
+
+def test_make_batch_groups_by_shape_and_sorts_by_prompt():
+    vocab = Vocabulary.from_dims(16, 24, 2, modules=("self_attn.q", "ffn.0", "ffn.2"))
+    ids = random_matrix_ids(len(vocab), 3, 2, torch.Generator().manual_seed(0))
+    assert all(len(set(i)) == 3 for i in ids)
+    batch = _batch(vocab, 2, matrix_ids=[[5, 0, 1], [2, 3, 4]])
+    shapes = [g.matrices.shape for g in batch.groups]
+    assert shapes == sorted(shapes) and len(shapes) == 3
+    loras = _loras(vocab, 2)
+    for g in batch.groups:
+        pids, mids = g.matrices.prompt_ids.tolist(), g.matrices.matrix_ids.tolist()
+        assert pids == sorted(pids)
+        for row, (p, j) in enumerate(zip(pids, mids)):
+            assert (vocab[j].out_features, vocab[j].in_features) == g.matrices.shape
+            assert torch.equal(g.lora_A[row], loras[p][0][j]) and torch.equal(g.lora_B[row], loras[p][1][j])
+    with pytest.raises(ValueError, match="LoRAs for"):
+        make_batch(vocab, [], _loras(vocab, 1), torch.zeros(2, 3, 24), torch.ones(2, 3))
+
+
+def test_stage2_l1_and_metrics_hand_computed_and_ablation():
+    torch.manual_seed(0)
+    model = HyperNet(HyperNetConfig(**TINY, stage=2, b_init_std=0.05, alpha_init=0.5), VOCAB)
+    stage1 = HyperNet(HyperNetConfig(**TINY), VOCAB)
+    batch = _batch(VOCAB, 2, matrix_ids=[[0, 4], [4, 9]])
+    loss, metrics = stage2_loss(model, stage1, batch, l1_weight=2.0)
+    s1 = [o.tokens for o in stage1(batch.matrix_groups, batch.text, batch.text_mask)]
+    out, g = model(batch.matrix_groups, batch.text, batch.text_mask, s1)[0], batch.groups[0]
+    torch.testing.assert_close(out.alpha, torch.full((4,), 0.5))
+    pred = 0.5 * out.B @ out.A
+    target = g.lora_B @ g.lora_A
+    torch.testing.assert_close(loss, 2.0 * (pred - target).abs().mean())
+    rel = [((pred[i] - target[i]).norm() / target[i].norm()).item() for i in range(4)]
+    cos = [(pred[i] * target[i]).sum().item() / (pred[i].norm() * target[i].norm()).item() for i in range(4)]
+    assert metrics["dw_rel_err"].item() == pytest.approx(sum(rel) / 4, rel=1e-5)
+    assert metrics["dw_cos"].item() == pytest.approx(sum(cos) / 4, rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="pass the stage-I model"):
+        stage2_loss(model, None, batch)
+    ablation = HyperNet(HyperNetConfig(**TINY, stage=2, use_stage1=False), VOCAB)
+    loss0, metrics0 = stage2_loss(ablation, None, batch)
+    torch.testing.assert_close(loss0, target.abs().mean())  # zero B head: dW = 0
+    with pytest.raises(ValueError, match="not a stage-I"):
+        stage1_loss(ablation, batch)
+
+
+def test_stage2_flow_term_runs_the_predicted_lora_through_the_dit():
+    torch.manual_seed(0)
+    dit = build_dit(WanDiTConfig(dim=96, ffn_dim=128, num_heads=2, num_layers=2, text_dim=24)).requires_grad_(False)
+    vocab = Vocabulary.from_dit_config(dit_config(dit))  # 16 matrices 96x96
+    kw = {**TINY, "patch_size": 32}
+    model = HyperNet(HyperNetConfig(**kw, stage=2, b_init_std=0.01), vocab)
+    stage1 = HyperNet(HyperNetConfig(**kw), vocab)
+    g = torch.Generator().manual_seed(5)
+    clips = dict(latents=torch.randn(2, 16, 2, 4, 4, generator=g), noise=torch.randn(2, 16, 2, 4, 4, generator=g),
+                 timesteps=torch.tensor([300.0, 800.0]))
+    batch = _batch(vocab, 2, **clips)
+    loss, metrics = stage2_loss(model, stage1, batch, dit, fm_weight=10.0)
+    s1 = [o.tokens for o in stage1(batch.matrix_groups, batch.text, batch.text_mask)]
+    out = model(batch.matrix_groups, batch.text, batch.text_mask, s1)[0]
+    bs = out.alpha[:, None, None] * out.B  # (32, 96, r): prompt-major, vocabulary order
+    lora = LoRAWeights(vocab, tuple(out.A.view(2, 16, 4, 96).unbind(1)), tuple(bs.view(2, 16, 96, 4).unbind(1)))
+    fm = flow_loss(dit, clips["latents"], batch.text, clips["timesteps"], clips["noise"], lora=lora, reduction="mean")
+    l1 = (out.delta() - batch.groups[0].delta()).abs().mean()
+    torch.testing.assert_close(metrics["fm"], fm.detach())
+    torch.testing.assert_close(loss, l1 + 10.0 * fm)
+    assert fm != flow_loss(dit, clips["latents"], batch.text, clips["timesteps"], clips["noise"], reduction="mean")
+    # the same loss when matrices come in another order (the indexing path)
+    perm = torch.randperm(32, generator=g)
+    g0 = batch.groups[0]
+    shuffled = HyperBatch(batch.text, batch.text_mask, (LoraGroup(
+        MatrixGroup(g0.matrices.weight[perm], g0.matrices.matrix_ids[perm], g0.matrices.prompt_ids[perm]),
+        g0.lora_A[perm], g0.lora_B[perm]),), **clips)
+    torch.testing.assert_close(stage2_loss(model, stage1, shuffled, dit)[0], loss, rtol=1e-4, atol=1e-6)
+    # the DiT term gives the hypernetwork gradients even from a zero B head
+    zero = HyperNet(HyperNetConfig(**kw, stage=2, use_stage1=False), vocab)
+    stage2_loss(zero, None, batch, dit, l1_weight=0.0)[0].backward()
+    assert zero.heads["96x96"].B.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="frozen"):
+        stage2_loss(zero, None, batch, dit.requires_grad_(True))
+    with pytest.raises(ValueError, match="every vocabulary matrix"):
+        stage2_loss(zero, None, _batch(vocab, 2, matrix_ids=[[0, 1], [0, 1]], **clips), dit.requires_grad_(False))

@@ -1,0 +1,188 @@
+"""The Wan DiT adapter: config, loading through diffsynth, forward pinned to
+diffsynth's model_fn_wan_video, and flow matching against diffsynth's scheduler."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lofa.config import ConfigError, from_dict
+from lofa.io import ArtifactError, save_tensors
+from lofa.wan import (WAN21_T2V_1_3B, WAN_TINY, WanDiTConfig, add_noise, base_model_hash, build_dit,
+                      dit_config, dit_forward, expected_file_hash, flow_loss, flow_schedule, load_dit,
+                      register_dit_config, sample_timesteps, training_target, training_weight)
+
+TINY3 = WanDiTConfig(dim=96, ffn_dim=128, num_heads=2, num_layers=3, text_dim=32)  # head_dim 48
+
+
+@pytest.fixture(scope="module")
+def dit():
+    torch.manual_seed(1)
+    return build_dit(TINY3)
+
+
+def _inputs(b: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, 16, 3, 8, 8, generator=g), torch.randn(b, 7, 32, generator=g),
+            torch.tensor([37.0, 512.0, 960.0, 250.0][:b]))
+
+
+def test_config_validates_head_dim():
+    for dim, heads in ((128, 4), (96, 2), (192, 2), (256, 2)):  # head_dim 32, 48, 96, 128
+        WanDiTConfig(dim=dim, ffn_dim=64, num_heads=heads, num_layers=1, text_dim=8)
+    with pytest.raises(ValueError, match="head_dim = dim / num_heads = 64"):
+        WanDiTConfig(dim=128, ffn_dim=64, num_heads=2, num_layers=1, text_dim=8)
+    with pytest.raises(ValueError, match="not divisible"):
+        WanDiTConfig(dim=100, ffn_dim=64, num_heads=3, num_layers=1, text_dim=8)
+    assert (WAN21_T2V_1_3B.dim, WAN21_T2V_1_3B.ffn_dim, WAN21_T2V_1_3B.num_heads,
+            WAN21_T2V_1_3B.num_layers, WAN21_T2V_1_3B.text_dim) == (1536, 8960, 12, 30, 4096)
+    cfg = from_dict(WanDiTConfig, {"dim": 128, "ffn_dim": 256, "num_heads": 4, "num_layers": 2,
+                                   "text_dim": 384, "patch_size": [1, 2, 2]})
+    assert cfg == WAN_TINY
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(WanDiTConfig, {"dim": 128, "heads": 4})
+
+
+def test_real_config_hash_is_diffsynths():
+    # diffsynth's MODEL_CONFIGS entry for Wan2.1-T2V-1.3B
+    assert expected_file_hash(WAN21_T2V_1_3B) == "9269f8db9040a9d860eaca435be61814"
+    assert register_dit_config(WAN21_T2V_1_3B) == "9269f8db9040a9d860eaca435be61814"
+
+
+def test_build_and_config_round_trip(dit):
+    assert dit_config(dit) == TINY3
+    assert dit_config(build_dit(WAN_TINY)) == WAN_TINY
+
+
+def test_forward_matches_model_fn_wan_video(dit):
+    from diffsynth.pipelines.wan_video import model_fn_wan_video
+
+    lat, ctx, t = _inputs(3)
+    with torch.no_grad():
+        one = dit_forward(dit, lat[:1], t[:1], ctx[:1])
+        torch.testing.assert_close(one, model_fn_wan_video(dit=dit, latents=lat[:1], timestep=t[:1], context=ctx[:1]),
+                                   rtol=0, atol=0)
+        batched = dit_forward(dit, lat, t, ctx)
+        torch.testing.assert_close(batched, model_fn_wan_video(dit=dit, latents=lat, timestep=t, context=ctx),
+                                   rtol=0, atol=0)
+        singles = torch.cat([dit_forward(dit, lat[i:i + 1], t[i:i + 1], ctx[i:i + 1]) for i in range(3)])
+    assert batched.shape == (3, 16, 3, 8, 8)
+    torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
+    assert (batched[0] - batched[1]).abs().mean() > 1e-3  # per-sample timesteps act
+
+
+def test_forward_checkpointing_same_gradients(dit):
+    lat, ctx, t = _inputs(2)
+    d = copy.deepcopy(dit).requires_grad_(True)
+    grads = []
+    for ckpt in (False, True):
+        d.zero_grad()
+        dit_forward(d, lat, t[:2], ctx, grad_checkpointing=ckpt).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in d.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_load_dit_round_trip(tmp_path, dit):
+    from diffsynth.configs import MODEL_CONFIGS
+
+    path = tmp_path / "dit.safetensors"
+    save_tensors(path, dit.state_dict())
+    loaded = load_dit(path, TINY3)
+    assert any(c["model_hash"] == expected_file_hash(TINY3) for c in MODEL_CONFIGS)
+    for (n, a), (_, b) in zip(dit.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert base_model_hash(loaded) == base_model_hash(dit)
+    lat, ctx, t = _inputs(1)
+    with torch.no_grad():
+        torch.testing.assert_close(dit_forward(loaded, lat, t, ctx), dit_forward(dit, lat, t, ctx), rtol=0, atol=0)
+    assert load_dit(path, TINY3, dtype=torch.bfloat16).blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+
+
+def test_load_dit_errors_name_the_file(tmp_path, dit):
+    path = tmp_path / "dit.safetensors"
+    save_tensors(path, dit.state_dict())
+    with pytest.raises(ArtifactError, match=r"dit\.safetensors.*do not match"):
+        load_dit(path, WAN_TINY)
+    with pytest.raises(ArtifactError, match="not found"):
+        load_dit(tmp_path / "missing.safetensors", TINY3)
+    (tmp_path / "dit.pt").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match=r"dit\.pt.*safetensors"):
+        load_dit(tmp_path / "dit.pt", TINY3)
+    sd = dict(dit.state_dict())
+    sd["blocks.1.ffn.0.weight"] = sd["blocks.1.ffn.0.weight"].clone()
+    sd["blocks.1.ffn.0.weight"][0, 0] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_tensors(bad, sd)
+    with pytest.raises(ArtifactError, match=r"nan\.safetensors.*blocks\.1\.ffn\.0\.weight"):
+        load_dit(bad, TINY3)
+
+
+def test_base_model_hash_is_content(dit):
+    other = copy.deepcopy(dit)
+    assert base_model_hash(other) == base_model_hash(dit)
+    with torch.no_grad():
+        other.blocks[0].self_attn.q.weight[0, 0] += 1e-3
+    assert base_model_hash(other) != base_model_hash(dit)
+
+
+def _diffsynth_scheduler():
+    from diffsynth.diffusion.flow_match import FlowMatchScheduler
+
+    s = FlowMatchScheduler("Wan")
+    s.set_timesteps(1000, training=True)
+    return s
+
+
+def test_schedule_matches_diffsynth():
+    ref = _diffsynth_scheduler()
+    sched = flow_schedule()
+    torch.testing.assert_close(sched.timesteps, ref.timesteps, rtol=0, atol=0)
+    torch.testing.assert_close(sched.sigmas, ref.sigmas, rtol=0, atol=0)
+    torch.testing.assert_close(sched.weights, ref.linear_timesteps_weights, rtol=1e-6, atol=1e-6)
+    ids = torch.tensor([0, 1, 250, 500, 777, 999])
+    for t in ref.timesteps[ids]:
+        torch.testing.assert_close(training_weight(t[None])[0], ref.training_weight(t), rtol=1e-5, atol=1e-6)
+    x0, noise = torch.randn(2, 16, 2, 4, 4), torch.randn(2, 16, 2, 4, 4)
+    ts = ref.timesteps[torch.tensor([100, 800])]
+    mine = add_noise(x0, noise, ts)
+    for i in range(2):
+        torch.testing.assert_close(mine[i], ref.add_noise(x0[i], noise[i], ts[i]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(training_target(x0, noise), ref.training_target(x0, noise, ts[0]))
+    assert float(training_weight(torch.tensor([1000.0]))[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sample_timesteps_on_grid_and_bounded():
+    grid = flow_schedule().timesteps
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(4000, g)
+    assert torch.isin(t, grid).all() and t.shape == (4000,)
+    assert len(torch.unique(t)) > 900  # uniform over 1000 ids
+    lo = sample_timesteps(2000, g, min_boundary=0.5, max_boundary=1.0)
+    assert float(lo.max()) <= float(grid[500]) and float(lo.min()) >= float(grid[999])
+    assert torch.equal(sample_timesteps(5, torch.Generator().manual_seed(3)),
+                       sample_timesteps(5, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="min_boundary"):
+        sample_timesteps(1, g, min_boundary=0.7, max_boundary=0.3)
+
+
+def test_flow_loss_matches_diffsynth_loss(dit):
+    from diffsynth.pipelines.wan_video import model_fn_wan_video
+
+    ref = _diffsynth_scheduler()
+    lat, ctx, _ = _inputs(3)
+    ts = ref.timesteps[torch.tensor([50, 400, 900])]
+    noise = torch.randn_like(lat)
+    with torch.no_grad():
+        losses = flow_loss(dit, lat, ctx, ts, noise)
+        for i in range(3):  # FlowMatchSFTLoss, one sample at a time
+            noisy = ref.add_noise(lat[i:i + 1], noise[i:i + 1], ts[i])
+            pred = model_fn_wan_video(dit=dit, latents=noisy, timestep=ts[i:i + 1], context=ctx[i:i + 1])
+            want = torch.nn.functional.mse_loss(pred, ref.training_target(lat[i:i + 1], noise[i:i + 1], ts[i]))
+            torch.testing.assert_close(losses[i], want * ref.training_weight(ts[i]), rtol=1e-5, atol=1e-7)
+        assert float(flow_loss(dit, lat, ctx, ts, noise, reduction="mean")) == pytest.approx(float(losses.mean()))
+        assert float(flow_loss(dit, lat, ctx, ts, noise, reduction="sum")) == pytest.approx(float(losses.sum()))
+    with pytest.raises(ValueError, match="unknown reduction"):
+        flow_loss(dit, lat, ctx, ts, noise, reduction="max")
