@@ -14,9 +14,10 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
@@ -25,11 +26,14 @@ from lofa.config import to_dict
 from lofa.io import SCHEMA_VERSION, load_tensors, write_json
 from lofa.layers import ATTN_MODULES, Vocabulary
 from lofa.lora import LoRAWeights, base_weights, response_stats, save_lora
-from lofa.wan import base_model_hash, dit_config, flow_loss, flow_schedule, sample_timesteps
+from lofa.wan import (Checkpointing, base_model_hash, dit_config, flow_loss, flow_schedule,
+                      sample_timesteps)
 
 LATENTS_KEY = "latents"
 CONTEXT_KEY = "context"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                  "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,9 @@ class FitConfig:
     seed: int = 0
     init: Literal["kaiming", "gaussian"] = "kaiming"
     grad_checkpointing: bool = False
+    checkpoint_blocks: int | None = None
+    checkpoint_save_attention: bool = False
+    sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     modules: tuple[str, ...] = ATTN_MODULES
     eval_points: int = 4
@@ -67,13 +74,19 @@ class FitConfig:
             raise ValueError(f"FitConfig: need 0 <= timestep_min < timestep_max <= 1, got "
                              f"{self.timestep_min}, {self.timestep_max}")
         for key, valid in (("init", ("kaiming", "gaussian")), ("dtype", tuple(_DTYPES)),
-                           ("save_dtype", tuple(_DTYPES))):
+                           ("save_dtype", tuple(_DTYPES)), ("sdpa_backend", tuple(_SDPA_BACKENDS))):
             if getattr(self, key) not in valid:
                 raise ValueError(f"FitConfig.{key}: {getattr(self, key)!r} is not one of {list(valid)}")
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def checkpointing(self) -> Checkpointing | bool:
+        if not self.grad_checkpointing:
+            return False
+        return Checkpointing(self.checkpoint_blocks, self.checkpoint_save_attention)
 
 
 @dataclass(frozen=True)
@@ -141,13 +154,35 @@ def _clip_per_clip(params: Sequence[torch.Tensor], max_norm: float) -> None:
         p.grad.mul_(factor.view(-1, *([1] * (p.ndim - 1))).to(p.grad.dtype))
 
 
+def autocast(dit: nn.Module, cfg: FitConfig) -> torch.autocast:
+    """Autocast for ``cfg.dtype``, the compute dtype: "bfloat16" autocasts an fp32 DiT (a bf16
+    DiT computes in bf16 as is); "float32" needs fp32 weights. LoRA parameters stay fp32."""
+    weight = dit.patch_embedding.weight
+    if cfg.dtype == "float32" and weight.dtype != torch.float32:
+        raise ValueError(f"FitConfig.dtype is float32 but the DiT's weights are {weight.dtype}; "
+                         "use dtype bfloat16 or cast the DiT to float32")
+    return torch.autocast(weight.device.type, torch.bfloat16,
+                          enabled=cfg.dtype == "bfloat16" and weight.dtype == torch.float32)
+
+
+@contextmanager
+def attention_backend(cfg: FitConfig) -> Iterator[None]:
+    """Restrict scaled_dot_product_attention to ``cfg.sdpa_backend`` (forward, recompute, backward)."""
+    with ExitStack() as stack:
+        if _SDPA_BACKENDS[cfg.sdpa_backend] is not None:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[cfg.sdpa_backend])))
+        yield
+
+
 @torch.no_grad()
 def eval_loss(dit: nn.Module, latents: torch.Tensor, context: torch.Tensor, seeds: Sequence[int],
               cfg: FitConfig, lora: LoRAWeights | None) -> torch.Tensor:
     """(K,) mean weighted flow loss over each clip's fixed eval points (see :func:`eval_inputs`)."""
     per_clip = [eval_inputs(s, latents.shape[1:], cfg.eval_points, latents.device) for s in seeds]
     total = torch.zeros(latents.shape[0], device=latents.device)
-    with torch.autocast(latents.device.type, _DTYPES[cfg.dtype], enabled=cfg.dtype != "float32"):
+    with attention_backend(cfg), autocast(dit, cfg):
         for j in range(cfg.eval_points):
             ts = torch.stack([t[j] for t, _ in per_clip])
             noise = torch.stack([n[j] for _, n in per_clip])
@@ -175,14 +210,15 @@ def fit_batch(dit: nn.Module, vocab: Vocabulary, latents: torch.Tensor, context:
     gens = _generators(seeds, device)
     lora = init_lora(vocab, cfg, gens, device)
     opt = torch.optim.AdamW(lora.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                            weight_decay=cfg.weight_decay)
+                            weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     curve = torch.zeros(k, cfg.steps, device=device)
     for step in range(cfg.steps):
         ts, noise = draw_step(gens, latents.shape[1:], cfg, device)
-        with torch.autocast(device.type, _DTYPES[cfg.dtype], enabled=cfg.dtype != "float32"):
-            losses = flow_loss(dit, latents, context, ts, noise, lora=lora,
-                               grad_checkpointing=cfg.grad_checkpointing)
-        losses.sum().backward()
+        with attention_backend(cfg):
+            with autocast(dit, cfg):
+                losses = flow_loss(dit, latents, context, ts, noise, lora=lora,
+                                   grad_checkpointing=cfg.checkpointing)
+            losses.sum().backward()
         if cfg.max_grad_norm is not None:
             _clip_per_clip(lora.parameters(), cfg.max_grad_norm)
         opt.step()

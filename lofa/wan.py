@@ -179,6 +179,40 @@ def base_model_hash(dit: nn.Module) -> str:
 
 # --------------------------------------------------------------------------- forward
 
+@dataclass(frozen=True)
+class Checkpointing:
+    """Which blocks recompute their activations in backward, and what they keep.
+
+    ``blocks``: checkpoint the first ``blocks`` DiT blocks (None: all); the rest
+    keep their activations. ``save_attention``: checkpointed blocks keep their
+    attention kernels' outputs, so the recompute skips the attention (the
+    costliest part of long clips) and redoes only the cheap linears and norms.
+    """
+
+    blocks: int | None = None
+    save_attention: bool = False
+
+
+_ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _save_attention_policy(ctx: object, op: object, *args: object, **kwargs: object) -> object:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    packet = getattr(op, "overloadpacket", None)
+    name = getattr(packet, "__name__", "")
+    return CheckpointPolicy.MUST_SAVE if name in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpoint_kwargs(policy: Checkpointing) -> dict[str, object]:
+    if not policy.save_attention:
+        return {}
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_attention_policy)}
+
+
 def _run_block(dit: nn.Module, index: int, lora: LoRAWeights | None, x: torch.Tensor,
                context: torch.Tensor, t_mod: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Block ``index`` with its LoRA bound; called again on checkpoint recompute."""
@@ -198,7 +232,8 @@ def _rope_freqs(dit: nn.Module, f: int, h: int, w: int, device: torch.device) ->
 
 
 def dit_forward(dit: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                lora: LoRAWeights | None = None, grad_checkpointing: bool = False) -> torch.Tensor:
+                lora: LoRAWeights | None = None,
+                grad_checkpointing: bool | Checkpointing = False) -> torch.Tensor:
     """Velocity prediction of the DiT, one timestep and (optionally) one LoRA per sample.
 
     Args:
@@ -206,7 +241,8 @@ def dit_forward(dit: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, c
         timestep: (B,) or (1,) timesteps in [0, 1000].
         context: (B, L, text_dim) text embeddings.
         lora: LoRA set with K = B (one per sample) or K = 1 (shared); None for the base model.
-        grad_checkpointing: recompute each block in backward (the LoRA is re-bound there).
+        grad_checkpointing: True (every block, full recompute) or a :class:`Checkpointing`;
+            recomputed blocks re-bind their LoRA.
     Returns:
         (B, out_dim, T, H, W), in the DiT's parameter dtype (or the autocast dtype).
     """
@@ -215,6 +251,7 @@ def dit_forward(dit: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, c
     if latents.ndim != 5 or context.ndim != 3 or latents.shape[0] != context.shape[0]:
         raise ValueError(f"dit_forward: latents (B,C,T,H,W) and context (B,L,D) must share B; "
                          f"got {tuple(latents.shape)} and {tuple(context.shape)}")
+    policy = Checkpointing() if grad_checkpointing is True else grad_checkpointing or None
     pdtype = dit.patch_embedding.weight.dtype
     timestep = timestep.reshape(-1).to(latents.device, torch.float32)
     t = dit.time_embedding(sinusoidal_embedding_1d(dit.freq_dim, timestep).to(pdtype))
@@ -224,10 +261,13 @@ def dit_forward(dit: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, c
     f, h, w = x.shape[2:]
     x = x.flatten(2).transpose(1, 2).contiguous()  # (B, f*h*w, dim)
     freqs = _rope_freqs(dit, f, h, w, x.device)
+    n_ckpt = 0
+    if policy is not None and torch.is_grad_enabled():
+        n_ckpt = len(dit.blocks) if policy.blocks is None else policy.blocks
     for i in range(len(dit.blocks)):
         run = functools.partial(_run_block, dit, i, lora)
-        if grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(run, x, ctx, t_mod, freqs, use_reentrant=False)
+        if i < n_ckpt:
+            x = checkpoint(run, x, ctx, t_mod, freqs, use_reentrant=False, **_checkpoint_kwargs(policy))
         else:
             x = run(x, ctx, t_mod, freqs)
     x = dit.head(x, t)
@@ -282,7 +322,13 @@ def sample_timesteps(n: int, generator: torch.Generator | None = None, device: t
                          f"{min_boundary}, {max_boundary}")
     gen_device = generator.device if generator is not None else torch.device("cpu")
     ids = torch.randint(lo, hi, (n,), generator=generator, device=gen_device)
-    return sched.timesteps.to(gen_device)[ids].to(device)
+    return _grid_on(shift, str(gen_device))[ids].to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _grid_on(shift: float, device: str) -> torch.Tensor:
+    """The timestep grid, kept on ``device`` (no host-to-device copy per draw)."""
+    return flow_schedule(shift).timesteps.to(device)
 
 
 def sigma_of(timesteps: torch.Tensor) -> torch.Tensor:
@@ -310,7 +356,7 @@ def training_weight(timesteps: torch.Tensor, shift: float = WAN_SHIFT) -> torch.
 def flow_loss(dit: nn.Module, latents: torch.Tensor, context: torch.Tensor, timesteps: torch.Tensor,
               noise: torch.Tensor, lora: LoRAWeights | None = None,
               reduction: Literal["none", "mean", "sum"] = "none",
-              grad_checkpointing: bool = False) -> torch.Tensor:
+              grad_checkpointing: bool | Checkpointing = False) -> torch.Tensor:
     """Weighted flow-matching MSE of each sample (as ``FlowMatchSFTLoss``, per sample).
 
     Args:

@@ -25,6 +25,16 @@ CFG = WanDiTConfig(dim=96, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32)
 VOCAB = Vocabulary.from_dit_config(CFG)
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest single-threaded on the shared CPU (no oversubscription)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def dit():
     torch.manual_seed(3)
@@ -93,6 +103,24 @@ def test_fit_batch_equals_peft_per_clip(dit, max_grad_norm):
             torch.testing.assert_close(res.lora.A[i][k], A[i].detach(), rtol=1e-3, atol=2e-5)
             torch.testing.assert_close(res.lora.B[i][k], B[i].detach(), rtol=1e-3, atol=2e-5)
         assert float(res.lora.B[0][k].abs().max()) > 0  # it moved
+
+
+def test_compute_options_keep_the_result(dit):
+    """Checkpointing variants and a pinned attention backend change speed, not the fit."""
+    g = torch.Generator().manual_seed(4)
+    lat, ctx = torch.randn(2, 16, 2, 8, 8, generator=g), torch.randn(2, 6, 32, generator=g)
+    base = FitConfig(rank=4, steps=2, lr=1e-3, eval_points=1)
+    ref = fit_batch(copy.deepcopy(dit), VOCAB, lat, ctx, base, [5, 6])
+    for opts in ({"grad_checkpointing": True, "checkpoint_save_attention": True},
+                 {"grad_checkpointing": True, "checkpoint_blocks": 1, "sdpa_backend": "math"}):
+        got = fit_batch(copy.deepcopy(dit), VOCAB, lat, ctx, FitConfig(**{**base.__dict__, **opts}), [5, 6])
+        torch.testing.assert_close(got.losses, ref.losses, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got.lora.B[3], ref.lora.B[3], rtol=1e-3, atol=2e-5)
+    with pytest.raises(ValueError, match="dtype is float32 but the DiT's weights are torch.bfloat16"):
+        fit_batch(copy.deepcopy(dit).to(torch.bfloat16), VOCAB, lat, ctx, base, [5, 6])
+    bf = fit_batch(copy.deepcopy(dit), VOCAB, lat, ctx, FitConfig(**{**base.__dict__, "dtype": "bfloat16"}), [5, 6])
+    assert bf.lora.A[0].dtype == torch.float32
+    torch.testing.assert_close(bf.losses, ref.losses, rtol=5e-2, atol=1e-3)
 
 
 def test_fit_reduces_eval_loss(dit):

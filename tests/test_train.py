@@ -191,3 +191,4 @@ def test_two_processes_ddp(tmp_path: Path, reference: Path) -> None:
     assert max_diff(ranks["crash"][0], ranks["ref"][0]) <= 1e-6  # resume restored both ranks' RNG
     rng = read_json(tmp_path / "ref" / "ckpt" / "step_0000008" / "checkpoint.json")["rng"]
     assert len(rng) == 2 and rng[0]["torch"] != rng[1]["torch"]
+    assert (rng[0]["cuda"] is not None) == torch.cuda.is_available()  # NCCL run: CUDA RNG saved too

@@ -1,0 +1,264 @@
+"""Per-clip LoRA fitting throughput (clip-steps/s): conventional vs lofa's batched fitting.
+
+Conventional (as DiffSynth's trainer): peft LoRA (r=32, bf16 parameters) on the
+q, k, v, o linears of self/cross attention, one clip per step through
+``model_fn_wan_video`` with gradient checkpointing, AdamW. Batched: K clips per
+step through :func:`lofa.fit.fit_batch` (one LoRA per clip, fp32 LoRA parameters,
+bf16 DiT), with K and the checkpointing chosen per resolution by a small
+search within memory and a time budget.
+
+GPU: the Wan2.1-T2V-1.3B config with random weights built on the device, text
+context 512 x 4096. ``--tiny``: a tiny DiT on CPU (smoke test).
+
+Prints a table last and writes JSON to ``$OUT/bench_fit.json`` when OUT is set
+(rewritten after every measurement, so a cut-off run still leaves its numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lofa.fit import FitConfig, fit_batch
+from lofa.layers import Vocabulary
+from lofa.wan import (WAN21_T2V_1_3B, WAN_TINY, add_noise, build_dit, flow_loss, sample_timesteps,
+                      training_target, training_weight)
+from lofa.lora import LoRAWeights
+
+RESOLUTIONS = {"17x256x256": (17, 256, 256), "33x320x512": (33, 320, 512), "81x480x832": (81, 480, 832)}
+TARGETS = {"17x256x256": 8.0, "33x320x512": 3.0, "81x480x832": 1.5}
+# (clips per step, checkpointing, checkpointed blocks, save attention), most promising first.
+CANDIDATES = {
+    "17x256x256": [(8, False, None, False), (12, False, None, False), (16, True, None, True),
+                   (24, True, None, True), (16, True, 10, True)],
+    "33x320x512": [(2, False, None, False), (3, False, None, False), (4, True, None, True),
+                   (8, True, None, True), (4, True, 15, True)],
+    "81x480x832": [(1, True, None, False), (1, True, None, True), (1, True, 20, True),
+                   (1, True, 15, True), (2, True, None, True)],
+}
+
+
+def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """Wan VAE latents: 16 channels, 4x temporal and 8x spatial compression."""
+    return 16, 1 + (frames - 1) // 4, height // 8, width // 8
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def _summary(times: list[float], k: int, warmup: int, device: torch.device, **info: object) -> dict:
+    """``times``: a clock reading before the first step and after each step (synchronized)."""
+    steps = [b - a for a, b in zip(times[:-1], times[1:])][warmup:]
+    s = statistics.median(steps)
+    return {"status": "ok", "clips_per_step": k, "s_per_step": s, "clip_steps_per_s": k / s,
+            "peak_gib": _peak_gib(device), "timed_steps": len(steps), **info}
+
+
+def conventional(model: torch.nn.Module, lat_shape: tuple[int, ...], ctx_shape: tuple[int, int], lora_params: list,
+                 ckpt: bool, warmup: int, timed: int, device: torch.device) -> dict:
+    """One clip per step: peft LoRA, diffsynth's model_fn, AdamW (DiffSynth's trainer)."""
+    from diffsynth.pipelines.wan_video import model_fn_wan_video
+
+    dtype = model.patch_embedding.weight.dtype
+    g = torch.Generator(device=device).manual_seed(0)
+    lat = torch.randn((1, *lat_shape), generator=g, device=device).to(dtype)
+    ctx = torch.randn((1, *ctx_shape), generator=g, device=device).to(dtype)
+    opt = torch.optim.AdamW(lora_params, lr=1e-4)
+    _reset(device)
+    _sync(device)
+    times = [time.perf_counter()]
+    for _ in range(warmup + timed):
+        t = sample_timesteps(1, g, device)
+        noise = torch.randn(lat.shape, generator=g, device=device).to(dtype)
+        noisy = add_noise(lat, noise, t).to(dtype)
+        pred = model_fn_wan_video(dit=model, latents=noisy, timestep=t.to(dtype), context=ctx,
+                                  use_gradient_checkpointing=ckpt)
+        loss = torch.nn.functional.mse_loss(pred.float(), training_target(lat, noise).float()) * training_weight(t)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter())
+    return _summary(times, 1, warmup, device, checkpointing="full" if ckpt else "none")
+
+
+def batched(dit: torch.nn.Module, vocab: Vocabulary, lat_shape: tuple[int, ...], ctx_shape: tuple[int, int],
+            cand: tuple, rank: int, warmup: int, timed: int, device: torch.device, sdpa: str = "auto") -> dict:
+    """K clips per step through lofa.fit.fit_batch; timed per optimizer step."""
+    k, ckpt, blocks, save_attn = cand
+    dtype = "bfloat16" if dit.patch_embedding.weight.dtype == torch.bfloat16 else "float32"
+    cfg = FitConfig(rank=rank, alpha=float(rank), steps=warmup + timed, lr=1e-4, clips_per_batch=k,
+                    grad_checkpointing=ckpt, checkpoint_blocks=blocks, checkpoint_save_attention=save_attn,
+                    dtype=dtype, eval_points=1, sdpa_backend=sdpa)
+    g = torch.Generator(device=device).manual_seed(1)
+    lat = torch.randn((k, *lat_shape), generator=g, device=device)
+    ctx = torch.randn((k, *ctx_shape), generator=g, device=device)
+    _reset(device)
+    _sync(device)
+    times = [time.perf_counter()]
+    fit_batch(dit, vocab, lat, ctx, cfg, seeds=list(range(k)),
+              on_step=lambda *_: (_sync(device), times.append(time.perf_counter())))
+    return _summary(times, k, warmup, device, checkpointing=_label(cand), sdpa_backend=sdpa)
+
+
+def _attempt(fn, *args, **kwargs) -> dict:
+    try:
+        return fn(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        return {"status": "oom"}
+    except RuntimeError as e:  # e.g. an attention backend that does not support these shapes
+        return {"status": f"error: {str(e).splitlines()[0][:200]}"}
+
+
+def check_batched_equals_single(dit, vocab, lat_shape, ctx_shape, rank, device) -> float:
+    """Max relative difference between a batched K=3 LoRA loss and each clip alone."""
+    g = torch.Generator(device=device).manual_seed(2)
+    k = 3
+    lora = LoRAWeights(vocab, tuple(torch.randn(k, rank, m.in_features, generator=g, device=device) * 0.02
+                                    for m in vocab),
+                       tuple(torch.randn(k, m.out_features, rank, generator=g, device=device) * 0.02 for m in vocab))
+    lat = torch.randn((k, *lat_shape), generator=g, device=device)
+    ctx = torch.randn((k, *ctx_shape), generator=g, device=device)
+    t = torch.tensor([200.0, 500.0, 800.0], device=device)
+    noise = torch.randn(lat.shape, generator=g, device=device)
+    with torch.no_grad():
+        both = flow_loss(dit, lat, ctx, t, noise, lora=lora)
+        single = torch.cat([flow_loss(dit, lat[i:i + 1], ctx[i:i + 1], t[i:i + 1], noise[i:i + 1],
+                                      lora=LoRAWeights(vocab, tuple(a[i:i + 1] for a in lora.A),
+                                                       tuple(b[i:i + 1] for b in lora.B))) for i in range(k)])
+    return float(((both - single).abs() / single.abs()).max())
+
+
+def _write(result: dict) -> None:
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "bench_fit.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _table(result: dict) -> str:
+    lines = [f"card: {result['card']}   torch {result['torch']}   rank {result['rank']}",
+             f"{'resolution':<12} {'conventional':>22} {'batched (best)':>42} {'speedup':>8} {'target':>7}"]
+    for row in result["rows"]:
+        c, b = row["conventional"], row.get("batched") or {}
+        conv = f"{c.get('clip_steps_per_s', 0):6.2f}/s {c.get('peak_gib') or 0:5.1f}GiB" if c.get("status") == "ok" else c.get("status")
+        best = (f"{b['clip_steps_per_s']:6.2f}/s K={b['clips_per_step']:<2} {b['checkpointing'][:18]:<18} "
+                f"{b.get('peak_gib') or 0:5.1f}GiB" if b else "none")
+        lines.append(f"{row['resolution']:<12} {conv:>22} {best:>42} {row.get('speedup', 0):7.2f}x "
+                     f"{row.get('target', 0):6.1f}x")
+    return "\n".join(lines)
+
+
+def run(tiny: bool, budget_s: float, warmup: int, timed: int) -> dict:
+    device = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
+    cfg, rank = (WAN_TINY, 4) if tiny else (WAN21_T2V_1_3B, 32)
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    dit = build_dit(cfg, device=device, dtype=torch.float32 if tiny else torch.bfloat16).requires_grad_(False)
+    vocab = Vocabulary.from_dit_config(cfg)
+    if tiny:
+        resolutions = {"tiny": ((16, 2, 8, 8), (16, cfg.text_dim))}
+        candidates = {"tiny": [(4, False, None, False)]}
+    else:
+        resolutions = {r: (latent_shape(*v), (512, cfg.text_dim)) for r, v in RESOLUTIONS.items()}
+        candidates = CANDIDATES
+    result = {"device": device.type, "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "rank": rank, "rows": []}
+    first_lat, first_ctx = next(iter(resolutions.values()))
+    result["check_batched_vs_single_rel"] = check_batched_equals_single(dit, vocab, first_lat, first_ctx, rank, device)
+    # Conventional first, on a peft-injected copy (it never touches the batched path's DiT).
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=[m.prefix for m in vocab]),
+                                    copy.deepcopy(dit))
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:  # DiffSynth's trainer: LoRA parameters in the pipeline dtype
+        p.data = p.data.to(model.patch_embedding.weight.dtype)
+        p.requires_grad_(True)
+    for name, (lat, ctx) in resolutions.items():
+        w = 1 if name == "81x480x832" else warmup
+        row = {"resolution": name, "latents": list(lat), "tokens": lat[1] * lat[2] * lat[3] // 4,
+               "target": TARGETS.get(name, 0.0)}
+        row["conventional"] = _attempt(conventional, model, lat, ctx, params, True, w, timed, device)
+        if name != "81x480x832":
+            row["conventional_no_ckpt"] = _attempt(conventional, model, lat, ctx, params, False, w, timed, device)
+        result["rows"].append(row)
+        _write(result)
+    del model, params
+    _reset(device)
+    for row in result["rows"]:
+        name = row["resolution"]
+        lat, ctx = resolutions[name]
+        w = 1 if name == "81x480x832" else warmup
+        row["candidates"] = []
+        for cand in candidates[name]:
+            if time.perf_counter() - t_start > budget_s:
+                row["candidates"].append({"status": "skipped (budget)", "candidate": list(cand)})
+                continue
+            row["candidates"].append(_attempt(batched, dit, vocab, lat, ctx, cand, rank, w, timed, device))
+            _pick_best(row)
+            _write(result)
+    if device.type == "cuda":  # last: the cuDNN attention backend on each best candidate
+        for row in result["rows"]:
+            name, best = row["resolution"], row.get("batched")
+            if best is None or time.perf_counter() - t_start > budget_s:
+                continue
+            cand = next(c for c in candidates[name]
+                        if c[0] == best["clips_per_step"] and _label(c) == best["checkpointing"])
+            w = 1 if name == "81x480x832" else warmup
+            row["candidates"].append(_attempt(batched, dit, vocab, *resolutions[name], cand, rank, w, timed,
+                                              device, "cudnn"))
+            _pick_best(row)
+            _write(result)
+    result["seconds"] = time.perf_counter() - t_start
+    _write(result)
+    return result
+
+
+def _pick_best(row: dict) -> None:
+    ok = [c for c in row["candidates"] if c.get("status") == "ok"]
+    row["batched"] = max(ok, key=lambda c: c["clip_steps_per_s"]) if ok else None
+    conv = row["conventional"].get("clip_steps_per_s")
+    row["speedup"] = row["batched"]["clip_steps_per_s"] / conv if ok and conv else 0.0
+
+
+def _label(cand: tuple) -> str:
+    k, ckpt, blocks, save_attn = cand
+    label = "none" if not ckpt else ("save_attention" if save_attn else "full")
+    return label + (f" (first {blocks} blocks)" if ckpt and blocks is not None else "")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="tiny DiT on CPU (smoke test)")
+    p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new candidates after this")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--timed", type=int, default=3)
+    args = p.parse_args(argv)
+    result = run(args.tiny, args.budget_s, args.warmup if not args.tiny else 1, args.timed if not args.tiny else 2)
+    print(json.dumps(result, indent=1))
+    print(_table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
