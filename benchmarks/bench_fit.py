@@ -35,14 +35,23 @@ from lofa.lora import LoRAWeights
 
 RESOLUTIONS = {"17x256x256": (17, 256, 256), "33x320x512": (33, 320, 512), "81x480x832": (81, 480, 832)}
 TARGETS = {"17x256x256": 8.0, "33x320x512": 3.0, "81x480x832": 1.5}
-# (clips per step, checkpointing, checkpointed blocks, save attention), most promising first.
-CANDIDATES = {
-    "17x256x256": [(8, False, None, False), (12, False, None, False), (16, True, None, True),
+# (clips per step, checkpointing, checkpointed blocks, save attention). Measured in rounds
+# (every resolution's first candidate, then every second, ...) until the time budget ends.
+CANDIDATES = {  # an 80 GB card
+    "17x256x256": [(12, False, None, False), (16, True, None, True), (8, False, None, False),
                    (24, True, None, True), (16, True, 10, True)],
-    "33x320x512": [(2, False, None, False), (3, False, None, False), (4, True, None, True),
+    "33x320x512": [(3, False, None, False), (4, True, None, True), (2, False, None, False),
                    (8, True, None, True), (4, True, 15, True)],
-    "81x480x832": [(1, True, None, False), (1, True, None, True), (1, True, 20, True),
-                   (1, True, 15, True), (2, True, None, True)],
+    "81x480x832": [(1, True, None, True), (1, True, 20, True), (1, True, 15, True),
+                   (1, True, None, False), (2, True, None, True)],
+}
+CANDIDATES_BIG = {  # a card of more than 100 GiB (H200)
+    "17x256x256": [(16, False, None, False), (24, True, None, True), (12, False, None, False),
+                   (32, True, None, True), (24, True, 10, True)],
+    "33x320x512": [(4, False, None, False), (6, True, None, True), (3, False, None, False),
+                   (12, True, None, True), (6, True, 15, True)],
+    "81x480x832": [(1, True, None, True), (1, True, 10, True), (1, True, 20, True),
+                   (1, True, None, False), (2, True, None, True)],
 }
 
 
@@ -169,7 +178,9 @@ def _table(result: dict) -> str:
 
 
 def run(tiny: bool, budget_s: float, warmup: int, timed: int) -> dict:
-    device = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
+    if not tiny and not torch.cuda.is_available():
+        raise SystemExit("bench_fit: the full benchmark needs a CUDA GPU; use --tiny on CPU")
+    device = torch.device("cpu" if tiny else "cuda")
     cfg, rank = (WAN_TINY, 4) if tiny else (WAN21_T2V_1_3B, 32)
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -180,7 +191,8 @@ def run(tiny: bool, budget_s: float, warmup: int, timed: int) -> dict:
         candidates = {"tiny": [(4, False, None, False)]}
     else:
         resolutions = {r: (latent_shape(*v), (512, cfg.text_dim)) for r, v in RESOLUTIONS.items()}
-        candidates = CANDIDATES
+        big = torch.cuda.get_device_properties(device).total_memory > 100 * 2**30
+        candidates = CANDIDATES_BIG if big else CANDIDATES
     result = {"device": device.type, "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "rank": rank, "rows": []}
     first_lat, first_ctx = next(iter(resolutions.values()))
@@ -206,15 +218,18 @@ def run(tiny: bool, budget_s: float, warmup: int, timed: int) -> dict:
     del model, params
     _reset(device)
     for row in result["rows"]:
-        name = row["resolution"]
-        lat, ctx = resolutions[name]
-        w = 1 if name == "81x480x832" else warmup
         row["candidates"] = []
-        for cand in candidates[name]:
+    for i in range(max(len(c) for c in candidates.values())):
+        for row in result["rows"]:
+            name = row["resolution"]
+            if i >= len(candidates[name]):
+                continue
+            cand = candidates[name][i]
             if time.perf_counter() - t_start > budget_s:
                 row["candidates"].append({"status": "skipped (budget)", "candidate": list(cand)})
                 continue
-            row["candidates"].append(_attempt(batched, dit, vocab, lat, ctx, cand, rank, w, timed, device))
+            w = 1 if name == "81x480x832" else warmup
+            row["candidates"].append(_attempt(batched, dit, vocab, *resolutions[name], cand, rank, w, timed, device))
             _pick_best(row)
             _write(result)
     if device.type == "cuda":  # last: the cuDNN attention backend on each best candidate
@@ -250,7 +265,8 @@ def _label(cand: tuple) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny DiT on CPU (smoke test)")
-    p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new candidates after this")
+    p.add_argument("--budget-s", type=float, default=300.0,
+                   help="seconds after the start past which no new candidate starts")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timed", type=int, default=3)
     args = p.parse_args(argv)

@@ -252,9 +252,21 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Sequential):
+    """Linear -> GELU(tanh) -> Linear. On CUDA without autograd or autocast, the first
+    linear, its bias and the GELU are one matmul with a fused cuBLASLt epilogue (tanh
+    GELU, as here): no separate pass over, and no second copy of, the hidden activations.
+    (On CPU that op uses the exact GELU, so the CPU path stays unfused.)"""
+
     def __init__(self, d: int, ratio: float):
         hidden = int(round(d * ratio))
         super().__init__(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_cuda or torch.is_grad_enabled() or torch.is_autocast_enabled("cuda"):
+            return super().forward(x)
+        fc1, fc2 = self[0], self[2]
+        h = torch._addmm_activation(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t(), use_gelu=True)
+        return fc2(h).view(*x.shape[:-1], -1)
 
 
 class TrunkBlock(nn.Module):

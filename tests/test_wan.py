@@ -10,7 +10,7 @@ import torch
 
 from lofa.config import ConfigError, from_dict
 from lofa.io import ArtifactError, save_tensors
-from lofa.wan import (WAN21_T2V_1_3B, WAN_TINY, WanDiTConfig, add_noise, base_model_hash, build_dit,
+from lofa.wan import (WAN21_T2V_1_3B, WAN_TINY, Checkpointing, WanDiTConfig, add_noise, base_model_hash, build_dit,
                       dit_config, dit_forward, expected_file_hash, flow_loss, flow_schedule, load_dit,
                       register_dit_config, sample_timesteps, training_target, training_weight)
 
@@ -196,3 +196,27 @@ def test_flow_loss_matches_diffsynth_loss(dit):
         assert float(flow_loss(dit, lat, ctx, ts, noise, reduction="sum")) == pytest.approx(float(losses.sum()))
     with pytest.raises(ValueError, match="unknown reduction"):
         flow_loss(dit, lat, ctx, ts, noise, reduction="max")
+
+
+def test_save_attention_skips_attention_in_recompute(dit):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountAttention(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += "scaled_dot_product" in str(func) and "backward" not in str(func)
+            return func(*args, **(kwargs or {}))
+
+    lat, ctx, t = _inputs(1)
+    d = copy.deepcopy(dit).requires_grad_(True)
+    recomputed = {}
+    for policy in (Checkpointing(), Checkpointing(save_attention=True), Checkpointing(blocks=1)):
+        out = dit_forward(d, lat, t, ctx, grad_checkpointing=policy)
+        with CountAttention() as counter:
+            out.pow(2).mean().backward()
+        recomputed[policy] = counter.calls
+    # 3 blocks x (self + cross) attention; checkpointing only block 0 recomputes its 2
+    assert recomputed == {Checkpointing(): 6, Checkpointing(save_attention=True): 0, Checkpointing(blocks=1): 2}
