@@ -23,6 +23,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,23 +36,35 @@ from lofa.lora import LoRAWeights
 
 RESOLUTIONS = {"17x256x256": (17, 256, 256), "33x320x512": (33, 320, 512), "81x480x832": (81, 480, 832)}
 TARGETS = {"17x256x256": 8.0, "33x320x512": 3.0, "81x480x832": 1.5}
-# (clips per step, checkpointing, checkpointed blocks, save attention). Measured in rounds
-# (every resolution's first candidate, then every second, ...) until the time budget ends.
+@dataclass(frozen=True)
+class Candidate:
+    """One batched configuration: K clips per step, checkpointing, norm kernel."""
+
+    k: int
+    ckpt: bool = False
+    blocks: int | None = None  # checkpoint only the first ``blocks`` blocks
+    save_attention: bool = False
+    fused_norm: bool = True
+
+    @property
+    def label(self) -> str:
+        label = "none" if not self.ckpt else ("save_attn" if self.save_attention else "full")
+        label += f"[:{self.blocks}]" if self.ckpt and self.blocks is not None else ""
+        return label + ("+fused_norm" if self.fused_norm else "")
+
+
+C = Candidate
+# Measured in rounds (every resolution's first candidate, then every second, ...) until the
+# time budget ends. Unfused-norm entries attribute the gain of the fused RMSNorm.
 CANDIDATES = {  # an 80 GB card
-    "17x256x256": [(12, False, None, False), (16, True, None, True), (8, False, None, False),
-                   (24, True, None, True), (16, True, 10, True)],
-    "33x320x512": [(3, False, None, False), (4, True, None, True), (2, False, None, False),
-                   (8, True, None, True), (4, True, 15, True)],
-    "81x480x832": [(1, True, None, True), (1, True, 20, True), (1, True, 15, True),
-                   (1, True, None, False), (2, True, None, True)],
+    "17x256x256": [C(12), C(12, fused_norm=False), C(16, True, None, True)],
+    "33x320x512": [C(3), C(3, fused_norm=False), C(4, True, None, True)],
+    "81x480x832": [C(1, True, 15, True), C(1, True, None, True), C(1, True, 15, True, fused_norm=False)],
 }
 CANDIDATES_BIG = {  # a card of more than 100 GiB (H200)
-    "17x256x256": [(16, False, None, False), (24, True, None, True), (12, False, None, False),
-                   (32, True, None, True), (24, True, 10, True)],
-    "33x320x512": [(4, False, None, False), (6, True, None, True), (3, False, None, False),
-                   (12, True, None, True), (6, True, 15, True)],
-    "81x480x832": [(1, True, None, True), (1, True, 10, True), (1, True, 20, True),
-                   (1, True, None, False), (2, True, None, True)],
+    "17x256x256": [C(16), C(16, fused_norm=False), C(24)],
+    "33x320x512": [C(4), C(4, fused_norm=False), C(6)],
+    "81x480x832": [C(1), C(1, True, 10, True), C(1, True, 10, True, fused_norm=False)],
 }
 
 
@@ -113,22 +126,22 @@ def conventional(model: torch.nn.Module, lat_shape: tuple[int, ...], ctx_shape: 
 
 
 def batched(dit: torch.nn.Module, vocab: Vocabulary, lat_shape: tuple[int, ...], ctx_shape: tuple[int, int],
-            cand: tuple, rank: int, warmup: int, timed: int, device: torch.device, sdpa: str = "auto") -> dict:
+            cand: Candidate, rank: int, warmup: int, timed: int, device: torch.device, sdpa: str = "auto") -> dict:
     """K clips per step through lofa.fit.fit_batch; timed per optimizer step."""
-    k, ckpt, blocks, save_attn = cand
     dtype = "bfloat16" if dit.patch_embedding.weight.dtype == torch.bfloat16 else "float32"
-    cfg = FitConfig(rank=rank, alpha=float(rank), steps=warmup + timed, lr=1e-4, clips_per_batch=k,
-                    grad_checkpointing=ckpt, checkpoint_blocks=blocks, checkpoint_save_attention=save_attn,
+    cfg = FitConfig(rank=rank, alpha=float(rank), steps=warmup + timed, lr=1e-4, clips_per_batch=cand.k,
+                    grad_checkpointing=cand.ckpt, checkpoint_blocks=cand.blocks,
+                    checkpoint_save_attention=cand.save_attention, fused_rms_norm=cand.fused_norm,
                     dtype=dtype, eval_points=1, sdpa_backend=sdpa)
     g = torch.Generator(device=device).manual_seed(1)
-    lat = torch.randn((k, *lat_shape), generator=g, device=device)
-    ctx = torch.randn((k, *ctx_shape), generator=g, device=device)
+    lat = torch.randn((cand.k, *lat_shape), generator=g, device=device)
+    ctx = torch.randn((cand.k, *ctx_shape), generator=g, device=device)
     _reset(device)
     _sync(device)
     times = [time.perf_counter()]
-    fit_batch(dit, vocab, lat, ctx, cfg, seeds=list(range(k)),
+    fit_batch(dit, vocab, lat, ctx, cfg, seeds=list(range(cand.k)),
               on_step=lambda *_: (_sync(device), times.append(time.perf_counter())))
-    return _summary(times, k, warmup, device, checkpointing=_label(cand), sdpa_backend=sdpa)
+    return _summary(times, cand.k, warmup, device, checkpointing=cand.label, sdpa_backend=sdpa)
 
 
 def _attempt(fn, *args, **kwargs) -> dict:
@@ -166,13 +179,14 @@ def _write(result: dict) -> None:
 
 def _table(result: dict) -> str:
     lines = [f"card: {result['card']}   torch {result['torch']}   rank {result['rank']}",
-             f"{'resolution':<12} {'conventional':>22} {'batched (best)':>42} {'speedup':>8} {'target':>7}"]
+             f"{'resolution':<12} {'conventional':>22} {'batched (best)':>46} {'speedup':>8} {'target':>7}"]
     for row in result["rows"]:
         c, b = row["conventional"], row.get("batched") or {}
-        conv = f"{c.get('clip_steps_per_s', 0):6.2f}/s {c.get('peak_gib') or 0:5.1f}GiB" if c.get("status") == "ok" else c.get("status")
-        best = (f"{b['clip_steps_per_s']:6.2f}/s K={b['clips_per_step']:<2} {b['checkpointing'][:18]:<18} "
+        conv = (f"{c.get('clip_steps_per_s', 0):6.2f}/s {c.get('peak_gib') or 0:5.1f}GiB"
+                if c.get("status") == "ok" else c.get("status"))
+        best = (f"{b['clip_steps_per_s']:6.2f}/s K={b['clips_per_step']:<2} {b['checkpointing'][:22]:<22} "
                 f"{b.get('peak_gib') or 0:5.1f}GiB" if b else "none")
-        lines.append(f"{row['resolution']:<12} {conv:>22} {best:>42} {row.get('speedup', 0):7.2f}x "
+        lines.append(f"{row['resolution']:<12} {conv:>22} {best:>46} {row.get('speedup', 0):7.2f}x "
                      f"{row.get('target', 0):6.1f}x")
     return "\n".join(lines)
 
@@ -188,7 +202,7 @@ def run(tiny: bool, budget_s: float, warmup: int, timed: int) -> dict:
     vocab = Vocabulary.from_dit_config(cfg)
     if tiny:
         resolutions = {"tiny": ((16, 2, 8, 8), (16, cfg.text_dim))}
-        candidates = {"tiny": [(4, False, None, False)]}
+        candidates = {"tiny": [C(4, fused_norm=False), C(4)]}
     else:
         resolutions = {r: (latent_shape(*v), (512, cfg.text_dim)) for r, v in RESOLUTIONS.items()}
         big = torch.cuda.get_device_properties(device).total_memory > 100 * 2**30
@@ -226,22 +240,10 @@ def run(tiny: bool, budget_s: float, warmup: int, timed: int) -> dict:
                 continue
             cand = candidates[name][i]
             if time.perf_counter() - t_start > budget_s:
-                row["candidates"].append({"status": "skipped (budget)", "candidate": list(cand)})
+                row["candidates"].append({"status": "skipped (budget)", "checkpointing": cand.label})
                 continue
             w = 1 if name == "81x480x832" else warmup
             row["candidates"].append(_attempt(batched, dit, vocab, *resolutions[name], cand, rank, w, timed, device))
-            _pick_best(row)
-            _write(result)
-    if device.type == "cuda":  # last: the cuDNN attention backend on each best candidate
-        for row in result["rows"]:
-            name, best = row["resolution"], row.get("batched")
-            if best is None or time.perf_counter() - t_start > budget_s:
-                continue
-            cand = next(c for c in candidates[name]
-                        if c[0] == best["clips_per_step"] and _label(c) == best["checkpointing"])
-            w = 1 if name == "81x480x832" else warmup
-            row["candidates"].append(_attempt(batched, dit, vocab, *resolutions[name], cand, rank, w, timed,
-                                              device, "cudnn"))
             _pick_best(row)
             _write(result)
     result["seconds"] = time.perf_counter() - t_start
@@ -256,16 +258,10 @@ def _pick_best(row: dict) -> None:
     row["speedup"] = row["batched"]["clip_steps_per_s"] / conv if ok and conv else 0.0
 
 
-def _label(cand: tuple) -> str:
-    k, ckpt, blocks, save_attn = cand
-    label = "none" if not ckpt else ("save_attention" if save_attn else "full")
-    return label + (f" (first {blocks} blocks)" if ckpt and blocks is not None else "")
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny DiT on CPU (smoke test)")
-    p.add_argument("--budget-s", type=float, default=300.0,
+    p.add_argument("--budget-s", type=float, default=150.0,
                    help="seconds after the start past which no new candidate starts")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timed", type=int, default=3)

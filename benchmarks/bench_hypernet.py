@@ -138,10 +138,48 @@ def to_fp8(model: HyperNet) -> HyperNet:
     return model
 
 
-def compile_blocks(model: HyperNet) -> HyperNet:
+def compile_blocks(model: HyperNet, mode: str | None = None) -> HyperNet:
+    """Regional compilation: every trunk (and stage-I) block, one compiled code per block type."""
     for block in [*model.blocks, *model.stage1_blocks.values()]:
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, mode=mode)
     return model
+
+
+def attention_backend(name: str):
+    """SDPA backends for a variant: 'default' (PyTorch's choice) or 'cudnn' (cuDNN first)."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name == "default":
+        return nullcontext()
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]:
+    """Device time of one call of ``fn`` by kernel, and summed by kind (gemm, attention, triton, other)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.count, getattr(e, "self_device_time_total", 0.0) / 1e3) for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r[2] > 0), key=lambda r: -r[2])
+
+    def kind(name: str) -> str:
+        low = name.lower()
+        if any(k in low for k in ("flash", "fmha", "attention", "cudnn", "sdpa")):
+            return "attention"
+        if any(k in low for k in ("gemm", "nvjet", "xmma", "cutlass", "sm90", "scaled_mm")):
+            return "gemm"
+        return "triton" if low.startswith("triton") else "other"
+    by_kind: dict[str, float] = {}
+    for name, _, ms in rows:
+        by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + ms
+    return {"total_ms": sum(r[2] for r in rows), "by_kind_ms": by_kind,
+            "top": [{"kernel": n[:100], "calls": c, "ms": round(ms, 3)} for n, c, ms in rows[:top]]}
 
 
 class Bench:
@@ -233,9 +271,19 @@ class Bench:
             opt.zero_grad(set_to_none=True)
         return step
 
-    def run_train(self, compiled: bool) -> dict[str, object]:
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> dict[str, float]:
+        return {"peak_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30} if self.device.type == "cuda" else {}
+
+    def run_train(self, compiled: bool, backend: str = "default", ckpts: tuple[bool, ...] = (False, True),
+                  profile: bool = False) -> dict[str, object]:
         res: dict[str, object] = {}
-        for ckpt in (False, True):
+        torch._dynamo.reset()  # compiled code is specialised on the attention backend
+        for ckpt in ckpts:
             model = HyperNet(HyperNetConfig(**{**vars(self.cfg1), "grad_checkpointing": ckpt}), self.vocab)
             model.load_state_dict(self.s1.state_dict())
             model.to(self.device).train()
@@ -243,26 +291,44 @@ class Bench:
                 compile_blocks(model)
             step = self.train_step_fn(model, Stage1LossConfig(compile=compiled))
             key = "ckpt" if ckpt else "no_ckpt"
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(self.device)
-            first = first_call_s(step, self.device)
-            t = timeit(step, self.device, self.warmup, self.train_repeats)
-            passes = 4 if ckpt else 3  # forward, 2x backward (+ recompute)
-            res[key] = {**t, "first_call_s": first, "tflops": self.tflops(passes * self.flops["stage1_fwd"], t["median_ms"])}
-            if self.device.type == "cuda":
-                res[key]["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            with attention_backend(backend):
+                self.reset_peak()
+                first = first_call_s(step, self.device)
+                t = timeit(step, self.device, self.warmup, self.train_repeats)
+                passes = 4 if ckpt else 3  # forward, 2x backward (+ recompute)
+                res[key] = {**t, "first_call_s": first, **self.peak(),
+                            "tflops": self.tflops(passes * self.flops["stage1_fwd"], t["median_ms"])}
+                if profile:
+                    res[key]["profile"] = kernel_profile(step)
             del model, step
         return res
 
-    def run_compiled_predict(self) -> dict[str, object]:
-        b1, b2 = (compile_blocks(copy.deepcopy(m)) for m in self.bf16_models)
+    def run_compiled_predict(self, mode: str | None = None, backend: str = "default",
+                             profile: bool = False) -> dict[str, object]:
+        torch._dynamo.reset()
+        b1, b2 = (compile_blocks(copy.deepcopy(m), mode) for m in self.bf16_models)
         run = lambda: self.predict(b1, b2, self.group, self.text, self.mask)  # noqa: E731
-        first = first_call_s(run, self.device)
-        t = timeit(run, self.device, self.warmup, self.repeats)
-        out = run()
-        return {**t, "first_call_s": first, "tflops": self.tflops(self.flops["predict"], t["median_ms"]),
-                "dW_err_vs_eager_bf16": rel_err(out.delta(), self.bf16_out.delta())}
+        with attention_backend(backend):
+            self.reset_peak()
+            first = first_call_s(run, self.device)
+            t = timeit(run, self.device, self.warmup, self.repeats)
+            out = run()
+            res = {**t, "first_call_s": first, **self.peak(), "tflops": self.tflops(self.flops["predict"], t["median_ms"]),
+                   "dW_err_vs_eager_bf16": rel_err(out.delta(), self.bf16_out.delta())}
+            if profile:
+                res["profile"] = kernel_profile(run)
+        return res
+
+    def run_eager_variant(self, backend: str, profile: bool = False) -> dict[str, object]:
+        b1, b2 = self.bf16_models
+        run = lambda: self.predict(b1, b2, self.group, self.text, self.mask)  # noqa: E731
+        with attention_backend(backend):
+            t = timeit(run, self.device, self.warmup, self.repeats)
+            res = {**t, "tflops": self.tflops(self.flops["predict"], t["median_ms"]),
+                   "dW_err_vs_eager_bf16": rel_err(run().delta(), self.bf16_out.delta())}
+            if profile:
+                res["profile"] = kernel_profile(run)
+        return res
 
     def run_fp8(self) -> dict[str, object]:
         b1, b2 = (compile_blocks(to_fp8(m)) for m in self.bf16_models)
@@ -272,6 +338,15 @@ class Bench:
         out = run()
         return {**t, "first_call_s": first, "dW_err_vs_bf16": rel_err(out.delta(), self.bf16_out.delta()),
                 "tflops_equiv": self.tflops(self.flops["predict"], t["median_ms"])}
+
+    def mlp_check(self) -> dict[str, float]:
+        """The fused no-grad MLP (cuBLASLt bias+GELU epilogue) against the plain one."""
+        mlp = self.bf16_models[0].blocks[0].mlp1
+        x = torch.randn(4096, self.cfg1.d_model, device=self.device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            fused = mlp(x)
+        plain = nn.Sequential.forward(mlp, x)
+        return {"rel_err": rel_err(fused, plain)}
 
     def run_dit(self) -> dict[str, object]:
         from lofa.wan import WAN21_T2V_1_3B, build_dit
@@ -323,11 +398,13 @@ def table(report: dict[str, object]) -> str:
     r, lines = report["results"], [f"device: {report.get('device')}  torch {report.get('torch')}"]
     if "ceiling" in r:
         lines.append(f"bf16 matmul ceiling: {r['ceiling']['tflops']:.0f} TFLOP/s")
-    rows = [("predict eager bf16", r.get("predict")), ("predict compiled", r.get("compiled_predict")),
-            ("predict fp8 compiled", r.get("fp8")), ("train1 eager", (r.get("train1") or {}).get("no_ckpt")),
-            ("train1 eager ckpt", (r.get("train1") or {}).get("ckpt")),
-            ("train1 compiled", (r.get("train1_compiled") or {}).get("no_ckpt")),
-            ("train1 compiled ckpt", (r.get("train1_compiled") or {}).get("ckpt")), ("train2 + DiT", r.get("dit"))]
+    tr = lambda k, c: (r.get(k) or {}).get(c)  # noqa: E731
+    rows = [("predict eager bf16", r.get("predict")), ("predict eager cudnn", r.get("predict_cudnn")),
+            ("predict compiled", r.get("compiled_predict")), ("predict compiled cudnn", r.get("compiled_predict_cudnn")),
+            ("predict max-autotune", r.get("autotune_predict")), ("predict fp8 compiled", r.get("fp8")),
+            ("train1 eager", tr("train1", "no_ckpt")), ("train1 eager ckpt", tr("train1", "ckpt")),
+            ("train1 compiled", tr("train1_compiled", "no_ckpt")), ("train1 compiled ckpt", tr("train1_compiled", "ckpt")),
+            ("train1 compiled cudnn", tr("train1_compiled_cudnn", "no_ckpt")), ("train2 + DiT", r.get("dit"))]
     lines.append(f"{'what':24s} {'ms':>9s} {'TFLOP/s':>8s} {'peak GiB':>9s} {'compile s':>9s}")
     for name, v in rows:
         if v:
@@ -336,9 +413,16 @@ def table(report: dict[str, object]) -> str:
                          f"{v.get('first_call_s', float('nan')):9.1f}")
     if "predict" in r:
         lines.append(f"bf16 vs fp32 rel. error: {r['predict']['vs_fp32']}")
-    for k in ("compiled_predict", "fp8"):
-        if k in r:
-            lines.append(f"{k}: {({a: b for a, b in r[k].items() if 'err' in a})}")
+    for k, v in r.items():
+        if isinstance(v, dict) and any("err" in a for a in v):
+            lines.append(f"{k}: {({a: b for a, b in v.items() if 'err' in a})}")
+        for sub in (v.values() if isinstance(v, dict) else ()):
+            prof = sub.get("profile") if isinstance(sub, dict) else None
+            if prof:
+                lines.append(f"{k} kernels: total {prof['total_ms']:.1f} ms {({a: round(b, 1) for a, b in prof['by_kind_ms'].items()})}")
+        if isinstance(v, dict) and "profile" in v:
+            lines.append(f"{k} kernels: total {v['profile']['total_ms']:.1f} ms "
+                         f"{({a: round(b, 1) for a, b in v['profile']['by_kind_ms'].items()})}")
     if report["errors"]:
         lines.append(f"errors: {report['errors']}")
     return "\n".join(lines)
@@ -363,9 +447,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     gpu = not args.tiny
     b.setup()
     plan = [("ceiling", lambda: matmul_ceiling(b.device, 8192 if gpu else 256), True),
-            ("predict", b.run_predict, True), ("train1", lambda: b.run_train(False), True),
-            ("compiled_predict", b.run_compiled_predict, gpu), ("train1_compiled", lambda: b.run_train(True), gpu),
-            ("fp8", b.run_fp8, gpu), ("dit", b.run_dit, gpu and args.dit)]
+            ("predict", b.run_predict, True), ("mlp_check", b.mlp_check, gpu),
+            ("predict_cudnn", lambda: b.run_eager_variant("cudnn"), gpu),
+            ("train1", lambda: b.run_train(False), True),
+            ("compiled_predict", lambda: b.run_compiled_predict(profile=True), gpu),
+            ("compiled_predict_cudnn", lambda: b.run_compiled_predict(backend="cudnn", profile=True), gpu),
+            ("train1_compiled", lambda: b.run_train(True, profile=True), gpu),
+            ("train1_compiled_cudnn", lambda: b.run_train(True, "cudnn", (False,), profile=True), gpu),
+            ("dit", b.run_dit, gpu and args.dit), ("fp8", b.run_fp8, gpu),
+            ("autotune_predict", lambda: b.run_compiled_predict("max-autotune-no-cudagraphs", profile=True), gpu)]
     for name, fn, enabled in plan:
         if enabled and name not in skip:
             b.section(name, fn)

@@ -26,7 +26,7 @@ from lofa.config import to_dict
 from lofa.io import SCHEMA_VERSION, load_tensors, write_json
 from lofa.layers import ATTN_MODULES, Vocabulary
 from lofa.lora import LoRAWeights, base_weights, response_stats, save_lora
-from lofa.wan import (Checkpointing, base_model_hash, dit_config, flow_loss, flow_schedule,
+from lofa.wan import (Checkpointing, base_model_hash, dit_config, flow_loss, flow_schedule, fused_rms_norm,
                       sample_timesteps)
 
 LATENTS_KEY = "latents"
@@ -57,6 +57,7 @@ class FitConfig:
     checkpoint_blocks: int | None = None
     checkpoint_save_attention: bool = False
     sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    fused_rms_norm: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
     modules: tuple[str, ...] = ATTN_MODULES
     eval_points: int = 4
@@ -212,8 +213,21 @@ def fit_batch(dit: nn.Module, vocab: Vocabulary, latents: torch.Tensor, context:
     opt = torch.optim.AdamW(lora.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     curve = torch.zeros(k, cfg.steps, device=device)
+    with fused_rms_norm(dit, cfg.fused_rms_norm):
+        _train(dit, latents, context, cfg, gens, lora, opt, curve, on_step)
+        fitted = LoRAWeights(vocab, tuple(a.detach() for a in lora.A), tuple(b.detach() for b in lora.B),
+                             lora.scale)
+        base = eval_loss(dit, latents, context, seeds, cfg, None)
+        final = eval_loss(dit, latents, context, seeds, cfg, fitted)
+    return FitResult(fitted, curve.cpu(), base.cpu(), final.cpu(), time.perf_counter() - t0)
+
+
+def _train(dit: nn.Module, latents: torch.Tensor, context: torch.Tensor, cfg: FitConfig,
+           gens: Sequence[torch.Generator], lora: LoRAWeights, opt: torch.optim.Optimizer,
+           curve: torch.Tensor, on_step: Callable[[int, torch.Tensor], None] | None) -> None:
+    """The optimisation loop of :func:`fit_batch`; fills ``curve`` (K, steps)."""
     for step in range(cfg.steps):
-        ts, noise = draw_step(gens, latents.shape[1:], cfg, device)
+        ts, noise = draw_step(gens, latents.shape[1:], cfg, latents.device)
         with attention_backend(cfg):
             with autocast(dit, cfg):
                 losses = flow_loss(dit, latents, context, ts, noise, lora=lora,
@@ -226,10 +240,6 @@ def fit_batch(dit: nn.Module, vocab: Vocabulary, latents: torch.Tensor, context:
         curve[:, step] = losses.detach()
         if on_step is not None:
             on_step(step, losses.detach())
-    fitted = LoRAWeights(vocab, tuple(a.detach() for a in lora.A), tuple(b.detach() for b in lora.B), lora.scale)
-    base = eval_loss(dit, latents, context, seeds, cfg, None)
-    final = eval_loss(dit, latents, context, seeds, cfg, fitted)
-    return FitResult(fitted, curve.cpu(), base.cpu(), final.cpu(), time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------- shards

@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -170,6 +171,23 @@ def load_dit(path: str | Path | Sequence[str | Path], cfg: WanDiTConfig,
         if not torch.isfinite(p).all():
             raise ArtifactError(f"{', '.join(paths)}: weight '{name}' contains NaN or inf")
     return dit
+
+
+@contextmanager
+def fused_rms_norm(dit: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside the block, the DiT's RMSNorms use ``F.rms_norm`` (diffsynth's ``use_torch_norm``)
+    instead of their float32 upcast path: the same function, fewer memory passes."""
+    from diffsynth.models.wan_video_dit import RMSNorm
+
+    norms = [m for m in dit.modules() if isinstance(m, RMSNorm)]
+    previous = [m.use_torch_norm for m in norms]
+    for m in norms:
+        m.use_torch_norm = enabled
+    try:
+        yield
+    finally:
+        for m, prev in zip(norms, previous):
+            m.use_torch_norm = prev
 
 
 def base_model_hash(dit: nn.Module) -> str:

@@ -112,7 +112,8 @@ def test_compute_options_keep_the_result(dit):
     base = FitConfig(rank=4, steps=2, lr=1e-3, eval_points=1)
     ref = fit_batch(copy.deepcopy(dit), VOCAB, lat, ctx, base, [5, 6])
     for opts in ({"grad_checkpointing": True, "checkpoint_save_attention": True},
-                 {"grad_checkpointing": True, "checkpoint_blocks": 1, "sdpa_backend": "math"}):
+                 {"grad_checkpointing": True, "checkpoint_blocks": 1, "sdpa_backend": "math"},
+                 {"fused_rms_norm": True}):
         got = fit_batch(copy.deepcopy(dit), VOCAB, lat, ctx, FitConfig(**{**base.__dict__, **opts}), [5, 6])
         torch.testing.assert_close(got.losses, ref.losses, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(got.lora.B[3], ref.lora.B[3], rtol=1e-3, atol=2e-5)

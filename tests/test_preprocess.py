@@ -141,9 +141,9 @@ def test_preprocess_contract_rejects_and_resume(motionx: Path, tmp_path: Path) -
         assert sha256_file(path) == row.sha256
         t = load_tensors(path)
         assert t["latents"].shape == (16, 3, 4, 4) and t["latents"].dtype == torch.float32
-        assert t["text"].shape == (16, 384) and t["mask"].dtype == torch.bool
+        assert t["context"].shape == (16, 384) and t["mask"].dtype == torch.bool
         n = int(t["mask"].sum())
-        assert 0 < n < 16 and t["text"][n:].abs().sum() == 0 and t["text"][:n].abs().sum() > 0
+        assert 0 < n < 16 and t["context"][n:].abs().sum() == 0 and t["context"][:n].abs().sum() > 0
         assert list(row.latent_shape) == [16, 3, 4, 4] and row.num_frames == 9
         assert (row.src_height, row.src_width) == (48, 80) and "jumps" in row.caption
         assert "lofa_clip" in read_metadata(path)

@@ -11,7 +11,7 @@ import torch
 from lofa.config import ConfigError, from_dict
 from lofa.io import ArtifactError, save_tensors
 from lofa.wan import (WAN21_T2V_1_3B, WAN_TINY, Checkpointing, WanDiTConfig, add_noise, base_model_hash, build_dit,
-                      dit_config, dit_forward, expected_file_hash, flow_loss, flow_schedule, load_dit,
+                      dit_config, dit_forward, expected_file_hash, flow_loss, flow_schedule, fused_rms_norm, load_dit,
                       register_dit_config, sample_timesteps, training_target, training_weight)
 
 TINY3 = WanDiTConfig(dim=96, ffn_dim=128, num_heads=2, num_layers=3, text_dim=32)  # head_dim 48
@@ -220,3 +220,14 @@ def test_save_attention_skips_attention_in_recompute(dit):
         recomputed[policy] = counter.calls
     # 3 blocks x (self + cross) attention; checkpointing only block 0 recomputes its 2
     assert recomputed == {Checkpointing(): 6, Checkpointing(save_attention=True): 0, Checkpointing(blocks=1): 2}
+
+
+def test_fused_rms_norm_same_function_and_restored(dit):
+    lat, ctx, t = _inputs(2)
+    with torch.no_grad():
+        ref = dit_forward(dit, lat, t[:2], ctx)
+        with fused_rms_norm(dit):
+            assert dit.blocks[0].self_attn.norm_q.use_torch_norm
+            fused = dit_forward(dit, lat, t[:2], ctx)
+    assert not dit.blocks[0].self_attn.norm_q.use_torch_norm
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)

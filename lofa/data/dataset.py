@@ -50,7 +50,7 @@ def load_clips(pre_dir: str | Path, splits: tuple[str, ...] = ("train",)) -> Cli
     for rel in df["path"]:
         t = load_tensors(pre_dir / rel)
         lat.append(t["latents"])
-        txt.append(t["text"])
+        txt.append(t["context"])
         msk.append(t["mask"])
     return ClipSet(df["id"].tolist(), df["caption"].tolist(), df["split"].tolist(),
                    torch.stack(lat), torch.stack(txt), torch.stack(msk))

@@ -1,7 +1,7 @@
 """Stage ``preprocess``: a MotionX-layout root -> per-clip latents + text embeddings.
 
 Outputs under ``out_dir``:
-- ``clips/<id>.safetensors``: ``latents`` (16, T', H', W') float32, ``text`` (L, D)
+- ``clips/<id>.safetensors``: ``latents`` (16, T', H', W') float32, ``context`` (L, D)
   float32 (rows past the prompt zeroed) and ``mask`` (L,) bool; the header holds
   the clip's id, split, caption and source info, so a resumed run rebuilds the
   manifest without re-encoding.
@@ -75,7 +75,7 @@ def _row_from_file(path: Path, out_dir: Path) -> dict[str, Any]:
     meta = read_metadata(path)
     t = load_tensors(path)
     row = json.loads(meta["lofa_clip"])
-    row.update(latent_shape=list(t["latents"].shape), text_shape=list(t["text"].shape),
+    row.update(latent_shape=list(t["latents"].shape), text_shape=list(t["context"].shape),
                path=path.relative_to(out_dir).as_posix(), sha256=sha256_file(path))
     return row
 
@@ -93,7 +93,7 @@ def _encode_group(group: list[tuple[ClipRef, str, torch.Tensor, Any]], text_enc:
                 "src_fps": info.src_fps, "src_frames": info.src_frames,
                 "src_height": info.src_height, "src_width": info.src_width}
         path = clip_path(out_dir, ref.id)
-        save_tensors(path, {"latents": latents[i], "text": emb.tokens[i].float(), "mask": emb.mask[i].bool()},
+        save_tensors(path, {"latents": latents[i], "context": emb.tokens[i].float(), "mask": emb.mask[i].bool()},
                      metadata={"lofa_clip": json.dumps(head), "format": "lofa.clip.v1"})
         rows.append(_row_from_file(path, out_dir))
     return rows

@@ -1,0 +1,55 @@
+"""Stage ``fit_loras``: one LoRA per training clip on the base DiT (resumable, sharded).
+
+Single process by default; over GPUs or processes:
+``accelerate launch --multi_gpu --num_processes N -m pipelines.fit_loras`` (each
+process fits every N-th clip; CPU: ``torchrun --nproc_per_node N -m pipelines.fit_loras``).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+from lofa.config import from_dict, to_dict
+from lofa.data.preprocess import load_manifest
+from lofa.fit import ClipRecord, FitConfig, fit_shard_distributed
+from lofa.fit_report import collect_curves, plot_fit, summarize
+from lofa.io import read_json, write_json
+from lofa.pretrain import dit_config_from_sidecar
+from lofa.tracking import stage_run
+from lofa.wan import load_dit
+from pipelines._common import section, stage_args
+
+
+def main() -> None:
+    args = stage_args(__doc__, data="data/preprocessed", base="data/base", out="data/loras",
+                      metrics="metrics/fit_loras.json")
+    cfg = from_dict(FitConfig, section(args, "fit_loras"), "fit_loras")
+    sidecar = read_json(args.base / "dit.json")
+    dit_cfg = dit_config_from_sidecar(sidecar)
+    records = [ClipRecord(r.id, str(args.data / r.path), r.caption)
+               for r in load_manifest(args.data, "train").itertuples()]
+    t0 = time.perf_counter()
+    report = fit_shard_distributed(lambda device: load_dit(args.base / "dit.safetensors", dit_cfg, device=device),
+                                   records, args.out, cfg, cpu=not torch.cuda.is_available(),
+                                   base_hash=sidecar["base_model_hash"], progress=not args.no_progress)
+    if report.shard_index != 0:
+        return
+    curves = collect_curves(args.out / "curves")
+    summary = {**summarize(curves), "seconds": round(time.perf_counter() - t0, 1),
+               "fitted_now": len(report.fitted) * report.num_shards, "clip_steps_per_s": report.clip_steps_per_s,
+               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    write_json(args.metrics, summary)
+    with stage_run("fit_loras", to_dict(cfg), tags={"lofa.base_model_hash": sidecar["base_model_hash"]}) as mlflow:
+        mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+        for path in plot_fit(curves, args.out / "plots"):
+            mlflow.log_artifact(str(path), "plots")
+        for i, c in enumerate(curves):
+            mlflow.log_metrics({"clip_base_loss": c["base_loss"], "clip_final_loss": c["final_loss"]}, step=i)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
