@@ -26,41 +26,53 @@ from lofa.config import to_dict
 from lofa.io import SCHEMA_VERSION, load_tensors, write_json
 from lofa.layers import ATTN_MODULES, Vocabulary
 from lofa.lora import LoRAWeights, base_weights, response_stats, save_lora
-from lofa.wan import (Checkpointing, base_model_hash, dit_config, flow_loss, flow_schedule, fused_rms_norm,
-                      sample_timesteps)
+from lofa.wan import (BLOCK_IMPLS, Checkpointing, base_model_hash, dit_config, flow_loss, flow_schedule,
+                      fused_rms_norm, sample_timesteps)
 
 LATENTS_KEY = "latents"
 CONTEXT_KEY = "context"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-                  "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+                  "efficient": "EFFICIENT_ATTENTION", "math": "MATH", "cudnn_first": "CUDNN_ATTENTION"}
+_BLOCK_IMPLS = ("auto", *BLOCK_IMPLS)
 
 
 @dataclass(frozen=True)
 class FitConfig:
-    """How one LoRA is fitted to one clip (params section ``fit_loras``)."""
+    """How one LoRA is fitted to one clip (params section ``fit_loras``).
+
+    Throughput (Wan2.1-1.3B, bf16 DiT, one H200, benchmarks/bench_fit.py): no
+    checkpointing with clips_per_batch 24 at 17x256x256, 6 at 33x320x512, 1 at
+    81x480x832 (61 GiB); on 80 GB cards use fewer clips, or checkpointing with
+    ``checkpoint_save_attention`` and ``checkpoint_blocks`` below the block count.
+    """
 
     rank: int = 32
-    alpha: float = 32.0
+    alpha: float = 32.0  # LoRA scale alpha / rank
     steps: int = 200
     lr: float = 1e-4
-    clips_per_batch: int = 4
+    clips_per_batch: int = 4  # K clips (each its own LoRA) per forward
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.01
-    max_grad_norm: float | None = None
-    timestep_min: float = 0.0
+    max_grad_norm: float | None = None  # per clip
+    timestep_min: float = 0.0  # grid-index range of sampled timesteps, as diffsynth's boundaries
     timestep_max: float = 1.0
-    seed: int = 0
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    seed: int = 0  # with the clip id, seeds each clip's init, timesteps and noise
+    init: Literal["kaiming", "gaussian"] = "kaiming"  # of A (peft's); B starts at zero
     grad_checkpointing: bool = False
-    checkpoint_blocks: int | None = None
-    checkpoint_save_attention: bool = False
-    sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
-    fused_rms_norm: bool = False
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    modules: tuple[str, ...] = ATTN_MODULES
-    eval_points: int = 4
+    checkpoint_blocks: int | None = None  # checkpoint only the first n blocks
+    checkpoint_save_attention: bool = False  # recompute skips the attention kernels
+    # SDPA kernel: "auto" torch's order (flash first), a name restricts to that kernel,
+    # "cudnn_first" prefers cuDNN's and falls back to the others where it cannot run
+    sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "cudnn_first"] = "auto"
+    fused_rms_norm: bool = True  # F.rms_norm in the DiT's RMSNorms (same function, faster)
+    # DiT block: lofa's fused block ("fused"; "compiled" runs it through torch.compile), or
+    # diffsynth's modules; "auto": compiled on CUDA, fused elsewhere (lofa.wan.dit_forward)
+    block_impl: Literal["auto", "diffsynth", "fused", "compiled"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (bf16 autocasts an fp32 DiT)
+    modules: tuple[str, ...] = ATTN_MODULES  # adapted linears of every block
+    eval_points: int = 4  # fixed (timestep, noise) pairs for base/final loss
     save_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
@@ -75,7 +87,8 @@ class FitConfig:
             raise ValueError(f"FitConfig: need 0 <= timestep_min < timestep_max <= 1, got "
                              f"{self.timestep_min}, {self.timestep_max}")
         for key, valid in (("init", ("kaiming", "gaussian")), ("dtype", tuple(_DTYPES)),
-                           ("save_dtype", tuple(_DTYPES)), ("sdpa_backend", tuple(_SDPA_BACKENDS))):
+                           ("save_dtype", tuple(_DTYPES)), ("sdpa_backend", tuple(_SDPA_BACKENDS)),
+                           ("block_impl", _BLOCK_IMPLS)):
             if getattr(self, key) not in valid:
                 raise ValueError(f"FitConfig.{key}: {getattr(self, key)!r} is not one of {list(valid)}")
 
@@ -88,6 +101,12 @@ class FitConfig:
         if not self.grad_checkpointing:
             return False
         return Checkpointing(self.checkpoint_blocks, self.checkpoint_save_attention)
+
+    def block_impl_on(self, device: torch.device) -> str:
+        """The block implementation used on ``device`` ("auto" resolved)."""
+        if self.block_impl != "auto":
+            return self.block_impl
+        return "compiled" if device.type == "cuda" else "fused"
 
 
 @dataclass(frozen=True)
@@ -155,6 +174,10 @@ def _clip_per_clip(params: Sequence[torch.Tensor], max_norm: float) -> None:
         p.grad.mul_(factor.view(-1, *([1] * (p.ndim - 1))).to(p.grad.dtype))
 
 
+def _autocasting(dit: nn.Module, cfg: FitConfig) -> bool:
+    return cfg.dtype == "bfloat16" and dit.patch_embedding.weight.dtype == torch.float32
+
+
 def autocast(dit: nn.Module, cfg: FitConfig) -> torch.autocast:
     """Autocast for ``cfg.dtype``, the compute dtype: "bfloat16" autocasts an fp32 DiT (a bf16
     DiT computes in bf16 as is); "float32" needs fp32 weights. LoRA parameters stay fp32."""
@@ -162,18 +185,23 @@ def autocast(dit: nn.Module, cfg: FitConfig) -> torch.autocast:
     if cfg.dtype == "float32" and weight.dtype != torch.float32:
         raise ValueError(f"FitConfig.dtype is float32 but the DiT's weights are {weight.dtype}; "
                          "use dtype bfloat16 or cast the DiT to float32")
-    return torch.autocast(weight.device.type, torch.bfloat16,
-                          enabled=cfg.dtype == "bfloat16" and weight.dtype == torch.float32)
+    return torch.autocast(weight.device.type, torch.bfloat16, enabled=_autocasting(dit, cfg))
 
 
 @contextmanager
 def attention_backend(cfg: FitConfig) -> Iterator[None]:
-    """Restrict scaled_dot_product_attention to ``cfg.sdpa_backend`` (forward, recompute, backward)."""
+    """Restrict (or, for "cudnn_first", order) scaled_dot_product_attention's kernels as
+    ``cfg.sdpa_backend`` says (forward, recompute, backward)."""
     with ExitStack() as stack:
         if _SDPA_BACKENDS[cfg.sdpa_backend] is not None:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            stack.enter_context(sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[cfg.sdpa_backend])))
+            first = getattr(SDPBackend, _SDPA_BACKENDS[cfg.sdpa_backend])
+            if cfg.sdpa_backend == "cudnn_first":
+                order = [first, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+                stack.enter_context(sdpa_kernel(order, set_priority=True))
+            else:
+                stack.enter_context(sdpa_kernel(first))
         yield
 
 
@@ -187,7 +215,8 @@ def eval_loss(dit: nn.Module, latents: torch.Tensor, context: torch.Tensor, seed
         for j in range(cfg.eval_points):
             ts = torch.stack([t[j] for t, _ in per_clip])
             noise = torch.stack([n[j] for _, n in per_clip])
-            total += flow_loss(dit, latents, context, ts, noise, lora=lora)
+            total += flow_loss(dit, latents, context, ts, noise, lora=lora,
+                               block_impl=cfg.block_impl_on(latents.device))
     return total / cfg.eval_points
 
 
@@ -213,7 +242,8 @@ def fit_batch(dit: nn.Module, vocab: Vocabulary, latents: torch.Tensor, context:
     opt = torch.optim.AdamW(lora.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     curve = torch.zeros(k, cfg.steps, device=device)
-    with fused_rms_norm(dit, cfg.fused_rms_norm):
+    # F.rms_norm fuses only when input and weight dtypes agree (not under autocast)
+    with fused_rms_norm(dit, cfg.fused_rms_norm and not _autocasting(dit, cfg)):
         _train(dit, latents, context, cfg, gens, lora, opt, curve, on_step)
         fitted = LoRAWeights(vocab, tuple(a.detach() for a in lora.A), tuple(b.detach() for b in lora.B),
                              lora.scale)
@@ -226,12 +256,13 @@ def _train(dit: nn.Module, latents: torch.Tensor, context: torch.Tensor, cfg: Fi
            gens: Sequence[torch.Generator], lora: LoRAWeights, opt: torch.optim.Optimizer,
            curve: torch.Tensor, on_step: Callable[[int, torch.Tensor], None] | None) -> None:
     """The optimisation loop of :func:`fit_batch`; fills ``curve`` (K, steps)."""
+    impl = cfg.block_impl_on(latents.device)
     for step in range(cfg.steps):
         ts, noise = draw_step(gens, latents.shape[1:], cfg, latents.device)
         with attention_backend(cfg):
             with autocast(dit, cfg):
                 losses = flow_loss(dit, latents, context, ts, noise, lora=lora,
-                                   grad_checkpointing=cfg.checkpointing)
+                                   grad_checkpointing=cfg.checkpointing, block_impl=impl)
             losses.sum().backward()
         if cfg.max_grad_norm is not None:
             _clip_per_clip(lora.parameters(), cfg.max_grad_norm)

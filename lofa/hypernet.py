@@ -81,7 +81,7 @@ class HyperNetConfig:
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
         bad = [i for i in self.cross_stage1_after if not 0 <= i < self.num_blocks]
-        if bad or len(set(self.cross_stage1_after)) != len(self.cross_stage1_after):
+        if self.stage == 2 and (bad or len(set(self.cross_stage1_after)) != len(self.cross_stage1_after)):
             errors.append(f"cross_stage1_after {list(self.cross_stage1_after)} must hold distinct "
                           f"block indices in [0, {self.num_blocks})")
         if self.b_init_std is not None and self.b_init_std < 0:
@@ -158,6 +158,24 @@ class HyperOutput:
     def delta(self) -> Tensor:
         """(n, out, in) dW = alpha B A."""
         return torch.bmm(self.B_scaled, self.A)
+
+
+@dataclass(frozen=True)
+class EmbeddedGroup:
+    """A MatrixGroup with its matrix tokens, which depend on W only, not on the prompt.
+
+    Made by ``HyperNet.embed`` for inference: a predictor serving many prompts of one
+    base model embeds its matrices once. Valid only for the model that made it and
+    only while that model's weights do not change.
+
+    Attributes:
+        group: the matrices; tokens: (n, S, d_model) embedded tokens; rms: (n,) RMS(W).
+    """
+
+    group: MatrixGroup
+    tokens: Tensor
+    rms: Tensor
+    model_id: int
 
 
 @dataclass(frozen=True)
@@ -262,9 +280,10 @@ class MLP(nn.Sequential):
         super().__init__(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not x.is_cuda or torch.is_grad_enabled() or torch.is_autocast_enabled("cuda"):
-            return super().forward(x)
         fc1, fc2 = self[0], self[2]
+        if (not x.is_cuda or torch.is_grad_enabled() or torch.is_autocast_enabled("cuda")
+                or type(fc1) is not nn.Linear):
+            return super().forward(x)
         h = torch._addmm_activation(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t(), use_gelu=True)
         return fc2(h).view(*x.shape[:-1], -1)
 
@@ -382,12 +401,13 @@ class HyperNet(nn.Module):
             nn.init.zeros_(self.alpha_head.weight)
             nn.init.constant_(self.alpha_head.bias, math.log(math.expm1(self.cfg.alpha_init)))
 
-    def forward(self, groups: Sequence[MatrixGroup], text: Tensor, text_mask: Tensor,
+    def forward(self, groups: Sequence[MatrixGroup | EmbeddedGroup], text: Tensor, text_mask: Tensor,
                 stage1_tokens: Sequence[Tensor] | None = None) -> list[HyperOutput]:
         """Predict the LoRA factors of every matrix in ``groups``.
 
         Args:
-            groups: matrices batched by shape (see ``group_by_shape``).
+            groups: matrices batched by shape (see ``group_by_shape``), or their
+                ``embed`` (inference only: the embedding then gets no gradient).
             text: (P, L, text_dim) prompt embeddings; text_mask: (P, L) bool, True = token.
             stage1_tokens: stage II with stage-I features only: per group, the frozen
                 stage-I ``HyperOutput.tokens`` (n, S, d) of the same matrices.
@@ -402,6 +422,11 @@ class HyperNet(nn.Module):
         ctx = self._encode_text(text, text_mask)
         return [self._predict_group(g, ctx, None if stage1_tokens is None else stage1_tokens[i])
                 for i, g in enumerate(groups)]
+
+    @torch.no_grad()
+    def embed(self, group: MatrixGroup) -> EmbeddedGroup:
+        """The prompt-independent part of the forward for ``group``, to reuse across prompts."""
+        return EmbeddedGroup(group, *self._embed(group), model_id=id(self))
 
     def _compute_dtype(self, device: torch.device) -> torch.dtype:
         if torch.is_autocast_enabled(device.type):
@@ -466,7 +491,13 @@ class HyperNet(nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def _predict_group(self, g: MatrixGroup, ctx: _TextContext, stage1_tokens: Tensor | None) -> HyperOutput:
+    def _predict_group(self, g: MatrixGroup | EmbeddedGroup, ctx: _TextContext,
+                       stage1_tokens: Tensor | None) -> HyperOutput:
+        embedded = g if isinstance(g, EmbeddedGroup) else None
+        if embedded is not None:
+            if embedded.model_id != id(self):
+                raise ValueError("HyperNet: an EmbeddedGroup made by another model")
+            g = embedded.group
         key = f"{g.shape[0]}x{g.shape[1]}"
         if key not in self.heads:
             raise ValueError(f"HyperNet: no head for matrices of shape {g.shape}; the vocabulary has "
@@ -474,7 +505,7 @@ class HyperNet(nn.Module):
         if stage1_tokens is not None and stage1_tokens.shape[0] != g.weight.shape[0]:
             raise ValueError(f"HyperNet: stage1_tokens {tuple(stage1_tokens.shape)} for {g.weight.shape[0]} matrices")
         index, mask = self._text_for(g, ctx)  # before any heavy work: it syncs with the host
-        x, rms = self._embed(g)
+        x, rms = self._embed(g) if embedded is None else (embedded.tokens, embedded.rms)
         for i, block in enumerate(self.blocks):
             k, v = ctx.keys[i], ctx.values[i]
             if index is not None:

@@ -30,6 +30,8 @@ from torch.utils.checkpoint import checkpoint
 
 from lofa.io import ArtifactError, tensors_hash
 from lofa.lora import LoRAWeights, apply_lora
+from lofa import wan_fast
+from lofa.wan_fast import BLOCK_IMPLS, BlockImpl
 
 NUM_TRAIN_TIMESTEPS = 1000
 WAN_SHIFT = 5.0
@@ -231,13 +233,42 @@ def _checkpoint_kwargs(policy: Checkpointing) -> dict[str, object]:
     return {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_attention_policy)}
 
 
-def _run_block(dit: nn.Module, index: int, lora: LoRAWeights | None, x: torch.Tensor,
-               context: torch.Tensor, t_mod: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+def _run_block(dit: nn.Module, index: int, lora: LoRAWeights | None, freqs: torch.Tensor, x: torch.Tensor,
+               context: torch.Tensor, t_mod: torch.Tensor) -> torch.Tensor:
     """Block ``index`` with its LoRA bound; called again on checkpoint recompute."""
     if lora is None:
         return dit.blocks[index](x, context, t_mod, freqs)
     with apply_lora(dit, lora, blocks=(index,)):
         return dit.blocks[index](x, context, t_mod, freqs)
+
+
+def _run_fused_block(dit: nn.Module, index: int, lora: dict, scale: float | torch.Tensor,
+                     rope: tuple[torch.Tensor, torch.Tensor], compiled: bool, x: torch.Tensor,
+                     context: torch.Tensor, t_mod: torch.Tensor) -> torch.Tensor:
+    """Block ``index`` through lofa's fused block (compiled where gradients reach its input)."""
+    block = dit.blocks[index]
+    fn = wan_fast.block_forward
+    if compiled and torch.is_grad_enabled() and x.requires_grad:
+        fn = wan_fast.compiled_block_forward()
+        wan_fast.mark_dynamic(x, dims=(0, 1))
+        wan_fast.mark_dynamic(context, t_mod, *rope, *(t for pair in lora.values() for t in pair))
+    return fn(wan_fast.block_params(block), x, context, t_mod, *rope, lora, scale, block.num_heads,
+              block.norm1.eps)
+
+
+def _block_runners(dit: nn.Module, lora: LoRAWeights | None, freqs: torch.Tensor, block_impl: str,
+                   n_ckpt: int) -> list[functools.partial]:
+    """One callable ``(x, context, t_mod)`` per block, for ``block_impl`` (checkpointed blocks run eager)."""
+    if block_impl not in BLOCK_IMPLS:
+        raise ValueError(f"dit_forward: unknown block_impl {block_impl!r}; valid: {list(BLOCK_IMPLS)}")
+    n = len(dit.blocks)
+    if block_impl == "diffsynth":
+        return [functools.partial(_run_block, dit, i, lora, freqs) for i in range(n)]
+    rope = (freqs.real.float().contiguous(), freqs.imag.float().contiguous())
+    loras = wan_fast.block_loras(lora, n) if lora is not None else [{} for _ in range(n)]
+    scale = lora.scale if lora is not None else 1.0
+    return [functools.partial(_run_fused_block, dit, i, loras[i], scale, rope,
+                              block_impl == "compiled" and i >= n_ckpt) for i in range(n)]
 
 
 def _rope_freqs(dit: nn.Module, f: int, h: int, w: int, device: torch.device) -> torch.Tensor:
@@ -251,7 +282,8 @@ def _rope_freqs(dit: nn.Module, f: int, h: int, w: int, device: torch.device) ->
 
 def dit_forward(dit: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 lora: LoRAWeights | None = None,
-                grad_checkpointing: bool | Checkpointing = False) -> torch.Tensor:
+                grad_checkpointing: bool | Checkpointing = False,
+                block_impl: BlockImpl = "diffsynth") -> torch.Tensor:
     """Velocity prediction of the DiT, one timestep and (optionally) one LoRA per sample.
 
     Args:
@@ -261,6 +293,10 @@ def dit_forward(dit: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, c
         lora: LoRA set with K = B (one per sample) or K = 1 (shared); None for the base model.
         grad_checkpointing: True (every block, full recompute) or a :class:`Checkpointing`;
             recomputed blocks re-bind their LoRA.
+        block_impl: "diffsynth" runs diffsynth's block modules (LoRAs through
+            :class:`lofa.lora.LoRALinear`); "fused" lofa's functional block
+            (:mod:`lofa.wan_fast`, same function within rounding, faster); "compiled"
+            that block through ``torch.compile`` where gradients flow into it.
     Returns:
         (B, out_dim, T, H, W), in the DiT's parameter dtype (or the autocast dtype).
     """
@@ -282,12 +318,11 @@ def dit_forward(dit: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, c
     n_ckpt = 0
     if policy is not None and torch.is_grad_enabled():
         n_ckpt = len(dit.blocks) if policy.blocks is None else policy.blocks
-    for i in range(len(dit.blocks)):
-        run = functools.partial(_run_block, dit, i, lora)
+    for i, run in enumerate(_block_runners(dit, lora, freqs, block_impl, n_ckpt)):
         if i < n_ckpt:
-            x = checkpoint(run, x, ctx, t_mod, freqs, use_reentrant=False, **_checkpoint_kwargs(policy))
+            x = checkpoint(run, x, ctx, t_mod, use_reentrant=False, **_checkpoint_kwargs(policy))
         else:
-            x = run(x, ctx, t_mod, freqs)
+            x = run(x, ctx, t_mod)
     x = dit.head(x, t)
     return dit.unpatchify(x, (f, h, w))
 
@@ -374,7 +409,8 @@ def training_weight(timesteps: torch.Tensor, shift: float = WAN_SHIFT) -> torch.
 def flow_loss(dit: nn.Module, latents: torch.Tensor, context: torch.Tensor, timesteps: torch.Tensor,
               noise: torch.Tensor, lora: LoRAWeights | None = None,
               reduction: Literal["none", "mean", "sum"] = "none",
-              grad_checkpointing: bool | Checkpointing = False) -> torch.Tensor:
+              grad_checkpointing: bool | Checkpointing = False,
+              block_impl: BlockImpl = "diffsynth") -> torch.Tensor:
     """Weighted flow-matching MSE of each sample (as ``FlowMatchSFTLoss``, per sample).
 
     Args:
@@ -382,6 +418,7 @@ def flow_loss(dit: nn.Module, latents: torch.Tensor, context: torch.Tensor, time
         context: (B, L, text_dim).
         timesteps: (B,) timesteps; noise: like ``latents``.
         lora: K = B per-sample LoRAs, K = 1 shared, or None.
+        block_impl: see :func:`dit_forward`.
     Returns:
         (B,) float32 losses for ``reduction="none"``, else a scalar.
     """
@@ -391,7 +428,8 @@ def flow_loss(dit: nn.Module, latents: torch.Tensor, context: torch.Tensor, time
         raise ValueError(f"flow_loss: noise {tuple(noise.shape)} must match latents {tuple(latents.shape)}")
     timesteps = timesteps.reshape(-1).to(latents.device).float().expand(latents.shape[0])
     noisy = add_noise(latents.float(), noise.float(), timesteps)
-    pred = dit_forward(dit, noisy, timesteps, context, lora=lora, grad_checkpointing=grad_checkpointing)
+    pred = dit_forward(dit, noisy, timesteps, context, lora=lora, grad_checkpointing=grad_checkpointing,
+                       block_impl=block_impl)
     err = (pred.float() - training_target(latents.float(), noise.float())).pow(2)
     losses = err.flatten(1).mean(1) * training_weight(timesteps)
     if reduction == "mean":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ def stage_args(description: str, **paths: str) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args()
     setup_env()
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar in this process (ours and the libraries')
     return args
 
 

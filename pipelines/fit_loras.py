@@ -1,4 +1,7 @@
-"""Stage ``fit_loras``: one LoRA per training clip on the base DiT (resumable, sharded).
+"""Stage ``fit_loras``: one LoRA per clip on the base DiT (resumable, sharded).
+
+Training clips' LoRAs supervise the hypernetwork; held-out clips' LoRAs are the
+oracles that evaluation compares predictions against.
 
 Single process by default; over GPUs or processes:
 ``accelerate launch --multi_gpu --num_processes N -m pipelines.fit_loras`` (each
@@ -30,7 +33,7 @@ def main() -> None:
     sidecar = read_json(args.base / "dit.json")
     dit_cfg = dit_config_from_sidecar(sidecar)
     records = [ClipRecord(r.id, str(args.data / r.path), r.caption)
-               for r in load_manifest(args.data, "train").itertuples()]
+               for r in load_manifest(args.data).itertuples()]
     t0 = time.perf_counter()
     report = fit_shard_distributed(lambda device: load_dit(args.base / "dit.safetensors", dit_cfg, device=device),
                                    records, args.out, cfg, cpu=not torch.cuda.is_available(),
@@ -38,12 +41,13 @@ def main() -> None:
     if report.shard_index != 0:
         return
     curves = collect_curves(args.out / "curves")
-    summary = {**summarize(curves), "seconds": round(time.perf_counter() - t0, 1),
+    train_ids = set(load_manifest(args.data, "train")["id"])
+    summary = {**summarize(curves), "train": summarize([c for c in curves if c["clip_id"] in train_ids]), "seconds": round(time.perf_counter() - t0, 1),
                "fitted_now": len(report.fitted) * report.num_shards, "clip_steps_per_s": report.clip_steps_per_s,
                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     write_json(args.metrics, summary)
     with stage_run("fit_loras", to_dict(cfg), tags={"lofa.base_model_hash": sidecar["base_model_hash"]}) as mlflow:
-        mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if not isinstance(v, dict)})
         for path in plot_fit(curves, args.out / "plots"):
             mlflow.log_artifact(str(path), "plots")
         for i, c in enumerate(curves):

@@ -218,3 +218,21 @@ def test_benchmark_tiny_smoke(tmp_path, monkeypatch):
     vocab = Vocabulary.from_dims(1536, 8960, 30)
     total = sum(bench.forward_flops(HyperNetConfig(stage=s), vocab, 1, 512) for s in (1, 2))
     assert 31e12 < total < 32e12
+
+
+def test_embedded_groups_give_the_same_prediction():
+    torch.manual_seed(0)
+    s1 = HyperNet(_cfg(), VOCAB).eval()
+    s2 = HyperNet(_cfg(stage=2, b_init_std=0.02), VOCAB).eval()
+    groups = _groups(VOCAB, _weights(VOCAB), range(16), [0] * 16)
+    text, mask = _text(1)
+    with torch.no_grad():
+        t1 = [o.tokens for o in s1(groups, text, mask)]
+        ref = s2(groups, text, mask, t1)[0]
+        e1, e2 = [s1.embed(g) for g in groups], [s2.embed(g) for g in groups]
+        t1e = [o.tokens for o in s1(e1, text, mask)]
+        got = s2(e2, text, mask, t1e)[0]
+        torch.testing.assert_close(got.delta(), ref.delta())
+        torch.testing.assert_close(got.alpha, ref.alpha)
+        with pytest.raises(ValueError, match="another model"):
+            s2(e1, text, mask, t1e)

@@ -1,0 +1,216 @@
+"""Stages ``train_stage1`` and ``train_stage2``: data, batches, training and held-out checks.
+
+Both stages run the one training loop (:func:`lofa.train.train`) with a stage-specific
+``loss_step`` from :mod:`lofa.objectives`. Data are the fitted LoRAs of the
+``fit_loras`` stage joined with their clips' captions (and, for stage II, latents).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lofa.config import from_dict, to_dict
+from lofa.data.dataset import ClipSet, load_clips
+from lofa.fit import lora_path
+from lofa.hypernet import HyperNet, HyperNetConfig
+from lofa.io import read_json, write_json
+from lofa.layers import Vocabulary
+from lofa.lora import base_weights, load_lora
+from lofa.objectives import HyperBatch, Stage1LossConfig, make_batch, random_matrix_ids, stage1_loss, stage2_loss
+from lofa.train import TrainConfig, TrainResult, batch_indices, load_checkpoint_weights, train
+from lofa.wan import sample_timesteps
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """The ``train_stage1`` params section."""
+
+    model: HyperNetConfig
+    train: TrainConfig
+    loss: Stage1LossConfig = field(default_factory=Stage1LossConfig)
+    prompts_per_batch: int = 8
+    matrices_per_lora: int = 10  # the paper: 10 random matrices per LoRA
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """The ``train_stage2`` params section (all matrices of each LoRA per step)."""
+
+    model: HyperNetConfig
+    train: TrainConfig
+    prompts_per_batch: int = 4
+    fm_weight: float = 10.0
+    l1_weight: float = 1.0
+    dit_grad_checkpointing: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LoRASet:
+    """Fitted LoRAs of some clips: per matrix, A (N, r, in) and B (N, out, r), plus the clips."""
+
+    clips: ClipSet
+    A: tuple[torch.Tensor, ...]
+    B: tuple[torch.Tensor, ...]
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def lora(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [a[i] for a in self.A], [b[i] for b in self.B]
+
+
+def load_lora_set(lora_dir: str | Path, pre_dir: str | Path, vocab: Vocabulary,
+                  splits: tuple[str, ...]) -> LoRASet:
+    """The fitted LoRA of every clip of ``splits`` (clips without one raise, naming the file)."""
+    clips = load_clips(pre_dir, splits)
+    files = [load_lora(lora_path(lora_dir, cid), vocab) for cid in clips.ids]
+    A = tuple(torch.stack([f.A[j] for f in files]).float() for j in range(len(vocab)))
+    B = tuple(torch.stack([f.B[j] for f in files]).float() for j in range(len(vocab)))
+    return LoRASet(clips, A, B)
+
+
+def _generator(seed: int, draw: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + draw * 7919 + rank)
+
+
+def stage1_batches(data: LoRASet, base: list[torch.Tensor], vocab: Vocabulary, cfg: Stage1Config):
+    """``batches(draw, rank, world)``: prompts_per_batch LoRAs, matrices_per_lora random matrices each."""
+
+    def batches(draw: int, rank: int, world: int) -> HyperBatch:
+        idx = batch_indices(draw, num_items=len(data), global_batch=cfg.prompts_per_batch, rank=rank,
+                            world=world, seed=cfg.seed)
+        mids = random_matrix_ids(len(vocab), cfg.matrices_per_lora, len(idx), _generator(cfg.seed, draw, rank))
+        return make_batch(vocab, base, [data.lora(i) for i in idx], data.clips.text[idx], data.clips.mask[idx], mids)
+
+    return batches
+
+
+def stage2_batches(data: LoRASet, base: list[torch.Tensor], vocab: Vocabulary, cfg: Stage2Config):
+    """``batches(draw, rank, world)``: whole LoRAs with their clips' latents, noise and timesteps."""
+
+    def batches(draw: int, rank: int, world: int) -> HyperBatch:
+        idx = batch_indices(draw, num_items=len(data), global_batch=cfg.prompts_per_batch, rank=rank,
+                            world=world, seed=cfg.seed)
+        g = _generator(cfg.seed, draw, rank)
+        latents = data.clips.latents[idx]
+        return make_batch(vocab, base, [data.lora(i) for i in idx], data.clips.text[idx], data.clips.mask[idx],
+                          latents=latents, noise=torch.randn(latents.shape, generator=g),
+                          timesteps=sample_timesteps(len(idx), generator=g))
+
+    return batches
+
+
+def _chunks(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def evaluate_stage1(model: HyperNet, data: LoRASet, base: list[torch.Tensor], vocab: Vocabulary,
+                    loss_cfg: Stage1LossConfig, batch: int = 8) -> dict[str, float]:
+    """Response-map BCE, precision, recall and F1 over every matrix of every LoRA in ``data``."""
+    model.eval()
+    counts: dict[str, float] = {}
+    for idx in _chunks(len(data), batch):
+        b = make_batch(vocab, base, [data.lora(i) for i in idx], data.clips.text[idx], data.clips.mask[idx])
+        _, m = stage1_loss(model, b, loss_cfg)
+        for k, v in m.items():
+            counts[k] = counts.get(k, 0.0) + float(v) * len(idx)
+    return {k: v / len(data) for k, v in counts.items()}
+
+
+@torch.no_grad()
+def evaluate_stage2(model: HyperNet, stage1: HyperNet | None, data: LoRASet, base: list[torch.Tensor],
+                    vocab: Vocabulary, dit: nn.Module, cfg: Stage2Config, batch: int = 8) -> dict[str, float]:
+    """Stage-II L1, dW relative error and cosine, and flow-matching loss (fixed noise) on ``data``."""
+    model.eval()
+    g = torch.Generator().manual_seed(12345)
+    noise = torch.randn(data.clips.latents.shape, generator=g)
+    timesteps = sample_timesteps(len(data), generator=g)
+    totals: dict[str, float] = {}
+    for idx in _chunks(len(data), batch):
+        b = make_batch(vocab, base, [data.lora(i) for i in idx], data.clips.text[idx], data.clips.mask[idx],
+                       latents=data.clips.latents[idx], noise=noise[idx], timesteps=timesteps[idx])
+        _, m = stage2_loss(model, stage1, b, dit, cfg.fm_weight, l1_weight=cfg.l1_weight)
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * len(idx)
+    return {k: v / len(data) for k, v in totals.items()}
+
+
+def build_hypernet(cfg: HyperNetConfig, vocab: Vocabulary, seed: int) -> HyperNet:
+    torch.manual_seed(seed)
+    return HyperNet(cfg, vocab)
+
+
+def load_hypernet(path: str | Path) -> HyperNet:
+    """A trained hypernetwork from ``model.safetensors`` and its ``model.json`` sidecar (strict)."""
+    path = Path(path)
+    meta = read_json(path.with_suffix(".json"))["meta"]
+    cfg = from_dict(HyperNetConfig, meta["hypernet"], f"{path.with_suffix('.json')}:meta.hypernet")
+    vocab = Vocabulary.from_dims(**meta["vocab"])
+    model = HyperNet(cfg, vocab)
+    load_checkpoint_weights(path, model)
+    return model.eval().requires_grad_(False)
+
+
+def _meta(cfg: HyperNetConfig, vocab: Vocabulary, base_hash: str, dit: nn.Module) -> dict[str, Any]:
+    m0 = vocab[0]
+    ffn = next((m.out_features for m in vocab if m.module == "ffn.0"), m0.in_features)
+    return {"hypernet": to_dict(cfg), "base_model_hash": base_hash,
+            "vocab": {"dim": m0.in_features, "ffn_dim": ffn, "num_layers": vocab.num_blocks,
+                      "modules": list(vocab.modules)}}
+
+
+def train_stage1(cfg: Stage1Config, dit: nn.Module, vocab: Vocabulary, train_set: LoRASet, out_dir: str | Path,
+                 *, base_hash: str, logger=None) -> tuple[HyperNet, TrainResult]:
+    """Train the stage-I hypernetwork on ``train_set``; final weights at ``out_dir/model.safetensors``."""
+    if cfg.model.stage != 1:
+        raise ValueError(f"train_stage1: model.stage must be 1, got {cfg.model.stage}")
+    base = [w.detach().float() for w in base_weights(dit, vocab)]
+    model = build_hypernet(cfg.model, vocab, cfg.seed)
+    step = functools.partial(_stage1_step, loss_cfg=cfg.loss)
+    result = train(model, step, stage1_batches(train_set, base, vocab, cfg), cfg.train, out_dir, logger=logger,
+                   meta=_meta(cfg.model, vocab, base_hash, dit))
+    return model, result
+
+
+def _stage1_step(model: nn.Module, batch: HyperBatch, loss_cfg: Stage1LossConfig):
+    return stage1_loss(model, batch, loss_cfg)
+
+
+def _stage2_step(model: nn.Module, batch: HyperBatch, stage1: HyperNet | None, dit: nn.Module, cfg: Stage2Config):
+    return stage2_loss(model, stage1, batch, dit, cfg.fm_weight, l1_weight=cfg.l1_weight,
+                       dit_grad_checkpointing=cfg.dit_grad_checkpointing)
+
+
+def train_stage2(cfg: Stage2Config, dit: nn.Module, vocab: Vocabulary, stage1: HyperNet | None, train_set: LoRASet,
+                 out_dir: str | Path, *, base_hash: str, logger=None) -> tuple[HyperNet, TrainResult]:
+    """Train stage II (frozen stage I and DiT closed over, so checkpoints hold stage II only)."""
+    if cfg.model.stage != 2:
+        raise ValueError(f"train_stage2: model.stage must be 2, got {cfg.model.stage}")
+    if cfg.model.use_stage1 and stage1 is None:
+        raise ValueError("train_stage2: model.use_stage1 is true but no stage-I model was given")
+    dit.requires_grad_(False).eval()
+    if stage1 is not None:
+        stage1.requires_grad_(False).eval()
+    base = [w.detach().float() for w in base_weights(dit, vocab)]
+    model = build_hypernet(cfg.model, vocab, cfg.seed)
+    step = functools.partial(_stage2_step, stage1=stage1 if cfg.model.use_stage1 else None, dit=dit, cfg=cfg)
+    result = train(model, step, stage2_batches(train_set, base, vocab, cfg), cfg.train, out_dir, logger=logger,
+                   meta=_meta(cfg.model, vocab, base_hash, dit))
+    return model, result
+
+
+def write_summary(path: str | Path, result: TrainResult, heldout: dict[str, float], seconds: float) -> dict:
+    summary = {"steps": result.step, "seconds": round(seconds, 1),
+               **{f"train_{k}": float(v) for k, v in result.metrics.items()},
+               **{f"heldout_{k}": float(v) for k, v in heldout.items()}}
+    write_json(path, summary)
+    return summary

@@ -1,0 +1,34 @@
+"""Stage ``train_stage1``: the response-map hypernetwork (BCE on |dW/W| > tau)."""
+
+from __future__ import annotations
+
+import time
+
+from lofa.config import from_dict, to_dict
+from lofa.hypertrain import Stage1Config, evaluate_stage1, train_stage1, write_summary
+from lofa.lora import base_weights
+from lofa.tracking import stage_run
+from pipelines._common import section, stage_args
+from pipelines._hyper import load_base, load_sets
+
+
+def main() -> None:
+    args = stage_args(__doc__, data="data/preprocessed", base="data/base", loras="data/loras",
+                      out="data/stage1", metrics="metrics/train_stage1.json")
+    cfg = from_dict(Stage1Config, section(args, "train_stage1"), "train_stage1")
+    dit, vocab, base_hash = load_base(args.base)
+    train_set, heldout = load_sets(args.loras, args.data, vocab)
+    t0 = time.perf_counter()
+    with stage_run("train_stage1", to_dict(cfg), tags={"lofa.base_model_hash": base_hash}) as mlflow:
+        model, result = train_stage1(cfg, dit, vocab, train_set, args.out, base_hash=base_hash,
+                                     logger=lambda step, m: mlflow.log_metrics(m, step=step))
+        base = [w.detach().float() for w in base_weights(dit, vocab)]
+        held = evaluate_stage1(model, heldout, base, vocab, cfg.loss)
+        summary = write_summary(args.metrics, result, held, time.perf_counter() - t0)
+        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        mlflow.log_artifact(str(args.out / "model.json"))
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

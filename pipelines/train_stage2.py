@@ -1,0 +1,39 @@
+"""Stage ``train_stage2``: LoRA weights from the prompt, attending to frozen stage-I tokens.
+
+L1 on dW plus ``fm_weight`` times the frozen DiT's flow-matching loss with the
+predicted LoRA; ``train_stage2.model.use_stage1: false`` is the one-stage ablation.
+"""
+
+from __future__ import annotations
+
+import time
+
+from lofa.config import from_dict, to_dict
+from lofa.hypertrain import Stage2Config, evaluate_stage2, load_hypernet, train_stage2, write_summary
+from lofa.lora import base_weights
+from lofa.tracking import stage_run
+from pipelines._common import section, stage_args
+from pipelines._hyper import load_base, load_sets
+
+
+def main() -> None:
+    args = stage_args(__doc__, data="data/preprocessed", base="data/base", loras="data/loras",
+                      stage1="data/stage1", out="data/stage2", metrics="metrics/train_stage2.json")
+    cfg = from_dict(Stage2Config, section(args, "train_stage2"), "train_stage2")
+    dit, vocab, base_hash = load_base(args.base)
+    stage1 = load_hypernet(args.stage1 / "model.safetensors") if cfg.model.use_stage1 else None
+    train_set, heldout = load_sets(args.loras, args.data, vocab)
+    t0 = time.perf_counter()
+    with stage_run("train_stage2", to_dict(cfg), tags={"lofa.base_model_hash": base_hash}) as mlflow:
+        model, result = train_stage2(cfg, dit, vocab, stage1, train_set, args.out, base_hash=base_hash,
+                                     logger=lambda step, m: mlflow.log_metrics(m, step=step))
+        base = [w.detach().float() for w in base_weights(dit, vocab)]
+        held = evaluate_stage2(model, stage1, heldout, base, vocab, dit, cfg)
+        summary = write_summary(args.metrics, result, held, time.perf_counter() - t0)
+        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        mlflow.log_artifact(str(args.out / "model.json"))
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
