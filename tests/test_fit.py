@@ -51,6 +51,13 @@ def test_config_from_dict_and_validation():
         from_dict(FitConfig, {"init": "adam"})
     with pytest.raises(ValueError, match="timestep_min"):
         FitConfig(timestep_min=0.8, timestep_max=0.2)
+    with pytest.raises(ConfigError, match="'fast' is not one of"):
+        from_dict(FitConfig, {"block_impl": "fast"})
+    assert from_dict(FitConfig, {"sdpa_backend": "cudnn_first"}).sdpa_backend == "cudnn_first"
+    auto = FitConfig()
+    assert auto.block_impl_on(torch.device("cpu")) == "fused"
+    assert auto.block_impl_on(torch.device("cuda")) == "compiled"
+    assert FitConfig(block_impl="diffsynth").block_impl_on(torch.device("cuda")) == "diffsynth"
 
 
 def _peft_fit_one(dit, lat, ctx, cfg: FitConfig, seed: int):
@@ -106,14 +113,17 @@ def test_fit_batch_equals_peft_per_clip(dit, max_grad_norm):
 
 
 def test_compute_options_keep_the_result(dit):
-    """Checkpointing variants and a pinned attention backend change speed, not the fit."""
+    """Checkpointing variants, a pinned attention backend and the block implementation change
+    speed, not the fit."""
     g = torch.Generator().manual_seed(4)
     lat, ctx = torch.randn(2, 16, 2, 8, 8, generator=g), torch.randn(2, 6, 32, generator=g)
-    base = FitConfig(rank=4, steps=2, lr=1e-3, eval_points=1)
+    base = FitConfig(rank=4, steps=2, lr=1e-3, eval_points=1, block_impl="diffsynth")
     ref = fit_batch(copy.deepcopy(dit), VOCAB, lat, ctx, base, [5, 6])
     for opts in ({"grad_checkpointing": True, "checkpoint_save_attention": True},
                  {"grad_checkpointing": True, "checkpoint_blocks": 1, "sdpa_backend": "math"},
-                 {"fused_rms_norm": True}):
+                 {"fused_rms_norm": False}, {"block_impl": "fused"}, {"block_impl": "auto"},
+                 {"block_impl": "fused", "grad_checkpointing": True, "checkpoint_blocks": 1,
+                  "sdpa_backend": "cudnn_first"}):
         got = fit_batch(copy.deepcopy(dit), VOCAB, lat, ctx, FitConfig(**{**base.__dict__, **opts}), [5, 6])
         torch.testing.assert_close(got.losses, ref.losses, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(got.lora.B[3], ref.lora.B[3], rtol=1e-3, atol=2e-5)

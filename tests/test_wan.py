@@ -231,3 +231,110 @@ def test_fused_rms_norm_same_function_and_restored(dit):
             fused = dit_forward(dit, lat, t[:2], ctx)
     assert not dit.blocks[0].self_attn.norm_q.use_torch_norm
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- fused block
+
+def _rand_lora(vocab, k: int, seed: int, scale=0.5):
+    from lofa.lora import LoRAWeights
+
+    g = torch.Generator().manual_seed(seed)
+    A = tuple((torch.randn(k, 4, m.in_features, generator=g) * 0.2).requires_grad_(True) for m in vocab)
+    B = tuple((torch.randn(k, m.out_features, 4, generator=g) * 0.2).requires_grad_(True) for m in vocab)
+    return LoRAWeights(vocab, A, B, scale)
+
+
+def _loss_and_grads(dit, lat, ctx, t, noise, lora, **kw):
+    for p in lora.parameters():
+        p.grad = None
+    loss = flow_loss(dit, lat, ctx, t, noise, lora=lora, **kw)
+    loss.sum().backward()
+    return loss.detach(), [p.grad.clone() for p in lora.parameters()]
+
+
+def _assert_same_fit(got, ref, rtol=1e-5):
+    torch.testing.assert_close(got[0], ref[0], rtol=rtol, atol=1e-7)
+    for a, b in zip(got[1], ref[1]):
+        assert float((a - b).norm() / b.norm()) < 10 * rtol
+
+
+def test_fused_block_matches_diffsynth(dit):
+    from diffsynth.pipelines.wan_video import model_fn_wan_video
+
+    from lofa.layers import ALL_MODULES, Vocabulary
+
+    lat, ctx, t = _inputs(3)
+    noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = model_fn_wan_video(dit=dit, latents=lat, timestep=t, context=ctx)
+        torch.testing.assert_close(dit_forward(dit, lat, t, ctx, block_impl="fused"), ref, rtol=1e-5, atol=1e-5)
+    d = copy.deepcopy(dit).requires_grad_(False)
+    subset = ("self_attn.q", "self_attn.v", "cross_attn.k", "ffn.2")  # q, v fused around a plain k
+    for modules, k, scale in ((ALL_MODULES, 3, torch.tensor([0.5, 1.0, 2.0])), (subset, 3, 0.5),
+                              (subset, 1, torch.tensor([2.0]))):
+        lora = _rand_lora(Vocabulary.from_dit_config(TINY3, modules), k, seed=k)
+        ref = _loss_and_grads(d, lat, ctx, t, noise, lora)
+        got = _loss_and_grads(d, lat, ctx, t, noise, lora, block_impl="fused")
+        assert float(ref[0].min()) > 0 and all(float(g.abs().max()) > 0 for g in ref[1])
+        _assert_same_fit(got, ref)
+    policy = Checkpointing(blocks=2, save_attention=True)
+    _assert_same_fit(_loss_and_grads(d, lat, ctx, t, noise, lora, block_impl="fused", grad_checkpointing=policy),
+                     _loss_and_grads(d, lat, ctx, t, noise, lora, block_impl="fused"))
+
+
+def test_rope_matches_diffsynth(dit, monkeypatch):
+    from diffsynth.models.wan_video_dit import rope_apply
+
+    from lofa.wan import _rope_freqs
+    from lofa.wan_fast import rope
+
+    table = _rope_freqs(dit, 3, 4, 4, torch.device("cpu"))  # (48, 1, 24) complex128, as diffsynth's
+    assert table.dtype == torch.complex128
+    cos, sin = table.real.float(), table.imag.float()
+    x = torch.randn(2, 48, 96) * 3
+    for compiling in (False, True):  # the eager (complex64) and compiled (real) formulas
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+        torch.testing.assert_close(rope(x, cos, sin, 2), rope_apply(x, table, 2), rtol=1e-6, atol=1e-6)
+        xb = x.bfloat16()  # one rounding of the float64 result: at most one bf16 step apart
+        diff = (rope(xb, cos, sin, 2).float() - rope_apply(xb, table, 2).float()).abs()
+        assert float((diff / rope_apply(xb, table, 2).float().abs().clamp_min(1e-3)).max()) <= 2 ** -7
+
+
+def test_compiled_block_one_graph_for_all_blocks_and_shapes(dit, monkeypatch):
+    """The compiled path traced (aot_eager: dynamo + autograd tracing, no code generation on this
+    CPU): one graph serves every block, clip count and resolution; K = 1 adds one."""
+    from torch._dynamo.utils import counters
+
+    from lofa import wan_fast
+    from lofa.layers import Vocabulary
+
+    torch._dynamo.reset()
+    fn = torch.compile(wan_fast.block_forward, backend="aot_eager", fullgraph=True)
+    monkeypatch.setattr(wan_fast, "compiled_block_forward", lambda: fn)
+    d = copy.deepcopy(dit).requires_grad_(False)
+    vocab = Vocabulary.from_dit_config(TINY3)
+    g = torch.Generator().manual_seed(4)
+    for k, frames, hw in ((2, 3, 8), (3, 2, 12), (1, 3, 8)):
+        lat, ctx = torch.randn(k, 16, frames, hw, hw, generator=g), torch.randn(k, 7, 32, generator=g)
+        t, noise = torch.rand(k, generator=g) * 1000, torch.randn(k, 16, frames, hw, hw, generator=g)
+        lora = _rand_lora(vocab, k, seed=10 + k)
+        _assert_same_fit(_loss_and_grads(d, lat, ctx, t, noise, lora, block_impl="compiled"),
+                         _loss_and_grads(d, lat, ctx, t, noise, lora, block_impl="fused"))
+    assert counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()
+
+
+def test_block_impl_errors(dit):
+    from lofa.layers import Vocabulary
+    from lofa.lora import apply_lora
+
+    lat, ctx, t = _inputs(2)
+    with pytest.raises(ValueError, match="unknown block_impl 'fast'"):
+        dit_forward(dit, lat, t[:2], ctx, block_impl="fast")
+    d = copy.deepcopy(dit)
+    lora = _rand_lora(Vocabulary.from_dit_config(TINY3), 2, seed=1)
+    with apply_lora(d, lora), pytest.raises(ValueError, match="bound by apply_lora"):
+        dit_forward(d, lat, t[:2], ctx, block_impl="fused")
+    with pytest.raises(ValueError, match="3 LoRAs for a batch of 2"):
+        dit_forward(d, lat, t[:2], ctx, lora=_rand_lora(Vocabulary.from_dit_config(TINY3), 3, seed=2),
+                    block_impl="fused")

@@ -1,0 +1,112 @@
+"""Every stage command on a small synthetic world, in order, as DVC runs them (subprocesses).
+
+Numbers the run must reach: fitted LoRAs lower their own clip's loss, the stage
+commands resume without redoing work, MLflow holds one run per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "synthetic": {"preset": "default", "seed": 1, "num_clips": 48, "frames": 9, "height": 32, "width": 32,
+                  "num_heldout_combos": 2, "num_heldout_templates": 1},
+    "preprocess": {"num_frames": 9, "fps": 8.0, "height": 32, "width": 32, "text_max_length": 16},
+    "pretrain_base": {"dit": {"dim": 96, "ffn_dim": 192, "num_heads": 2, "num_layers": 2, "text_dim": 384},
+                      "batch_size": 8, "train": {"max_steps": 60, "lr": 1e-3, "log_every": 20, "ckpt_every": 30}},
+    "fit_loras": {"rank": 4, "alpha": 4.0, "steps": 60, "lr": 5e-3, "clips_per_batch": 16},
+    "train_stage1": {"model": {"d_model": 64, "num_heads": 2, "num_blocks": 2, "patch_size": 32, "rank": 4,
+                               "text_dim": 384, "stage": 1},
+                     "loss": {"tau": 0.2}, "prompts_per_batch": 4, "matrices_per_lora": 6,
+                     "train": {"max_steps": 20, "lr": 1e-3, "log_every": 10, "ckpt_every": 10}},
+    "train_stage2": {"model": {"d_model": 64, "num_heads": 2, "num_blocks": 2, "patch_size": 32, "rank": 4,
+                               "text_dim": 384, "stage": 2, "cross_stage1_after": [1]},
+                     "prompts_per_batch": 2,
+                     "train": {"max_steps": 10, "lr": 1e-3, "log_every": 5, "ckpt_every": 5}},
+}
+
+
+def run_stage(stage: str, tmp: Path, **paths: Path) -> dict:
+    cmd = [sys.executable, "-m", f"pipelines.{stage}", "--params", str(tmp / "params.yaml"), "--no-progress",
+           "--metrics", str(tmp / "metrics" / f"{stage}.json")]
+    for k, v in paths.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads((tmp / "metrics" / f"{stage}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("pipe")
+    (tmp / "params.yaml").write_text(yaml.safe_dump(SMALL))
+    d = {k: tmp / k for k in ("synth", "pre", "base", "loras", "stage1", "stage2")}
+    m = {"synthesize": run_stage("synthesize", tmp, out=d["synth"]),
+         "preprocess": run_stage("preprocess", tmp, root=d["synth"], out=d["pre"]),
+         "pretrain_base": run_stage("pretrain_base", tmp, data=d["pre"], out=d["base"]),
+         "fit_loras": run_stage("fit_loras", tmp, data=d["pre"], base=d["base"], out=d["loras"]),
+         "train_stage1": run_stage("train_stage1", tmp, data=d["pre"], base=d["base"], loras=d["loras"],
+                                   out=d["stage1"]),
+         "train_stage2": run_stage("train_stage2", tmp, data=d["pre"], base=d["base"], loras=d["loras"],
+                                   stage1=d["stage1"], out=d["stage2"])}
+    return {"tmp": tmp, "dirs": d, "metrics": m}
+
+
+def test_data_stages(pipeline: dict) -> None:
+    m, d = pipeline["metrics"], pipeline["dirs"]
+    assert m["synthesize"]["clips"] == 48 and m["preprocess"]["clips"] == 48 and m["preprocess"]["rejected"] == 0
+    man = pd.read_parquet(d["pre"] / "manifest.parquet")
+    assert set(man["split"]) == {"train", "val", "test"}
+    assert list(man["latent_shape"].iloc[0]) == [16, 3, 4, 4]
+    assert (d["synth"] / "contact_sheet.png").stat().st_size > 10_000
+
+
+def test_base_and_fitted_loras(pipeline: dict) -> None:
+    m, d = pipeline["metrics"], pipeline["dirs"]
+    assert m["pretrain_base"]["steps"] == 60 and (d["base"] / "dit.safetensors").is_file()
+    assert len(list((d["base"] / "samples").glob("*.gif"))) == 3
+    fit = m["fit_loras"]
+    assert fit["clips"] == 48  # every split: training supervision and held-out oracles
+    assert fit["share_improved"] >= 0.9 and fit["loss_reduction_median"] > 0.05, fit
+    assert (d["loras"] / "plots" / "fit_summary.png").is_file()
+
+
+def test_hypernetwork_stages(pipeline: dict) -> None:
+    s1, s2 = pipeline["metrics"]["train_stage1"], pipeline["metrics"]["train_stage2"]
+    assert s1["steps"] == 20 and 0.0 < s1["heldout_f1"] <= 1.0 and s1["heldout_bce"] > 0
+    assert s2["steps"] == 10 and s2["heldout_fm"] > 0 and s2["heldout_dw_rel_err"] > 0
+    for stage in ("stage1", "stage2"):
+        side = json.loads((pipeline["dirs"][stage] / "model.json").read_text())
+        assert side["step"] > 0 and side["meta"]["base_model_hash"]
+
+
+def test_rerun_resumes_without_redoing(pipeline: dict) -> None:
+    tmp, d = pipeline["tmp"], pipeline["dirs"]
+    victim = sorted((d["loras"] / "loras").glob("*.safetensors"))[0]
+    others = {p: p.stat().st_mtime_ns for p in (d["loras"] / "loras").glob("*.safetensors") if p != victim}
+    victim.unlink()
+    again = run_stage("fit_loras", tmp, data=d["pre"], base=d["base"], out=d["loras"])
+    assert again["fitted_now"] == 1 and victim.is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in others.items())
+    assert run_stage("preprocess", tmp, root=d["synth"], out=d["pre"])["encoded_now"] == 0
+
+
+def test_mlflow_has_one_run_per_stage(pipeline: dict) -> None:
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["lofa"])
+    stages = set(runs["tags.lofa.stage"])
+    assert {"synthesize", "preprocess", "pretrain_base", "fit_loras", "train_stage1", "train_stage2"} <= stages
+    fit = runs[runs["tags.lofa.stage"] == "fit_loras"].iloc[0]
+    assert fit["metrics.loss_reduction_median"] > 0.05
