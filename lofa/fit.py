@@ -10,6 +10,7 @@ elementwise, and gradient clipping, if on, is per clip.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import re
 import time
@@ -197,10 +198,10 @@ def attention_backend(cfg: FitConfig) -> Iterator[None]:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             first = getattr(SDPBackend, _SDPA_BACKENDS[cfg.sdpa_backend])
-            if cfg.sdpa_backend == "cudnn_first":
+            if cfg.sdpa_backend == "cudnn_first" and "set_priority" in inspect.signature(sdpa_kernel).parameters:
                 order = [first, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
                 stack.enter_context(sdpa_kernel(order, set_priority=True))
-            else:
+            else:  # (a torch without priorities: cuDNN only)
                 stack.enter_context(sdpa_kernel(first))
         yield
 

@@ -144,8 +144,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
     """diffsynth's ``flash_attention`` (SDPA): (N, S, dim) x3 -> (N, S, dim)."""
-    n, s, d = q.shape
-    heads = [t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in (q, k, v)]
+    n, s, d = q.shape  # v comes as a column slice of the fused projection: made dense for the kernels
+    heads = [t.contiguous().unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in (q, k, v)]
     return F.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(n, s, d)
 
 

@@ -46,7 +46,8 @@ def test_config_rejects_bad_values_and_unknown_keys():
     with pytest.raises(ConfigError, match="not divisible"):
         HyperNetConfig(d_model=30, num_heads=4)
     with pytest.raises(ConfigError, match="cross_stage1_after"):
-        HyperNetConfig(num_blocks=4, cross_stage1_after=(3, 7))
+        HyperNetConfig(num_blocks=4, stage=2, cross_stage1_after=(3, 7))
+    assert HyperNetConfig(num_blocks=4, stage=1, cross_stage1_after=(3, 7)).stage == 1  # unused in stage I
     with pytest.raises(ConfigError, match="stage must be 1 or 2"):
         HyperNetConfig(stage=3)
     with pytest.raises(ConfigError, match="max_blocks"):
