@@ -42,10 +42,13 @@ _BLOCK_IMPLS = ("auto", *BLOCK_IMPLS)
 class FitConfig:
     """How one LoRA is fitted to one clip (params section ``fit_loras``).
 
-    Throughput (Wan2.1-1.3B, bf16 DiT, one H200, benchmarks/bench_fit.py): no
-    checkpointing with clips_per_batch 24 at 17x256x256, 6 at 33x320x512, 1 at
-    81x480x832 (61 GiB); on 80 GB cards use fewer clips, or checkpointing with
-    ``checkpoint_save_attention`` and ``checkpoint_blocks`` below the block count.
+    Throughput (Wan2.1-1.3B, bf16 DiT, rank 32, one H200, torch 2.11,
+    benchmarks/bench_fit.py), compiled block, no checkpointing: 49 clip-steps/s with
+    clips_per_batch 24 at 17x256x256 (74 GiB), 8.5/s with 6-8 at 33x320x512
+    (72-94 GiB), 0.58/s with 1 at 81x480x832 (66 GiB). On 80 GB cards use fewer
+    clips, or checkpointing with ``checkpoint_save_attention`` and
+    ``checkpoint_blocks`` below the block count. torch 2.11 already picks cuDNN's
+    attention on that card ("auto" measured as fast as "cudnn_first").
     """
 
     rank: int = 32
@@ -59,15 +62,16 @@ class FitConfig:
     max_grad_norm: float | None = None  # per clip
     timestep_min: float = 0.0  # grid-index range of sampled timesteps, as diffsynth's boundaries
     timestep_max: float = 1.0
-    seed: int = 0  # with the clip id, seeds each clip's init, timesteps and noise
+    seed: int = 0  # with the clip id, seeds each clip's timesteps and noise (and init unless shared)
     init: Literal["kaiming", "gaussian"] = "kaiming"  # of A (peft's); B starts at zero
+    shared_init: bool = True  # every clip starts from one A (seeded by ``seed``): LoRAs comparable across clips
     grad_checkpointing: bool = False
     checkpoint_blocks: int | None = None  # checkpoint only the first n blocks
     checkpoint_save_attention: bool = False  # recompute skips the attention kernels
-    # SDPA kernel: "auto" torch's order (flash first), a name restricts to that kernel,
+    # SDPA kernel: "auto" torch's own choice, a name restricts to that kernel,
     # "cudnn_first" prefers cuDNN's and falls back to the others where it cannot run
     sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "cudnn_first"] = "auto"
-    fused_rms_norm: bool = True  # F.rms_norm in the DiT's RMSNorms (same function, faster)
+    fused_rms_norm: bool = True  # diffsynth block: F.rms_norm in its RMSNorms (same function, faster)
     # DiT block: lofa's fused block ("fused"; "compiled" runs it through torch.compile), or
     # diffsynth's modules; "auto": compiled on CUDA, fused elsewhere (lofa.wan.dit_forward)
     block_impl: Literal["auto", "diffsynth", "fused", "compiled"] = "auto"
@@ -223,14 +227,17 @@ def eval_loss(dit: nn.Module, latents: torch.Tensor, context: torch.Tensor, seed
 
 def fit_batch(dit: nn.Module, vocab: Vocabulary, latents: torch.Tensor, context: torch.Tensor,
               cfg: FitConfig, seeds: Sequence[int],
-              on_step: Callable[[int, torch.Tensor], None] | None = None) -> FitResult:
+              on_step: Callable[[int, torch.Tensor], None] | None = None,
+              init: LoRAWeights | None = None) -> FitResult:
     """Fit K LoRAs, one per clip, in one batched loop (the DiT is frozen in place).
 
     Args:
         latents: (K, 16, T, H, W) clean latents; context: (K, L, text_dim).
         seeds: K per-clip seeds (see :func:`derive_seed`); each drives that clip's
-            LoRA init, timesteps and noise, in this order.
+            timesteps and noise and, unless ``cfg.shared_init``, first its LoRA init.
         on_step: called after each optimizer step with (step, losses (K,)).
+        init: start from these LoRAs (K or 1 of them, rank ``cfg.rank``, scale folded
+            into B) instead of a fresh init: refinement of a predicted LoRA.
     """
     k = latents.shape[0]
     if context.shape[0] != k or len(seeds) != k:
@@ -239,7 +246,12 @@ def fit_batch(dit: nn.Module, vocab: Vocabulary, latents: torch.Tensor, context:
     device = latents.device
     dit.requires_grad_(False)
     gens = _generators(seeds, device)
-    lora = init_lora(vocab, cfg, gens, device)
+    if init is not None:
+        lora = _from_init(init, k, cfg, device)
+    elif cfg.shared_init:
+        lora = init_lora(vocab, cfg, _generators([derive_seed(cfg.seed, "init")] * k, device), device)
+    else:
+        lora = init_lora(vocab, cfg, gens, device)
     opt = torch.optim.AdamW(lora.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     curve = torch.zeros(k, cfg.steps, device=device)
@@ -251,6 +263,18 @@ def fit_batch(dit: nn.Module, vocab: Vocabulary, latents: torch.Tensor, context:
         base = eval_loss(dit, latents, context, seeds, cfg, None)
         final = eval_loss(dit, latents, context, seeds, cfg, fitted)
     return FitResult(fitted, curve.cpu(), base.cpu(), final.cpu(), time.perf_counter() - t0)
+
+
+def _from_init(init: LoRAWeights, k: int, cfg: FitConfig, device: torch.device) -> LoRAWeights:
+    """Trainable fp32 copies of ``init`` (broadcast from one LoRA to K) in cfg's scale."""
+    if init.rank != cfg.rank or init.num_loras not in (1, k):
+        raise ValueError(f"fit_batch: init has {init.num_loras} LoRAs of rank {init.rank}; need 1 or {k} "
+                         f"of rank {cfg.rank}")
+    scale = torch.as_tensor(init.scale, dtype=torch.float32).reshape(-1, 1, 1)
+    A = tuple(a.detach().float().to(device).expand(k, -1, -1).clone().requires_grad_(True) for a in init.A)
+    B = tuple((b.detach().float() * scale.to(b.device) / cfg.scale).to(device).expand(k, -1, -1).clone()
+              .requires_grad_(True) for b in init.B)
+    return LoRAWeights(init.vocab, A, B, cfg.scale)
 
 
 def _train(dit: nn.Module, latents: torch.Tensor, context: torch.Tensor, cfg: FitConfig,

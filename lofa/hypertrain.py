@@ -18,11 +18,12 @@ from torch import nn
 from lofa.config import from_dict, to_dict
 from lofa.data.dataset import ClipSet, load_clips
 from lofa.fit import lora_path
-from lofa.hypernet import HyperNet, HyperNetConfig
+from lofa.hypernet import HyperNet, HyperNetConfig, MatrixGroup, group_by_shape
 from lofa.io import read_json, write_json
 from lofa.layers import Vocabulary
-from lofa.lora import base_weights, load_lora
-from lofa.objectives import HyperBatch, Stage1LossConfig, make_batch, random_matrix_ids, stage1_loss, stage2_loss
+from lofa.lora import LoRAWeights, base_weights, load_lora
+from lofa.objectives import (HyperBatch, Stage1LossConfig, make_batch, predicted_lora, random_matrix_ids,
+                             stage1_loss, stage2_loss)
 from lofa.train import TrainConfig, TrainResult, batch_indices, load_checkpoint_weights, train
 from lofa.wan import sample_timesteps
 
@@ -214,3 +215,34 @@ def write_summary(path: str | Path, result: TrainResult, heldout: dict[str, floa
                **{f"heldout_{k}": float(v) for k, v in heldout.items()}}
     write_json(path, summary)
     return summary
+
+
+def all_matrices(vocab: Vocabulary, base: list[torch.Tensor], num_prompts: int) -> list[MatrixGroup]:
+    """Every vocabulary matrix once per prompt, grouped by shape (prompt-major inside a group)."""
+    mids = torch.arange(len(vocab)).repeat(num_prompts)
+    pids = torch.arange(num_prompts).repeat_interleave(len(vocab))
+    return [MatrixGroup(torch.stack([base[j] for j in mids[pos].tolist()]), mids[pos], pids[pos])
+            for _, pos in group_by_shape(vocab, mids, pids)]
+
+
+@torch.no_grad()
+def predict_loras(stage2: HyperNet, stage1: HyperNet | None, vocab: Vocabulary, base: list[torch.Tensor],
+                  text: torch.Tensor, mask: torch.Tensor, batch: int = 16) -> LoRAWeights:
+    """The predicted LoRA of every prompt (K = P, alpha folded into B).
+
+    Args:
+        base: W (out, in) of every vocabulary matrix; text (P, L, D); mask (P, L).
+    """
+    stage2.eval()
+    A: list[list[torch.Tensor]] = [[] for _ in vocab]
+    B: list[list[torch.Tensor]] = [[] for _ in vocab]
+    for idx in _chunks(text.shape[0], batch):
+        groups = all_matrices(vocab, base, len(idx))
+        tokens = None
+        if stage2.cfg.uses_stage1:
+            tokens = [o.tokens for o in stage1(groups, text[idx], mask[idx])]
+        lora = predicted_lora(vocab, groups, stage2(groups, text[idx], mask[idx], tokens), len(idx))
+        for j in range(len(vocab)):
+            A[j].append(lora.A[j].float())
+            B[j].append(lora.B[j].float())
+    return LoRAWeights(vocab, tuple(torch.cat(a) for a in A), tuple(torch.cat(b) for b in B))

@@ -45,5 +45,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, upscale:
         if path.suffix == ".gif":
             iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
         else:
-            iio.imwrite(tmp, frames, extension=".mp4", fps=fps, codec="libx264", macro_block_size=1)
+            # the temporary name does not end in .mp4, so ffmpeg is told the container
+            iio.imwrite(tmp, frames, extension=".mp4", fps=fps, codec="libx264", macro_block_size=1,
+                        output_params=["-f", "mp4"])
     return path

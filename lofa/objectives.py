@@ -215,7 +215,7 @@ def stage1_loss(model: nn.Module, batch: HyperBatch, cfg: Stage1LossConfig = Sta
 
 # --------------------------------------------------------------------------- stage II
 
-def _lora_weights(vocab: Vocabulary, groups: Sequence[LoraGroup], outs: Sequence[HyperOutput],
+def predicted_lora(vocab: Vocabulary, groups: Sequence[MatrixGroup], outs: Sequence[HyperOutput],
                   num_prompts: int) -> LoRAWeights:
     """The predicted LoRA of every prompt as a K = P LoRAWeights (alpha folded into B).
 
@@ -225,7 +225,7 @@ def _lora_weights(vocab: Vocabulary, groups: Sequence[LoraGroup], outs: Sequence
     A: list[Tensor | None] = [None] * len(vocab)
     B: list[Tensor | None] = [None] * len(vocab)
     for g, out in zip(groups, outs):
-        mids, pids = g.matrices.matrix_ids.tolist(), g.matrices.prompt_ids.tolist()
+        mids, pids = g.matrix_ids.tolist(), g.prompt_ids.tolist()
         n = len(mids)
         m = n // num_prompts
         b_scaled = out.B_scaled
@@ -257,7 +257,7 @@ def _flow_term(model: HyperNet, batch: HyperBatch, outs: Sequence[HyperOutput], 
         raise ValueError("stage2_loss: the flow-matching term needs batch.latents, batch.noise and batch.timesteps")
     if any(p.requires_grad for p in dit.parameters()):
         raise ValueError("stage2_loss: the DiT must be frozen (requires_grad_(False))")
-    lora = _lora_weights(model.vocab, batch.groups, outs, batch.text.shape[0])
+    lora = predicted_lora(model.vocab, batch.matrix_groups, outs, batch.text.shape[0])
     return flow_loss(dit, batch.latents, batch.text, batch.timesteps, batch.noise, lora=lora,
                      reduction="mean", grad_checkpointing=grad_checkpointing)
 

@@ -6,10 +6,15 @@ oracles that evaluation compares predictions against.
 Single process by default; over GPUs or processes:
 ``accelerate launch --multi_gpu --num_processes N -m pipelines.fit_loras`` (each
 process fits every N-th clip; CPU: ``torchrun --nproc_per_node N -m pipelines.fit_loras``).
+``--shard-index i --num-shards N`` fits shard i only and writes no summary (the
+Prefect flow's fan-out); a plain call afterwards fits any clip left and summarises.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import resource
 import time
 
@@ -17,7 +22,7 @@ import torch
 
 from lofa.config import from_dict, to_dict
 from lofa.data.preprocess import load_manifest
-from lofa.fit import ClipRecord, FitConfig, fit_shard_distributed
+from lofa.fit import ClipRecord, FitConfig, fit_shard, fit_shard_distributed
 from lofa.fit_report import collect_curves, plot_fit, summarize
 from lofa.io import read_json, write_json
 from lofa.pretrain import dit_config_from_sidecar
@@ -26,14 +31,27 @@ from lofa.wan import load_dit
 from pipelines._common import section, stage_args
 
 
+def _shard_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard-index", type=int, help="fit only this shard (with --num-shards); no summary")
+    p.add_argument("--num-shards", type=int, help="number of shards (with --shard-index)")
+
+
 def main() -> None:
-    args = stage_args(__doc__, data="data/preprocessed", base="data/base", out="data/loras",
+    args = stage_args(__doc__, extra=_shard_options, data="data/preprocessed", base="data/base", out="data/loras",
                       metrics="metrics/fit_loras.json")
+    if (args.shard_index is None) != (args.num_shards is None):
+        raise SystemExit("fit_loras: --shard-index and --num-shards go together")
     cfg = from_dict(FitConfig, section(args, "fit_loras"), "fit_loras")
     sidecar = read_json(args.base / "dit.json")
     dit_cfg = dit_config_from_sidecar(sidecar)
     records = [ClipRecord(r.id, str(args.data / r.path), r.caption)
                for r in load_manifest(args.data).itertuples()]
+    if args.num_shards is not None:
+        dit = load_dit(args.base / "dit.safetensors", dit_cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+        report = fit_shard(dit, records, args.out, cfg, shard_index=args.shard_index, num_shards=args.num_shards,
+                           base_hash=sidecar["base_model_hash"], progress=not args.no_progress)
+        print(json.dumps(dataclasses.asdict(report)))
+        return
     t0 = time.perf_counter()
     report = fit_shard_distributed(lambda device: load_dit(args.base / "dit.safetensors", dit_cfg, device=device),
                                    records, args.out, cfg, cpu=not torch.cuda.is_available(),

@@ -6,6 +6,7 @@ predicted LoRA; ``train_stage2.model.use_stage1: false`` is the one-stage ablati
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from lofa.config import from_dict, to_dict
@@ -18,13 +19,16 @@ from pipelines._hyper import load_base, load_sets
 
 def main() -> None:
     args = stage_args(__doc__, data="data/preprocessed", base="data/base", loras="data/loras",
-                      stage1="data/stage1", out="data/stage2", metrics="metrics/train_stage2.json")
+                      stage1="data/stage1", out="data/stage2", metrics="metrics/train_stage2.json",
+                      flags={"ablation": "train without stage-I features (the naive one-stage model)"})
     cfg = from_dict(Stage2Config, section(args, "train_stage2"), "train_stage2")
+    if args.ablation:  # the "naive" one-stage model: stage II without stage-I features
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, use_stage1=False))
     dit, vocab, base_hash = load_base(args.base)
     stage1 = load_hypernet(args.stage1 / "model.safetensors") if cfg.model.use_stage1 else None
     train_set, heldout = load_sets(args.loras, args.data, vocab)
     t0 = time.perf_counter()
-    with stage_run("train_stage2", to_dict(cfg), tags={"lofa.base_model_hash": base_hash}) as mlflow:
+    with stage_run("train_stage2_naive" if args.ablation else "train_stage2", to_dict(cfg), tags={"lofa.base_model_hash": base_hash}) as mlflow:
         model, result = train_stage2(cfg, dit, vocab, stage1, train_set, args.out, base_hash=base_hash,
                                      logger=lambda step, m: mlflow.log_metrics(m, step=step))
         base = [w.detach().float() for w in base_weights(dit, vocab)]

@@ -42,7 +42,7 @@ def run_stage(stage: str, tmp: Path, **paths: Path) -> dict:
            "--metrics", str(tmp / "metrics" / f"{stage}.json")]
     for k, v in paths.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads((tmp / "metrics" / f"{stage}.json").read_text())
 

@@ -1,0 +1,348 @@
+"""Prompt -> LoRA file: the product path of a trained LoFA hypernetwork, and video generation.
+
+A :class:`Predictor` holds the frozen base DiT's adapted weights W, the stage-I and
+stage-II hypernetworks and the profile's text encoder. The matrix tokens of every
+W depend on W only, so they are embedded once (``HyperNet.embed``) and reused by
+every later prompt; a prediction is then the text encoding plus the two trunks.
+:meth:`Predictor.save` writes the standard LoRA file of DESIGN section 4 (export
+keys, alpha folded into B, prompt / base-model hash / rank / producer in the
+safetensors header), which DiffSynth, ComfyUI and diffusers load.
+
+Artifact layout read here (what the pipeline stages write): ``<base>/dit.safetensors``
++ ``dit.json``, ``<stage>/model.safetensors`` + ``model.json``, and the ``preprocess``
+section of ``params.yaml`` (profile, text length, clip size, local weight paths).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lofa.config import load_section
+from lofa.data.preprocess import PreprocessConfig
+from lofa.encoders.text import TextEncoder, build_text_encoder
+from lofa.encoders.video import VideoCodec, build_codec, latent_shape
+from lofa.hypernet import EmbeddedGroup, HyperNet, MatrixGroup, group_by_shape
+from lofa.hypertrain import load_hypernet
+from lofa.io import ArtifactError, read_json
+from lofa.layers import ALL_MODULES, ATTN_MODULES, Vocabulary
+from lofa.lora import LoRAFile, LoRAFormatError, LoRAWeights, base_weights, load_lora, save_lora
+from lofa.media import decode_latents, write_video
+from lofa.objectives import predicted_lora
+from lofa.pretrain import dit_config_from_sidecar
+from lofa.sampling import sample
+from lofa.wan import WanDiTConfig, load_dit
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class PredictError(ValueError):
+    """A request the predictor cannot serve (empty prompt, mismatched artifacts), said plainly."""
+
+
+def check_prompts(prompts: str | Sequence[str]) -> list[str]:
+    """The prompts as a list; empty or whitespace-only prompts raise :class:`PredictError`."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise PredictError("no prompt given")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1} of {len(prompts)}"
+            raise PredictError(f"{which} is empty: describe the video, e.g. 'a figure waves slowly'")
+    return prompts
+
+
+# --------------------------------------------------------------------------- artifacts
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The frozen base DiT, its shape and its content hash (from ``dit.json``)."""
+
+    dit: nn.Module
+    config: WanDiTConfig
+    hash: str
+    path: Path
+
+    def vocabulary(self, modules: Sequence[str] = ATTN_MODULES) -> Vocabulary:
+        return Vocabulary.from_dit_config(self.config, modules)
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise ArtifactError(f"{path}: {what} not found")
+    return path
+
+
+def load_base(base_dir: str | Path, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> BaseModel:
+    """The base DiT of ``base_dir`` (``dit.safetensors`` + ``dit.json``), frozen, in eval mode."""
+    base_dir = _require(Path(base_dir), "base model directory (with dit.safetensors and dit.json)")
+    sidecar = read_json(_require(base_dir / "dit.json", "base model sidecar"))
+    if "base_model_hash" not in sidecar or "config" not in sidecar:
+        raise ArtifactError(f"{base_dir / 'dit.json'}: lacks 'config' or 'base_model_hash'")
+    cfg = dit_config_from_sidecar(sidecar)
+    dit = load_dit(base_dir / "dit.safetensors", cfg, device=device, dtype=dtype).eval().requires_grad_(False)
+    return BaseModel(dit, cfg, str(sidecar["base_model_hash"]), base_dir / "dit.safetensors")
+
+
+def load_stage(stage_dir: str | Path, stage: int) -> tuple[HyperNet, str, str]:
+    """(frozen hypernetwork, its base-model hash, its weights hash) from a stage directory."""
+    weights = _require(Path(stage_dir), f"stage-{'I' * stage} directory") / "model.safetensors"
+    sidecar = read_json(_require(weights, f"stage-{'I' * stage} weights").with_suffix(".json"))
+    if not isinstance(sidecar.get("meta"), dict) or "hypernet" not in sidecar["meta"]:
+        raise ArtifactError(f"{weights.with_suffix('.json')}: no 'meta.hypernet' (not a hypernetwork export)")
+    model = load_hypernet(weights)
+    if model.cfg.stage != stage:
+        raise PredictError(f"{weights}: a stage-{model.cfg.stage} model where stage {stage} was expected")
+    return model, str(sidecar["meta"].get("base_model_hash", "")), str(sidecar.get("tensors_hash", ""))
+
+
+def load_preprocess(params_path: str | Path) -> PreprocessConfig:
+    """The ``preprocess`` section: how prompts were encoded and clips sized for training."""
+    return load_section(PreprocessConfig, "preprocess", params_path)
+
+
+def text_encoder_for(cfg: PreprocessConfig, device: str | torch.device = "cpu") -> TextEncoder:
+    """The text encoder exactly as ``preprocess`` built it (same profile, same length)."""
+    if cfg.profile == "synthetic":
+        return build_text_encoder("synthetic", max_length=cfg.text_max_length, device=device)
+    return build_text_encoder("wan", weights_path=cfg.text_encoder_path, tokenizer_path=cfg.tokenizer_path,
+                              device=device)
+
+
+def codec_for(cfg: PreprocessConfig, device: str | torch.device = "cpu") -> VideoCodec:
+    """The profile's codec: SynthCodec, or the Wan VAE from ``preprocess.vae_path``."""
+    if cfg.profile == "synthetic":
+        return build_codec("synthetic")
+    return build_codec("wan", weights_path=cfg.vae_path, device=device)
+
+
+def load_user_lora(path: str | Path, base: BaseModel) -> LoRAFile:
+    """A LoRA file validated against ``base`` (keys and shapes; first mismatch named).
+
+    The adapted modules are read from the file's keys (any of ``ALL_MODULES``), so
+    attention-only and attention + FFN LoRAs both load. A file made for another
+    base model (header ``base_model_hash``) with matching shapes loads with a warning.
+    """
+    path = _require(Path(path), "LoRA file")
+    keys = _lora_keys(path)
+    modules = [m for m in ALL_MODULES if any(f".{m}.lora_" in k for k in keys)] or list(ATTN_MODULES)
+    lora = load_lora(path, base.vocabulary(modules))
+    made_for = lora.metadata.get("base_model_hash")
+    if made_for and made_for != base.hash:
+        warnings.warn(f"{path}: made for base model {made_for}, applied to {base.hash} ({base.path})",
+                      stacklevel=2)
+    return lora
+
+
+def _lora_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises several unrelated types for a bad header
+        raise LoRAFormatError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+# --------------------------------------------------------------------------- prediction
+
+@dataclass(frozen=True)
+class PredictedLoRA:
+    """One prompt's LoRA: per vocabulary matrix A (rank, in) and B (out, rank), alpha folded into B.
+
+    ``seconds``: wall time of the call that produced it (text encoding + both
+    stages), shared by every prompt of a batch.
+    """
+
+    prompt: str
+    vocab: Vocabulary
+    A: tuple[Tensor, ...]
+    B: tuple[Tensor, ...]
+    seconds: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A[0].shape[0])
+
+    def to_weights(self, device: str | torch.device | None = None) -> LoRAWeights:
+        """As a K = 1 :class:`LoRAWeights` (scale 1) for :func:`lofa.lora.apply_lora` / sampling."""
+        return LoRAWeights.from_factors(self.vocab, [a.to(device) for a in self.A], [b.to(device) for b in self.B])
+
+
+def _tile(e: EmbeddedGroup, num_prompts: int, drop_weight: bool = False) -> EmbeddedGroup:
+    """The embedded matrices of one prompt repeated for ``num_prompts`` prompts (prompt-major).
+
+    The hypernetwork reads only the shape and ids of an embedded group's matrices (the
+    tokens carry W), so the tiled group's weight is a meta-device placeholder: W is
+    never copied per prompt (nor kept at all with ``drop_weight``).
+    """
+    if num_prompts == 1 and not drop_weight:
+        return e
+    n, (out_f, in_f) = e.tokens.shape[0], e.group.shape
+    ids = e.group.matrix_ids
+    group = MatrixGroup(torch.empty((n * num_prompts, out_f, in_f), device="meta"), ids.repeat(num_prompts),
+                        torch.arange(num_prompts, device=ids.device).repeat_interleave(n))
+    return EmbeddedGroup(group, e.tokens.repeat(num_prompts, 1, 1), e.rms.repeat(num_prompts), e.model_id)
+
+
+class Predictor:
+    """Prompts -> LoRAs for one base model, with the matrix tokens cached across calls.
+
+    Args:
+        base: the frozen base model (its W are read once).
+        stage2: the stage-II hypernetwork; stage1: the stage-I one (None only for the
+            one-stage ablation, ``use_stage1: false``).
+        encoder: the text encoder the hypernetworks were trained with.
+        hypernet_hash: recorded in every file's header (stage II's weights hash).
+        dtype: "float32", or "bfloat16" to run the hypernetworks under autocast.
+    """
+
+    def __init__(self, base: BaseModel, stage2: HyperNet, stage1: HyperNet | None, encoder: TextEncoder, *,
+                 hypernet_hash: str = "", dtype: str = "float32") -> None:
+        if dtype not in _DTYPES:
+            raise PredictError(f"dtype {dtype!r} is not one of {list(_DTYPES)}")
+        if stage2.cfg.uses_stage1 and stage1 is None:
+            raise PredictError("this stage-II model attends to stage-I tokens: a stage-I model is needed")
+        if encoder.dim != stage2.cfg.text_dim:
+            raise PredictError(f"the text encoder gives {encoder.dim}-d tokens; the hypernetwork expects "
+                               f"{stage2.cfg.text_dim}-d (preprocess profile mismatch?)")
+        self.vocab = stage2.vocab
+        _check_vocab(self.vocab, base.vocabulary(self.vocab.modules), "stage II", base)
+        if stage1 is not None and stage2.cfg.uses_stage1:
+            _check_vocab(stage1.vocab, self.vocab, "stage I", base)
+        self.base, self.encoder, self.hypernet_hash, self.dtype = base, encoder, hypernet_hash, _DTYPES[dtype]
+        self.device = next(base.dit.parameters()).device
+        self.stage2 = stage2.to(self.device).eval().requires_grad_(False)
+        self.stage1 = stage1.to(self.device).eval().requires_grad_(False) if stage2.cfg.uses_stage1 else None
+        self._embedded = {id(m): self._embed_all(m) for m in (self.stage2, self.stage1) if m is not None}
+
+    @torch.no_grad()
+    def _embed_all(self, model: HyperNet) -> list[EmbeddedGroup]:
+        """The model's matrix tokens of every W, once (W does not change); W itself is not kept."""
+        W = [w.detach().float() for w in base_weights(self.base.dit, self.vocab)]
+        mids = torch.arange(len(self.vocab))
+        out = []
+        with self._autocast():
+            for _, pos in group_by_shape(self.vocab, mids, torch.zeros_like(mids)):
+                ids = mids[pos].to(self.device)
+                e = model.embed(MatrixGroup(torch.stack([W[j] for j in pos.tolist()]), ids, torch.zeros_like(ids)))
+                out.append(_tile(e, 1, drop_weight=True))
+        return out
+
+    def _autocast(self) -> torch.autocast | nullcontext:
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, self.dtype)
+
+    @classmethod
+    def from_dirs(cls, base_dir: str | Path, stage1_dir: str | Path | None, stage2_dir: str | Path,
+                  params_path: str | Path = "params.yaml", *, device: str | torch.device = "cpu",
+                  dtype: str = "float32") -> "Predictor":
+        """Load the pipeline's artifacts: base model, stage I (may be None for the ablation), stage II."""
+        pre = load_preprocess(params_path)
+        stage2, hash2, weights_hash = load_stage(stage2_dir, 2)
+        stage1 = None
+        if stage2.cfg.uses_stage1:
+            if stage1_dir is None:
+                raise PredictError(f"{stage2_dir}: this stage-II model needs a stage-I directory")
+            stage1, hash1, _ = load_stage(stage1_dir, 1)
+            if hash1 != hash2:
+                raise PredictError(f"{stage1_dir} was trained on base model {hash1}, {stage2_dir} on {hash2}")
+        base = load_base(base_dir, device)
+        if hash2 and hash2 != base.hash:
+            raise PredictError(f"{stage2_dir} was trained on base model {hash2}; {base_dir} holds {base.hash}")
+        return cls(base, stage2, stage1, text_encoder_for(pre, device), hypernet_hash=weights_hash, dtype=dtype)
+
+    def predict(self, prompt: str) -> PredictedLoRA:
+        """The LoRA of one prompt."""
+        return self.predict_batch([prompt])[0]
+
+    @torch.no_grad()
+    def predict_batch(self, prompts: Sequence[str]) -> list[PredictedLoRA]:
+        """The LoRAs of several prompts in one pass (one text encoding, shared matrix tokens)."""
+        prompts = check_prompts(prompts)
+        t0 = time.perf_counter()
+        emb = self.encoder.encode(prompts)
+        text, mask = emb.tokens.to(self.device), emb.mask.to(self.device)
+        with self._autocast():
+            groups = [_tile(e, len(prompts)) for e in self._embedded[id(self.stage2)]]
+            tokens = None
+            if self.stage1 is not None:
+                s1_groups = [_tile(e, len(prompts)) for e in self._embedded[id(self.stage1)]]
+                tokens = [o.tokens for o in self.stage1(s1_groups, text, mask)]
+            outs = self.stage2(groups, text, mask, tokens)
+        lora = predicted_lora(self.vocab, [g.group for g in groups], outs, len(prompts))
+        A = [a.float() for a in lora.A]
+        B = [b.float() for b in lora.B]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        return [PredictedLoRA(p, self.vocab, tuple(a[k] for a in A), tuple(b[k] for b in B), seconds)
+                for k, p in enumerate(prompts)]
+
+    def metadata(self, pred: PredictedLoRA) -> dict[str, str]:
+        """The safetensors header of ``pred``'s file (``save_lora`` adds rank, producer, format)."""
+        return {"prompt": pred.prompt, "base_model_hash": self.base.hash, "hypernet_hash": self.hypernet_hash,
+                "predict_seconds": f"{pred.seconds:.6f}"}
+
+    def save(self, pred: PredictedLoRA, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+        """Write ``pred`` as a standard LoRA file (DESIGN section 4), atomically."""
+        path = Path(path)
+        save_lora(path, [a.cpu() for a in pred.A], [b.cpu() for b in pred.B], pred.vocab, self.metadata(pred),
+                  dtype=dtype)
+        return path
+
+
+def _check_vocab(got: Vocabulary, want: Vocabulary, what: str, base: BaseModel) -> None:
+    """Raise PredictError naming the first matrix where ``got`` and ``want`` differ."""
+    for i in range(max(len(got), len(want))):
+        a = got.matrices[i] if i < len(got) else None
+        b = want.matrices[i] if i < len(want) else None
+        if a != b:
+            raise PredictError(f"{what} was trained for another base shape than {base.path}: matrix {i} is "
+                               f"{a} in the hypernetwork, {b} in the base model")
+
+
+# --------------------------------------------------------------------------- generation
+
+@torch.no_grad()
+def generate_video(base: BaseModel, codec: VideoCodec, context: Tensor, *, frames: int, height: int,
+                   width: int, lora: LoRAWeights | None = None, seed: int = 0, steps: int = 20,
+                   guidance: float = 3.0) -> tuple[Tensor, np.ndarray]:
+    """Sample one video from the base DiT (plus ``lora``) and decode it.
+
+    Args:
+        context: (1, L, text_dim) prompt embedding (as the text encoder returns it).
+        frames, height, width: video size (4k+1 frames, multiples of 16 pixels).
+        seed: the initial noise comes from a CPU generator, so a seed gives the same
+            noise on every device.
+    Returns:
+        latents (1, 16, T', H', W') and the decoded video (frames, height, width, 3) uint8.
+    """
+    if context.ndim != 3 or context.shape[0] != 1:
+        raise ValueError(f"generate_video: context must be (1, L, D), got {tuple(context.shape)}")
+    if frames < 1 or (frames - 1) % 4 or height < 16 or width < 16 or height % 16 or width % 16:
+        raise PredictError(f"video size {frames}x{height}x{width}: frames must be 4k+1 and height, width "
+                           f"positive multiples of 16")
+    device = next(base.dit.parameters()).device
+    latents = sample(base.dit, context.to(device), latent_shape(frames, height, width), steps=steps,
+                     guidance=guidance, generator=torch.Generator().manual_seed(seed), lora=lora)
+    return latents, decode_latents(codec, latents)[0]
+
+
+def write_videos(path: str | Path, frames: np.ndarray, fps: float, upscale: int = 1) -> list[Path]:
+    """Write ``frames`` (T, H, W, 3) uint8 as ``path`` and its twin (.mp4 and .gif, same stem)."""
+    path = Path(path)
+    if path.suffix not in (".mp4", ".gif"):
+        raise PredictError(f"{path}: the output must end in .mp4 or .gif (both are written)")
+    twin = path.with_suffix(".gif" if path.suffix == ".mp4" else ".mp4")
+    return [write_video(p, frames, fps=fps, upscale=upscale) for p in (path, twin)]
