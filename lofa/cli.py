@@ -28,6 +28,16 @@ def _existing(path: Path, what: str) -> Path:
     return path
 
 
+def _step_list(text: str) -> list[int]:
+    try:
+        steps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of step counts") from None
+    if not steps or min(steps) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give step counts >= 0")
+    return steps
+
+
 def _prompt(text: str) -> str:
     if not text.strip():
         raise UsageError("the prompt is empty: describe the video, e.g. 'a figure waves slowly'")
@@ -141,20 +151,26 @@ def cmd_refine(args: argparse.Namespace) -> int:
         _existing(args.oracle, "oracle LoRA file")
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.eval_steps and max(args.eval_steps) > args.steps:
+        raise UsageError(f"--eval-steps {max(args.eval_steps)} is past --steps {args.steps}")
     from lofa.refine import refine_files
 
     with _quiet_stdout():
         report = refine_files(args.lora, args.clip, steps=args.steps, base_dir=args.base, params_path=args.params,
                               oracle_path=args.oracle, output=args.output, lr=args.lr, device=args.device,
-                              report_path=args.report)
+                              report_path=args.report, eval_steps=args.eval_steps)
     print(report.summary())
+    for path in (args.output, args.report):
+        if path is not None:
+            print(f"wrote {path}")
     return 0
 
 
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lofa", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lofa", description="Predict a Wan2.1 LoRA from a prompt (LoFA), "
+                                     "generate a video with it, refine it on a clip.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{predict,generate,refine}")
 
     p = sub.add_parser("predict", help="prompt(s) -> LoRA file(s)")
@@ -193,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--oracle", type=Path, help="the clip's fitted LoRA: report steps to reach its loss")
     r.add_argument("--lr", type=float, help="learning rate (default: fit_loras.lr)")
     r.add_argument("--report", type=Path, help="write the curves and numbers as JSON here")
+    r.add_argument("--eval-steps", type=_step_list, metavar="N,N,...",
+                   help="step counts at which to measure the eval loss (default: 0, 1, 2, 4, ..., steps; "
+                        "each costs a run of that many steps)")
     _add_models(r, hypernets=False)
     r.set_defaults(func=cmd_refine)
     return parser

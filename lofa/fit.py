@@ -64,6 +64,7 @@ class FitConfig:
     timestep_max: float = 1.0
     seed: int = 0  # with the clip id, seeds each clip's timesteps and noise (and init unless shared)
     init: Literal["kaiming", "gaussian"] = "kaiming"  # of A (peft's); B starts at zero
+    response_tau: float = 0.02  # response maps |dW/W| > tau in the fit statistics (DESIGN: 0.02 for Wan2.1)
     shared_init: bool = True  # every clip starts from one A (seeded by ``seed``): LoRAs comparable across clips
     grad_checkpointing: bool = False
     checkpoint_blocks: int | None = None  # checkpoint only the first n blocks
@@ -380,7 +381,7 @@ def _write_clip(out_dir: Path, rec: ClipRecord, k: int, res: FitResult, cfg: Fit
                 base_hash: str, shard: tuple[int, int]) -> None:
     """The curve JSON, then the LoRA (its existence marks the clip done)."""
     A, B = res.lora.factors(k)
-    stats = response_stats(A, B, base_weights(dit, res.lora.vocab), res.lora.vocab)
+    stats = response_stats(A, B, base_weights(dit, res.lora.vocab), res.lora.vocab, cfg.response_tau)
     write_json(curve_path(out_dir, rec.clip_id), {
         "schema_version": SCHEMA_VERSION, "clip_id": rec.clip_id, "prompt": rec.prompt,
         "losses": res.losses[k].tolist(), "base_loss": float(res.base_loss[k]),

@@ -34,14 +34,10 @@ def summarize(curves: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def response_table(curves: list[dict[str, Any]]) -> tuple[np.ndarray, list[str]]:
-    """(blocks, modules) mean share of responding entries over all LoRAs, and module names."""
-    modules = list(curves[0]["response_map"]["by_module"])
-    blocks = len(curves[0]["response_map"]["by_block"])
-    # per-(block, module) shares are not stored; combine block and module marginals per LoRA
-    by_block = np.array([c["response_map"]["by_block"] for c in curves]).mean(0)  # (blocks,)
-    by_module = np.array([[c["response_map"]["by_module"][m] for m in modules] for c in curves]).mean(0)
-    return np.outer(by_block, by_module) / max(float(by_block.mean()), 1e-12), modules
+def response_table(curves: list[dict[str, Any]], modules: list[str]) -> np.ndarray:
+    """(blocks, modules) mean share of responding entries over all LoRAs (vocabulary order)."""
+    per = np.array([c["response_map"]["by_matrix"] for c in curves]).mean(0)
+    return per.reshape(-1, len(modules))
 
 
 def plot_fit(curves: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
@@ -68,7 +64,8 @@ def plot_fit(curves: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     lim = [0, max(base + final) * 1.05]
     ax[1].plot(lim, lim, "k--", lw=0.8)
     ax[1].set(title="eval loss: base model vs fitted LoRA", xlabel="base", ylabel="fitted", xlim=lim, ylim=lim)
-    table, modules = response_table(curves)
+    modules = list(curves[0]["config"]["modules"])
+    table = response_table(curves, modules)
     im = ax[2].imshow(table.T, aspect="auto", cmap="viridis")
     ax[2].set(title=f"response share |dW/W| > {curves[0]['response_map']['tau']}", xlabel="block",
               yticks=range(len(modules)), yticklabels=modules)

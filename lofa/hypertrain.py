@@ -19,7 +19,7 @@ from lofa.config import from_dict, to_dict
 from lofa.data.dataset import ClipSet, load_clips
 from lofa.fit import lora_path
 from lofa.hypernet import HyperNet, HyperNetConfig, MatrixGroup, group_by_shape
-from lofa.io import read_json, write_json
+from lofa.io import ArtifactError, read_json, write_json
 from lofa.layers import Vocabulary
 from lofa.lora import LoRAWeights, base_weights, load_lora
 from lofa.objectives import (HyperBatch, Stage1LossConfig, make_batch, predicted_lora, random_matrix_ids,
@@ -153,7 +153,11 @@ def build_hypernet(cfg: HyperNetConfig, vocab: Vocabulary, seed: int) -> HyperNe
 def load_hypernet(path: str | Path) -> HyperNet:
     """A trained hypernetwork from ``model.safetensors`` and its ``model.json`` sidecar (strict)."""
     path = Path(path)
-    meta = read_json(path.with_suffix(".json"))["meta"]
+    sidecar = read_json(path.with_suffix(".json"))
+    meta = sidecar.get("meta") if isinstance(sidecar, dict) else None
+    if not isinstance(meta, dict) or not {"hypernet", "vocab"} <= set(meta):
+        raise ArtifactError(f"{path.with_suffix('.json')}: no 'meta.hypernet' and 'meta.vocab' "
+                            "(not the sidecar of a hypernetwork export)")
     cfg = from_dict(HyperNetConfig, meta["hypernet"], f"{path.with_suffix('.json')}:meta.hypernet")
     vocab = Vocabulary.from_dims(**meta["vocab"])
     model = HyperNet(cfg, vocab)

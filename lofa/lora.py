@@ -297,7 +297,7 @@ def response_map(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, tau: float =
 
 def response_stats(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], W: Sequence[torch.Tensor],
                    vocab: Vocabulary, tau: float = 0.02) -> dict[str, object]:
-    """Share of responding entries: overall, per block (list) and per module type (dict)."""
+    """Share of responding entries: overall, per block (list), per module type (dict), per matrix (list)."""
     counts = [(m, int(response_map(a, b, w.to(a.device), tau).sum()), m.out_features * m.in_features)
               for m, a, b, w in zip(vocab, A, B, W)]
 
@@ -309,4 +309,5 @@ def response_stats(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], W: Sequ
         "fraction": share(counts),
         "by_block": [share([c for c in counts if c[0].block == i]) for i in range(vocab.num_blocks)],
         "by_module": {mod: share([c for c in counts if c[0].module == mod]) for mod in vocab.modules},
+        "by_matrix": [c / n for _, c, n in counts],  # vocabulary order (block-major)
     }

@@ -1,7 +1,7 @@
 """Run the stages of ``dvc.yaml`` outside DVC: parse, order, fingerprint, execute, fan out.
 
 ``dvc.yaml`` is the one pipeline graph. :func:`load_stages` reads each stage's
-command, deps, outs (metrics included) and params keys and orders the stages so
+command, deps, outs, metrics and params keys and orders the stages so
 that every stage follows those producing its deps; :func:`plan` splits one
 stage into shards (its command gets ``--shard-index i --num-shards n``) followed
 by the unchanged command, which finishes and summarises. :func:`fingerprint`
@@ -40,6 +40,9 @@ class StageFailed(RuntimeError):
     def __init__(self, name: str, cmd: str, returncode: int, tail: Sequence[str]) -> None:
         self.name, self.cmd, self.returncode, self.tail = name, cmd, returncode, tuple(tail)
         super().__init__(f"stage {name} failed with exit code {returncode}: {cmd}\n" + "\n".join(tail))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across Dask worker processes
+        return StageFailed, (self.name, self.cmd, self.returncode, self.tail)
 
     @property
     def transient(self) -> bool:

@@ -8,10 +8,11 @@ with a constant learning rate is prefix-consistent (step i depends only on the
 steps before it), so the n-step fit is exactly the first n steps of the full fit,
 and the eval loss "after n steps" is that of a separate n-step run. The default
 grid doubles (0, 1, 2, 4, ..., N): about 2N extra steps, and a step count to reach
-the oracle's loss that is exact up to that grid.
+the oracle's loss at that grid's resolution (a finer grid costs more runs).
 
-With an oracle (the clip's fitted LoRA), a fresh fit from zero (``init=None``:
-kaiming A, B = 0, exactly the ``fit_loras`` procedure) runs on the same grid, and
+With an oracle (the clip's fitted LoRA), a fresh fit from zero (``init=None``: B = 0
+and A initialised as ``fit_loras`` does, so the same recipe gives the same LoRA) runs
+on the same grid, and
 the report gives the steps each start needs to reach the oracle's eval loss
 (DESIGN section 6, "Refine").
 """

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lofa.io import ArtifactError, tensors_hash
+from lofa.io import ArtifactError, read_metadata, tensors_hash
 from lofa.lora import LoRAWeights, apply_lora
 from lofa import wan_fast
 from lofa.wan_fast import BLOCK_IMPLS, BlockImpl
@@ -159,6 +159,7 @@ def load_dit(path: str | Path | Sequence[str | Path], cfg: WanDiTConfig,
             raise ArtifactError(f"{p}: DiT weights file not found")
         if not p.endswith(".safetensors"):
             raise ArtifactError(f"{p}: DiT weights must be a .safetensors file (pickles are never loaded)")
+        read_metadata(p)  # a file that is not safetensors inside (a renamed pickle) fails here, named
     found, expected = hash_model_file(paths if len(paths) > 1 else paths[0]), expected_file_hash(cfg)
     if found != expected:
         raise ArtifactError(f"{', '.join(paths)}: key names/shapes (diffsynth hash {found}) do not match "

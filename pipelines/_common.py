@@ -37,4 +37,4 @@ def section(args: argparse.Namespace, name: str) -> dict[str, Any]:
     params = load_params(args.params)
     if name not in params:
         raise SystemExit(f"{args.params}: missing section '{name}'")
-    return params[name] or {}
+    return {} if params[name] is None else params[name]  # an empty section means defaults

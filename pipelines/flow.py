@@ -16,7 +16,6 @@ is the flow run id, so the stages' MLflow runs share the tag ``lofa.pipeline``.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -94,18 +93,18 @@ def lofa_pipeline(root: str = ".", fit_shards: int = 1, shard_stage: str = "fit_
     return {name: f.result() for name, f in futures.items()}
 
 
-def task_runner(kind: str = "thread", dask_address: str | None = None, dask_workers: int = 2) -> TaskRunner:
-    """``thread`` (this process), or ``dask``: a cluster at ``dask_address``, else a local one
-    of ``dask_workers`` single-threaded in-process workers (the stages are subprocesses)."""
+def task_runner(kind: str = "thread", dask_address: str | None = None, workers: int = 4) -> TaskRunner:
+    """``thread``: ``workers`` threads of this process; ``dask``: the cluster at ``dask_address``,
+    else a local one of ``workers`` single-threaded in-process workers (stages are subprocesses)."""
     if kind == "thread":
-        return ThreadPoolTaskRunner(max_workers=4)
+        return ThreadPoolTaskRunner(max_workers=workers)
     if kind == "dask":
         from prefect_dask import DaskTaskRunner
 
         if dask_address:
             return DaskTaskRunner(address=dask_address)
         return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                              cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1,
+                              cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
                                               "processes": False, "dashboard_address": None})
     raise ValueError(f"task runner {kind!r} is not one of {list(RUNNERS)}")
 
@@ -120,7 +119,7 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="run every stage even if its inputs are unchanged")
     p.add_argument("--runner", choices=RUNNERS, default="thread")
     p.add_argument("--dask-address", help="scheduler of an existing Dask cluster (else a local one)")
-    p.add_argument("--dask-workers", type=int, default=2, help="workers of the local Dask cluster")
+    p.add_argument("--workers", type=int, default=4, help="steps at once: threads, or local Dask workers")
     args = p.parse_args()
     root = setup_env(Path(args.root))
     from prefect.context import SettingsContext, get_settings_context
@@ -128,12 +127,11 @@ def main() -> None:
 
     # prefect read its settings at import; take them again now that PREFECT_HOME & co. are set
     with SettingsContext(profile=get_settings_context().profile, settings=Settings()):
-        pipeline = lofa_pipeline.with_options(task_runner=task_runner(args.runner, args.dask_address,
-                                                                      args.dask_workers))
+        pipeline = lofa_pipeline.with_options(task_runner=task_runner(args.runner, args.dask_address, args.workers))
         results = pipeline(root=str(root), fit_shards=args.fit_shards, shard_stage=args.shard_stage,
                            retries=args.retries, retry_delay_s=args.retry_delay, force=args.force)
     for name, res in results.items():
-        print(f"{name}: {res['seconds']} s {' '.join(os.path.basename(m) for m in res['metrics'])}")
+        print(f"{name}: {res['seconds']} s", *res["metrics"])
 
 
 if __name__ == "__main__":

@@ -74,13 +74,18 @@ def test_predict_subprocess_writes_one_file_per_prompt(art, tmp_path):
 def test_errors_name_the_problem(art, tmp_path):
     cases = [
         (("predict", "  ", "-o", str(tmp_path / "x.safetensors")), 2, "lofa predict: error: the prompt is empty"),
-        (("predict", PROMPT, "--stage2", str(tmp_path / "nope")), 2, f"{tmp_path / 'nope'}: stage2 directory not found"),
+        (("predict", PROMPT, *_models(art), "--stage2", str(tmp_path / "nope")), 2,
+         f"{tmp_path / 'nope'}: stage2 directory not found"),
         (("predict", "a", "b", "-o", str(tmp_path / "x.safetensors")), 2, "-o names a directory"),
         (("generate", PROMPT, "-o", str(tmp_path / "v.avi")), 2, "must end in .mp4 or .gif"),
         (("refine", "--lora", str(tmp_path / "l.safetensors"), "--clip", "c", "--steps", "3"), 2,
          f"{tmp_path / 'l.safetensors'}: LoRA file not found"),
         (("predict", PROMPT, "--params", str(tmp_path / "p.yaml"), *_models(art)[:6]), 2,
          f"{tmp_path / 'p.yaml'}: params file not found"),
+        (("refine", "--lora", str(art["params"]), "--clip", str(art["params"]), "--steps", "3", "--eval-steps", "1,5",
+          *_models(art, False)), 2, "--eval-steps 5 is past --steps 3"),
+        (("refine", "--lora", "x", "--clip", "c", "--steps", "3", "--eval-steps", "1,a"), 2,
+         "'1,a' is not a comma-separated list"),
     ]
     for args, code, message in cases:
         r = _run(*args)

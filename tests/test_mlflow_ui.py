@@ -8,6 +8,7 @@ screenshots are copied to ``out/mlflow_ui/`` (or ``$LOFA_UI_SHOTS``), printed at
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -85,8 +86,6 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def test_mlflow_ui_shows_stage_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    import json
-
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "LOFA_MLFLOW_ARTIFACTS": (tmp_path / "mlruns").as_uri(), "LOFA_PIPELINE_ID": "ui-check-42"}
     logged = subprocess.run([sys.executable, "-c", LOG_RUNS], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -95,10 +94,11 @@ def test_mlflow_ui_shows_stage_runs(tmp_path: Path, capsys: pytest.CaptureFixtur
     ids = json.loads(logged.stdout.strip().splitlines()[-1])
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
                                env["MLFLOW_TRACKING_URI"], "--default-artifact-root", env["LOFA_MLFLOW_ARTIFACTS"],
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              env=env, start_new_session=True, stdout=open(tmp_path / "server.log", "w"),
+                              env=env, start_new_session=True, stdout=log,
                               stderr=subprocess.STDOUT)
     try:
         wait_healthy(f"{base}/health", server)
@@ -111,6 +111,7 @@ def test_mlflow_ui_shows_stage_runs(tmp_path: Path, capsys: pytest.CaptureFixtur
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker, started above
             server.wait(timeout=30)
+        log.close()
 
     exp, run = texts["experiment"], texts["run"]
     assert "lofa" in exp and "fit_loras" in exp and "train_stage1" in exp and "2 matching runs" in exp, exp[:2000]

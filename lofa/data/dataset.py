@@ -39,6 +39,20 @@ class ClipSet:
                        [self.splits[i] for i in pick], self.latents[idx], self.text[idx], self.mask[idx])
 
 
+def _clip_tensors(path: Path, first: tuple[torch.Tensor, ...] | None) -> dict[str, torch.Tensor]:
+    """One clip file's tensors; a missing tensor or a shape unlike the first clip's names the file."""
+    t = load_tensors(path)
+    names = ("latents", "context", "mask")
+    missing = [k for k in names if k not in t]
+    if missing:
+        raise ArtifactError(f"{path}: no tensor(s) {missing} (keys: {sorted(t)})")
+    if first is not None and any(t[k].shape != f.shape for k, f in zip(names, first)):
+        got = {k: tuple(t[k].shape) for k in names}
+        raise ArtifactError(f"{path}: shapes {got} differ from the first clip's "
+                            f"{dict(zip(names, (tuple(f.shape) for f in first)))}")
+    return t
+
+
 def load_clips(pre_dir: str | Path, splits: tuple[str, ...] = ("train",)) -> ClipSet:
     """Load every clip of ``splits`` from a preprocess output directory."""
     pre_dir = Path(pre_dir)
@@ -48,7 +62,7 @@ def load_clips(pre_dir: str | Path, splits: tuple[str, ...] = ("train",)) -> Cli
         raise ArtifactError(f"{pre_dir / 'manifest.parquet'}: no clips in splits {list(splits)}")
     lat, txt, msk = [], [], []
     for rel in df["path"]:
-        t = load_tensors(pre_dir / rel)
+        t = _clip_tensors(pre_dir / rel, (lat[0], txt[0], msk[0]) if lat else None)
         lat.append(t["latents"])
         txt.append(t["context"])
         msk.append(t["mask"])

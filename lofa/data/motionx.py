@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lofa.encoders.text import is_blank
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 CAPTION_DIR = Path("texts") / "semantic_labels"
 MIN_SIDE, MAX_SIDE = 16, 8192
+#: Decoded frames cost num_frames * pixels * 15 bytes (uint8 + float32); past DCI 4K a clip is refused
+#: rather than risk exhausting memory (an 8192x8192 clip of 17 frames would need about 17 GB).
+MAX_PIXELS = 4096 * 2160
 
 
 class ClipError(ValueError):
@@ -51,11 +56,25 @@ def _hash_split(clip_id: str, val_fraction: float = 0.1) -> str:
     return "val" if h < val_fraction else "train"
 
 
+def _escapes(clip_id: str) -> bool:
+    """An id that would reach outside the root's folders (absolute, or with a '..' part)."""
+    parts = PurePosixPath(clip_id).parts
+    return clip_id.startswith("/") or ".." in parts
+
+
+def _read_split(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: split file is not UTF-8 text ({e})") from None
+
+
 def list_clips(root: str | Path, video_dir: str = "video") -> tuple[list[ClipRef], list[tuple[str, str]]]:
     """All clip references under ``root`` and the (id, reason) of ids rejected while listing.
 
     With split files, their ids define the set (an id listed twice is a duplicate;
-    an id whose video is missing is rejected). Without them every video is listed,
+    an id that is absolute or climbs out with '..' is a bad id; an id whose video is
+    missing is rejected). Without them every video is listed,
     split ``train``/``val`` by a stable hash of its id.
     """
     root = Path(root)
@@ -69,7 +88,7 @@ def list_clips(root: str | Path, video_dir: str = "video") -> tuple[list[ClipRef
         for s in SPLITS:
             f = split_dir / f"{s}.txt"
             if f.is_file():
-                listed += [(line.strip(), s) for line in f.read_text().splitlines() if line.strip()]
+                listed += [(line.strip(), s) for line in _read_split(f).splitlines() if line.strip()]
     else:
         ids = sorted(p.relative_to(vroot).with_suffix("").as_posix() for p in vroot.rglob("*.mp4"))
         listed = [(i, _hash_split(i)) for i in ids]
@@ -80,6 +99,9 @@ def list_clips(root: str | Path, video_dir: str = "video") -> tuple[list[ClipRef
             rejected.append((clip_id, "duplicate_id"))
             continue
         seen.add(clip_id)
+        if _escapes(clip_id):
+            rejected.append((clip_id, "bad_id"))
+            continue
         video = vroot / f"{clip_id}.mp4"
         if not video.is_file():
             rejected.append((clip_id, "missing_video"))
@@ -99,8 +121,8 @@ def read_caption(path: Path) -> str:
     except UnicodeDecodeError as e:
         raise ClipError("undecodable_caption", f"{path}: not UTF-8 ({e})") from None
     text = " ".join(text.split())
-    if not text:
-        raise ClipError("empty_caption", f"{path} is empty")
+    if is_blank(text):
+        raise ClipError("empty_caption", f"{path} is empty or has no visible character")
     return text
 
 
@@ -154,6 +176,8 @@ def read_video(path: Path, num_frames: int, fps: float, height: int, width: int)
         raise ClipError("unreadable_video", f"{path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if not (MIN_SIDE <= h <= MAX_SIDE and MIN_SIDE <= w <= MAX_SIDE):
         raise ClipError("bad_dimensions", f"{path}: {w}x{h} outside [{MIN_SIDE}, {MAX_SIDE}]")
+    if h * w > MAX_PIXELS:
+        raise ClipError("bad_dimensions", f"{path}: {w}x{h} has {h * w} pixels, more than {MAX_PIXELS}")
     if not np.isfinite(src_fps) or src_fps <= 0:
         raise ClipError("bad_fps", f"{path}: fps {src_fps}")
     try:

@@ -113,6 +113,8 @@ class SynthConfig:
     @classmethod
     def from_params(cls, section: dict[str, Any] | None) -> SynthConfig:
         """``PRESETS[section['preset']]`` overridden by the section's other keys (unknown keys rejected)."""
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"SynthConfig: expected a mapping of keys, got {section!r}")
         section = dict(section or {})
         preset = section.get("preset", "default")
         if preset not in PRESETS:

@@ -11,6 +11,7 @@ are exactly zero, as Wan's pipeline feeds its DiT.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +70,12 @@ class TextEncoder(Protocol):
     def encode(self, captions: Sequence[str]) -> TextEmbedding: ...
 
 
+def is_blank(text: str) -> bool:
+    """True when ``text`` has no visible character: only whitespace, control or format characters
+    (zero-width space, BOM, NUL, ...; Unicode categories Z* and C*), which tokenizers drop."""
+    return all(unicodedata.category(ch)[0] in "ZC" for ch in text)
+
+
 def _check_captions(captions: Sequence[str]) -> list[str]:
     if isinstance(captions, str):
         raise ValueError("captions must be a list of strings, got a single string")
@@ -78,8 +85,8 @@ def _check_captions(captions: Sequence[str]) -> list[str]:
     for i, c in enumerate(captions):
         if not isinstance(c, str):
             raise ValueError(f"caption {i} is not a string: {c!r}")
-        if not c.strip():
-            raise ValueError(f"caption {i} is empty or whitespace only: {c!r}")
+        if is_blank(c):
+            raise ValueError(f"caption {i} is empty or has no visible character: {c!r}")
     return captions
 
 

@@ -1,0 +1,353 @@
+"""Fault injection: ``kill -9`` the long stage commands at seeded random moments, rerun, lose nothing.
+
+A small synthetic world is prepared once (in this process, through the same library
+calls the stage commands make), with uninterrupted reference runs of ``fit_loras``,
+``train_stage1`` and ``train_stage2``. Each fault test starts the real stage command
+(``python -m pipelines.<stage>``) in its own process group, waits for a seeded random
+point of its progress plus a seeded random delay, SIGKILLs the group, checks what the
+killed run left on disk, reruns the command to completion and compares with the
+reference. Then two ``dvc repro`` race in one repository.
+
+What is checked (docs/FAULTS.md has the table):
+- no partial file is ever visible under a final name: every final name loads; a
+  ``.tmp-`` leftover is tolerated only because no final-name glob can match it;
+- fit: every expected LoRA exists once, loads, matches the reference, and the
+  rerun fits only the missing clips without touching the finished ones;
+- training: the rerun resumes from the killed run's last checkpoint (its sidecar
+  step; the MLflow loss history of the rerun starts after it) and ends with the
+  reference's weights; the export's ``tensors_hash`` matches its tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from lofa.config import from_dict
+from lofa.io import ArtifactError, load_tensors, read_json, read_metadata, sha256_file, tensors_hash
+from lofa.layers import Vocabulary
+from lofa.lora import LORA_FORMAT, load_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+SEEDS = (0, 1)
+SMALL = {
+    "synthetic": {"preset": "default", "seed": 1, "num_clips": 24, "frames": 9, "height": 32, "width": 32,
+                  "num_heldout_combos": 1, "num_heldout_templates": 1},
+    "preprocess": {"num_frames": 9, "fps": 8.0, "height": 32, "width": 32, "text_max_length": 16},
+    "pretrain_base": {"dit": {"dim": 96, "ffn_dim": 192, "num_heads": 2, "num_layers": 2, "text_dim": 384},
+                      "batch_size": 8, "train": {"max_steps": 20, "lr": 1e-3, "log_every": 10, "ckpt_every": 10}},
+    "fit_loras": {"rank": 4, "alpha": 4.0, "steps": 30, "lr": 5e-3, "clips_per_batch": 4},
+    "train_stage1": {"model": {"d_model": 64, "num_heads": 2, "num_blocks": 2, "patch_size": 32, "rank": 4,
+                               "text_dim": 384, "stage": 1},
+                     "loss": {"tau": 0.2}, "prompts_per_batch": 4, "matrices_per_lora": 6,
+                     "train": {"max_steps": 60, "lr": 1e-3, "log_every": 10, "ckpt_every": 5}},
+    "train_stage2": {"model": {"d_model": 64, "num_heads": 2, "num_blocks": 2, "patch_size": 32, "rank": 4,
+                               "text_dim": 384, "stage": 2, "cross_stage1_after": [1]},
+                     "prompts_per_batch": 2,
+                     "train": {"max_steps": 40, "lr": 1e-3, "log_every": 5, "ckpt_every": 5}},
+}
+FINAL_SUFFIXES = (".safetensors", ".json", ".parquet", ".csv", ".png")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The small world and uninterrupted references, built single-threaded like the subprocesses."""
+    from lofa.data.dataset import load_clips
+    from lofa.data.preprocess import PreprocessConfig, load_manifest, preprocess
+    from lofa.data.synthetic import SynthConfig, generate
+    from lofa.fit import ClipRecord, FitConfig, fit_shard
+    from lofa.hypertrain import Stage1Config, Stage2Config, load_hypernet, train_stage1, train_stage2
+    from lofa.pretrain import PretrainConfig, pretrain
+    from pipelines._hyper import load_base, load_sets
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("faults")
+    (tmp / "params.yaml").write_text(yaml.safe_dump(SMALL))
+    d = {k: tmp / k for k in ("synth", "pre", "base", "loras", "stage1", "stage2")}
+    generate(SynthConfig.from_params(SMALL["synthetic"]), d["synth"], progress=False)
+    preprocess(from_dict(PreprocessConfig, SMALL["preprocess"]), d["synth"], d["pre"], progress=False)
+    pretrain(from_dict(PretrainConfig, SMALL["pretrain_base"]), load_clips(d["pre"], ("train",)), d["base"])
+    dit, vocab, base_hash = load_base(d["base"])
+    records = [ClipRecord(r.id, str(d["pre"] / r.path), r.caption) for r in load_manifest(d["pre"]).itertuples()]
+    fit_shard(dit, records, d["loras"], from_dict(FitConfig, SMALL["fit_loras"]), base_hash=base_hash,
+              progress=False)
+    train_set, _ = load_sets(d["loras"], d["pre"], vocab)
+    train_stage1(from_dict(Stage1Config, SMALL["train_stage1"]), dit, vocab, train_set, d["stage1"],
+                 base_hash=base_hash)
+    train_stage2(from_dict(Stage2Config, SMALL["train_stage2"]), dit, vocab,
+                 load_hypernet(d["stage1"] / "model.safetensors"), train_set, d["stage2"], base_hash=base_hash)
+    torch.set_num_threads(threads)
+    return {"tmp": tmp, "dirs": d, "vocab": vocab, "records": records}
+
+
+# --------------------------------------------------------------------------- helpers
+
+def stage_cmd(world: dict, stage: str, out: Path, **inputs: str) -> list[str]:
+    d = world["dirs"]
+    cmd = [sys.executable, "-m", f"pipelines.{stage}", "--params", str(world["tmp"] / "params.yaml"),
+           "--no-progress", "--out", str(out), "--metrics", str(out.parent / f"{out.name}.metrics.json")]
+    for flag, key in inputs.items():
+        cmd += [f"--{flag}", str(d[key])]
+    return cmd
+
+
+def stage_env(run_id: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "LOFA_PIPELINE_ID": run_id}
+
+
+def kill_when(cmd: list[str], run_id: str, ready: Callable[[], bool], delay: float, log: Path,
+              timeout: float = 300.0) -> None:
+    """Start ``cmd`` in a new process group; once ``ready()``, wait ``delay`` s and SIGKILL the group."""
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=stage_env(run_id), stdout=err, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        finished = proc.poll() is not None
+        if not finished:
+            os.killpg(proc.pid, signal.SIGKILL)
+        code = proc.wait()
+    assert not finished and code == -signal.SIGKILL, \
+        f"the run ended on its own (code {code}) before the kill:\n{log.read_text()[-3000:]}"
+
+
+def run_to_completion(cmd: list[str], run_id: str) -> None:
+    done = subprocess.run(cmd, cwd=ROOT, env=stage_env(run_id), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"rerun failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+
+
+def temp_leftovers(root: Path) -> list[Path]:
+    """``.tmp-`` files or directories a killed writer left; none may carry a final name's suffix."""
+    left = sorted(root.rglob(".tmp-*"))
+    assert not [p for p in left if p.name.endswith(FINAL_SUFFIXES)], left
+    return left
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def lora_count(loras: Path) -> int:
+    d = loras / "loras"
+    return len(list(d.glob("*.safetensors"))) if d.is_dir() else 0
+
+
+def ckpt_step(out: Path) -> int:
+    try:
+        return int(read_json(out / "ckpt" / "latest.json")["step"])
+    except ArtifactError:  # not written yet
+        return 0
+
+
+def mlflow_run(run_id: str):
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["lofa"], filter_string=f"tags.`lofa.pipeline` = '{run_id}'",
+                              output_format="list")
+    assert len(runs) == 1, (run_id, len(runs))
+    return runs[0]
+
+
+def loss_steps(run) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "loss"))
+
+
+# --------------------------------------------------------------------------- fit_loras
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_kill_fit_loras_then_rerun(world: dict, seed: int, tmp_path: Path) -> None:
+    rng = random.Random(seed)
+    n_clips, per_batch = len(world["records"]), SMALL["fit_loras"]["clips_per_batch"]
+    target, delay = rng.randint(1, n_clips - 2 * per_batch), rng.uniform(0.0, 0.4)
+    out = tmp_path / "loras"
+    cmd = stage_cmd(world, "fit_loras", out, data="pre", base="base")
+    killed_id, rerun_id = f"kill-fit-{seed}-{uuid.uuid4().hex[:6]}", f"rerun-fit-{seed}-{uuid.uuid4().hex[:6]}"
+    kill_when(cmd, killed_id, lambda: lora_count(out) >= target, delay, tmp_path / "killed.log")
+
+    vocab, ref = world["vocab"], world["dirs"]["loras"]
+    survivors = {p: p.stat().st_mtime_ns for p in (out / "loras").glob("*.safetensors")}
+    assert target <= len(survivors) < n_clips
+    for p in survivors:  # every final name holds a complete, valid LoRA, and its curve came first
+        load_lora(p, vocab)
+        assert read_json(out / "curves" / f"{p.stem}.json")["clip_id"] == read_metadata(p)["clip_id"]
+    left_by_kill = temp_leftovers(out)
+
+    run_to_completion(cmd, rerun_id)
+    metrics = read_json(out.parent / "loras.metrics.json")
+    assert metrics["fitted_now"] == n_clips - len(survivors) and metrics["clips"] == n_clips
+    assert all(p.stat().st_mtime_ns == t for p, t in survivors.items())  # finished clips untouched
+    names = sorted(p.name for p in (out / "loras").glob("*.safetensors"))
+    assert names == sorted(p.name for p in (ref / "loras").glob("*.safetensors")) and len(names) == n_clips
+    assert sorted(p.name for p in (out / "curves").glob("*.json")) == sorted(
+        p.name for p in (ref / "curves").glob("*.json"))
+    worst = 0.0
+    for name in names:
+        lora, want = load_lora(out / "loras" / name, vocab), load_lora(ref / "loras" / name, vocab)
+        assert lora.metadata["format"] == LORA_FORMAT and lora.metadata["clip_id"] == want.metadata["clip_id"]
+        curve = read_json(out / "curves" / name.replace(".safetensors", ".json"))
+        assert curve["final_loss"] == pytest.approx(float(lora.metadata["fit_final_loss"]), rel=1e-6)
+        worst = max(worst, *(float((a - b).abs().max()) for a, b in zip(lora.A + lora.B, want.A + want.B)))
+    assert worst <= 1e-5, worst  # a clip's LoRA does not depend on the batch it was refitted in
+    print(f"seed {seed}: killed after >= {target} LoRAs (+{delay:.2f} s), {len(survivors)} survived, "
+          f"{len(left_by_kill)} temp leftovers {[p.name for p in left_by_kill]}, max |diff| {worst:.1e}")
+
+
+# --------------------------------------------------------------------------- training
+
+def _check_killed_training(out: Path) -> int:
+    """What a killed training run leaves: no export, a pointer to a complete checkpoint; its step."""
+    assert not (out / "model.safetensors").exists() and not (out / "model.json").exists()
+    pointer = read_json(out / "ckpt" / "latest.json")
+    for name in pointer["history"]:
+        ckpt = out / "ckpt" / name
+        load_tensors(ckpt / "model.safetensors")
+        load_tensors(ckpt / "optimizer.safetensors")
+        assert read_json(ckpt / "checkpoint.json")["step"] == int(name.removeprefix("step_"))
+    latest = out / "ckpt" / pointer["latest"]
+    step = read_json(latest / "checkpoint.json")["step"]
+    assert step == pointer["step"] > 0
+    return step
+
+
+def _kill_train(world: dict, stage: str, seed: int, tmp_path: Path, **inputs: str) -> None:
+    train = SMALL[stage]["train"]
+    rng = random.Random(1000 + seed)
+    every, last = train["ckpt_every"], train["max_steps"]
+    target = rng.randrange(every, last - 3 * every + 1, every)
+    delay = rng.uniform(0.0, 0.2)
+    out = tmp_path / stage
+    cmd = stage_cmd(world, stage, out, **inputs)
+    killed_id, rerun_id = f"kill-{stage}-{seed}-{uuid.uuid4().hex[:6]}", f"rerun-{stage}-{seed}-{uuid.uuid4().hex[:6]}"
+    kill_when(cmd, killed_id, lambda: ckpt_step(out) >= target, delay, tmp_path / "killed.log")
+    resumed_from = _check_killed_training(out)
+    left_by_kill = temp_leftovers(out)
+
+    run_to_completion(cmd, rerun_id)
+    killed, rerun = mlflow_run(killed_id), mlflow_run(rerun_id)
+    assert killed.info.status == "RUNNING" and rerun.info.status == "FINISHED"  # SIGKILL cannot end a run
+    assert all(s <= resumed_from for s in loss_steps(killed))
+    expected = [s for s in range(resumed_from + 1, last + 1) if s % train["log_every"] == 0 or s == last]
+    assert loss_steps(rerun) == expected  # the rerun started after the sidecar's step
+    store = "/" + os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///").lstrip("/")
+    with sqlite3.connect(store) as db:  # the killed writer left the sqlite store consistent
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    weights, side = load_tensors(out / "model.safetensors"), read_json(out / "model.json")
+    assert side["step"] == last and side["tensors_hash"] == tensors_hash(weights)
+    ref = world["dirs"][stage.replace("train_", "")]
+    diff = max_diff(weights, load_tensors(ref / "model.safetensors"))
+    assert diff <= 1e-5, diff
+    assert read_json(out / "ckpt" / "latest.json")["step"] == last
+    assert not list((out / "ckpt").glob(".tmp-*"))  # the resume dropped half-written checkpoints
+    temp_leftovers(out)
+    print(f"{stage} seed {seed}: killed at ckpt >= {target} (+{delay:.2f} s), resumed from {resumed_from}, "
+          f"temp leftovers {[p.name for p in left_by_kill]}, max |diff| {diff:.1e}")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_kill_train_stage1_then_rerun(world: dict, seed: int, tmp_path: Path) -> None:
+    _kill_train(world, "train_stage1", seed, tmp_path, data="pre", base="base", loras="loras")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_kill_train_stage2_then_rerun(world: dict, seed: int, tmp_path: Path) -> None:
+    _kill_train(world, "train_stage2", seed, tmp_path, data="pre", base="base", loras="loras", stage1="stage1")
+
+
+# --------------------------------------------------------------------------- two dvc repro at once
+
+LOCK_MESSAGES = ("Unable to acquire lock", "is busy, it is being blocked by")
+
+
+def _dvc_repo(root: Path) -> None:
+    """A git + DVC repository holding the code and the synthesize and preprocess stages of dvc.yaml."""
+    for name in ("lofa", "pipelines"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / ".venv").symlink_to(Path(sys.executable).parents[1])
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in ("synthesize", "preprocess")}},
+                                                  sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump({k: SMALL[k] for k in ("synthetic", "preprocess")}))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([_dvc(), "init", "-q"], cwd=root, check=True)
+
+
+def _dvc() -> str:
+    return str(Path(sys.executable).parent / "dvc")
+
+
+def _files_hash(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_two_dvc_repro_at_once(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _dvc_repo(repo)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "LOFA_MLFLOW_ARTIFACTS")}
+    env.update(PREFECT_HOME=str(repo / ".prefect"), OMP_NUM_THREADS="1")
+    prefect = Path(sys.executable).parent / "prefect"
+    subprocess.run([str(prefect), "config", "set", "PREFECT_LOGGING_LEVEL=WARNING"], cwd=repo, env=env,
+                   check=True, capture_output=True)
+    prefect_before = _files_hash(repo / ".prefect")
+    assert "profiles.toml" in prefect_before
+
+    logs = {n: tmp_path / f"{n}.log" for n in ("first", "second", "waiting")}
+    cmds = {"first": [_dvc(), "repro"], "second": [_dvc(), "repro"], "waiting": [_dvc(), "--wait-for-lock", "repro"]}
+    procs = {"first": subprocess.Popen(cmds["first"], cwd=repo, env=env, stdout=open(logs["first"], "wb"),
+                                       stderr=subprocess.STDOUT)}
+    deadline = time.monotonic() + 120
+    while "Running stage" not in logs["first"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for name in ("second", "waiting"):  # both start while the first one runs a stage
+        procs[name] = subprocess.Popen(cmds[name], cwd=repo, env=env, stdout=open(logs[name], "wb"),
+                                       stderr=subprocess.STDOUT)
+    codes = {n: p.wait(timeout=600) for n, p in procs.items()}
+    out = {n: logs[n].read_text() for n in logs}
+    assert codes["first"] == 0 and out["first"].count("Running stage") == 2, out["first"]
+    for name in ("second", "waiting"):  # each refuses on a DVC lock, or finds nothing to do
+        assert "Running stage" not in out[name], out[name]
+        if codes[name] == 0:
+            assert out[name].count("didn't change, skipping") == 2, out[name]
+        else:
+            assert any(m in out[name] for m in LOCK_MESSAGES), out[name]
+    print({n: (codes[n], out[n].strip().splitlines()[0][:100]) for n in ("second", "waiting")})
+
+    status = subprocess.run([_dvc(), "status"], cwd=repo, env=env, capture_output=True, text=True)
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout + status.stderr
+    pre = repo / "data" / "preprocessed"
+    manifest = pd.read_parquet(pre / "manifest.parquet")
+    assert len(manifest) == SMALL["synthetic"]["num_clips"]
+    assert all(sha256_file(pre / r.path) == r.sha256 for r in manifest.itertuples())
+    assert not list((repo / "data").rglob(".tmp-*"))
+
+    with sqlite3.connect(repo / "mlflow.db") as db:  # the store reads, and holds each stage once
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        names = sorted(r[0] for r in db.execute("SELECT name FROM runs"))
+    assert names == ["preprocess", "synthesize"], names
+    assert _files_hash(repo / ".prefect") == prefect_before
+    profiles = tomllib.loads((repo / ".prefect" / "profiles.toml").read_text())
+    assert "WARNING" in str(profiles)
