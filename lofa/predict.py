@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from lofa.config import load_section
-from lofa.data.preprocess import PreprocessConfig
-from lofa.encoders.text import TextEncoder, build_text_encoder
-from lofa.encoders.video import VideoCodec, build_codec, latent_shape
+from lofa.data.preprocess import PreprocessConfig, codec_for, text_encoder_for
+from lofa.encoders.text import TextEncoder
+from lofa.encoders.video import VideoCodec, latent_shape
 from lofa.hypernet import EmbeddedGroup, HyperNet, MatrixGroup, group_by_shape
 from lofa.hypertrain import load_hypernet
 from lofa.io import ArtifactError, read_json
@@ -108,21 +108,6 @@ def load_stage(stage_dir: str | Path, stage: int) -> tuple[HyperNet, str, str]:
 def load_preprocess(params_path: str | Path) -> PreprocessConfig:
     """The ``preprocess`` section: how prompts were encoded and clips sized for training."""
     return load_section(PreprocessConfig, "preprocess", params_path)
-
-
-def text_encoder_for(cfg: PreprocessConfig, device: str | torch.device = "cpu") -> TextEncoder:
-    """The text encoder exactly as ``preprocess`` built it (same profile, same length)."""
-    if cfg.profile == "synthetic":
-        return build_text_encoder("synthetic", max_length=cfg.text_max_length, device=device)
-    return build_text_encoder("wan", weights_path=cfg.text_encoder_path, tokenizer_path=cfg.tokenizer_path,
-                              device=device)
-
-
-def codec_for(cfg: PreprocessConfig, device: str | torch.device = "cpu") -> VideoCodec:
-    """The profile's codec: SynthCodec, or the Wan VAE from ``preprocess.vae_path``."""
-    if cfg.profile == "synthetic":
-        return build_codec("synthetic")
-    return build_codec("wan", weights_path=cfg.vae_path, device=device)
 
 
 def load_user_lora(path: str | Path, base: BaseModel) -> LoRAFile:

@@ -1,4 +1,4 @@
-"""What the two hypernetwork stage commands share: the base DiT, its vocabulary, the LoRA sets."""
+"""What the hypernetwork stage commands share: the base DiT, its vocabulary, the LoRA sets."""
 
 from __future__ import annotations
 
@@ -7,20 +7,16 @@ from pathlib import Path
 from torch import nn
 
 from lofa.hypertrain import LoRASet, load_lora_set
-from lofa.io import read_json
 from lofa.layers import Vocabulary
-from lofa.pretrain import dit_config_from_sidecar
-from lofa.wan import load_dit
+from lofa.predict import load_base as load_base_model
 
 HELDOUT = ("val", "test")
 
 
 def load_base(base_dir: Path) -> tuple[nn.Module, Vocabulary, str]:
     """The frozen base DiT, its adapted-matrix vocabulary and its content hash."""
-    sidecar = read_json(base_dir / "dit.json")
-    cfg = dit_config_from_sidecar(sidecar)
-    dit = load_dit(base_dir / "dit.safetensors", cfg).eval().requires_grad_(False)
-    return dit, Vocabulary.from_dit_config(cfg), sidecar["base_model_hash"]
+    base = load_base_model(base_dir)
+    return base.dit, base.vocabulary(), base.hash
 
 
 def load_sets(loras: Path, data: Path, vocab: Vocabulary) -> tuple[LoRASet, LoRASet]:

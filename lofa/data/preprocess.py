@@ -59,16 +59,24 @@ def clip_path(out_dir: Path, clip_id: str) -> Path:
     return out_dir / "clips" / f"{clip_id}.safetensors"
 
 
-def _build_encoders(cfg: PreprocessConfig) -> tuple[Any, Any]:
+def text_encoder_for(cfg: PreprocessConfig, device: str | torch.device | None = None) -> Any:
+    """The profile's text encoder, as preprocess uses it (same profile, same length)."""
     from lofa.encoders.text import build_text_encoder
+
+    device = device or cfg.device
+    if cfg.profile == "synthetic":
+        return build_text_encoder("synthetic", max_length=cfg.text_max_length, device=device)
+    return build_text_encoder("wan", weights_path=cfg.text_encoder_path, tokenizer_path=cfg.tokenizer_path,
+                              device=device)
+
+
+def codec_for(cfg: PreprocessConfig, device: str | torch.device | None = None) -> Any:
+    """The profile's video codec: SynthCodec, or the Wan VAE from ``vae_path``."""
     from lofa.encoders.video import build_codec
 
     if cfg.profile == "synthetic":
-        return (build_text_encoder("synthetic", max_length=cfg.text_max_length, device=cfg.device),
-                build_codec("synthetic"))
-    return (build_text_encoder("wan", weights_path=cfg.text_encoder_path, tokenizer_path=cfg.tokenizer_path,
-                               device=cfg.device),
-            build_codec("wan", weights_path=cfg.vae_path, device=cfg.device))
+        return build_codec("synthetic")
+    return build_codec("wan", weights_path=cfg.vae_path, device=device or cfg.device)
 
 
 def _row_from_file(path: Path, out_dir: Path) -> dict[str, Any]:
@@ -124,7 +132,7 @@ def preprocess(cfg: PreprocessConfig, root: str | Path, out_dir: str | Path,
     def flush() -> None:
         nonlocal encoders, group, encoded
         if group:
-            encoders = encoders or _build_encoders(cfg)
+            encoders = encoders or (text_encoder_for(cfg), codec_for(cfg))
             rows.extend(_encode_group(group, *encoders, cfg, out_dir))
             encoded += len(group)
             group = []
