@@ -73,8 +73,9 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> None:
     """Save ``tensors`` as safetensors atomically (contiguous CPU copies)."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:  # (safetensors 0.8 writes broken JSON for no tensors and metadata {})
+        save_file(flat, str(tmp), metadata=meta or None)
 
 
 def load_tensors(path: str | Path, *, check_finite: bool = True,

@@ -46,7 +46,6 @@ from lofa.lora import LORA_FORMAT, load_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-SEEDS = (0, 1)
 SMALL = {
     "synthetic": {"preset": "default", "seed": 1, "num_clips": 24, "frames": 9, "height": 32, "width": 32,
                   "num_heldout_combos": 1, "num_heldout_templates": 1},
@@ -113,20 +112,44 @@ def stage_env(run_id: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "LOFA_PIPELINE_ID": run_id}
 
 
-def kill_when(cmd: list[str], run_id: str, ready: Callable[[], bool], delay: float, log: Path,
-              timeout: float = 300.0) -> None:
-    """Start ``cmd`` in a new process group; once ``ready()``, wait ``delay`` s and SIGKILL the group."""
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=stage_env(run_id), stdout=err, stderr=subprocess.STDOUT,
+#: Runs a stage command whose n-th tensor write (``lofa.io.save_file``, the bytes behind every
+#: safetensors file) dies half-way: the file is cut to half its size under its temporary name,
+#: then the process SIGKILLs itself. The worst moment for atomicity, hit exactly.
+WRITE_KILLER = r"""
+import os, runpy, signal, sys
+import lofa.io
+real, count, at = lofa.io.save_file, [0], int(os.environ["LOFA_TEST_KILL_AT_WRITE"])
+def save_file(tensors, filename, metadata=None):
+    count[0] += 1
+    real(tensors, filename, metadata=metadata)
+    if count[0] == at:
+        os.truncate(filename, os.path.getsize(filename) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+lofa.io.save_file = save_file
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def kill_run(cmd: list[str], run_id: str, log: Path, *, ready: Callable[[], bool] | None = None,
+             delay: float = 0.0, at_write: int | None = None, timeout: float = 300.0) -> None:
+    """Run ``cmd`` in a new process group and SIGKILL it: ``delay`` s after ``ready()`` turns true,
+    or (``at_write``) from inside its ``at_write``-th tensor write."""
+    env = stage_env(run_id)
+    if at_write is not None:
+        env["LOFA_TEST_KILL_AT_WRITE"] = str(at_write)
+        cmd = [cmd[0], "-c", WRITE_KILLER, *cmd[2:]]  # python -m pipelines.x ... -> python -c KILLER pipelines.x ...
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        while ready is not None and not ready() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(delay)
-        finished = proc.poll() is not None
-        if not finished:
+        finished = at_write is None and proc.poll() is not None
+        if ready is not None and not finished:
             os.killpg(proc.pid, signal.SIGKILL)
-        code = proc.wait()
+        code = proc.wait(timeout=timeout)
     assert not finished and code == -signal.SIGKILL, \
         f"the run ended on its own (code {code}) before the kill:\n{log.read_text()[-3000:]}"
 
@@ -177,23 +200,27 @@ def loss_steps(run) -> list[int]:
 
 # --------------------------------------------------------------------------- fit_loras
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_kill_fit_loras_then_rerun(world: dict, seed: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("seed", "mode"), [(0, "delay"), (1, "delay"), (2, "write")])
+def test_kill_fit_loras_then_rerun(world: dict, seed: int, mode: str, tmp_path: Path) -> None:
     rng = random.Random(seed)
     n_clips, per_batch = len(world["records"]), SMALL["fit_loras"]["clips_per_batch"]
     target, delay = rng.randint(1, n_clips - 2 * per_batch), rng.uniform(0.0, 0.4)
     out = tmp_path / "loras"
     cmd = stage_cmd(world, "fit_loras", out, data="pre", base="base")
     killed_id, rerun_id = f"kill-fit-{seed}-{uuid.uuid4().hex[:6]}", f"rerun-fit-{seed}-{uuid.uuid4().hex[:6]}"
-    kill_when(cmd, killed_id, lambda: lora_count(out) >= target, delay, tmp_path / "killed.log")
+    if mode == "delay":
+        kill_run(cmd, killed_id, tmp_path / "killed.log", ready=lambda: lora_count(out) >= target, delay=delay)
+    else:  # each LoRA is one tensor write: die inside the write of LoRA number `target`
+        kill_run(cmd, killed_id, tmp_path / "killed.log", at_write=target)
 
     vocab, ref = world["vocab"], world["dirs"]["loras"]
     survivors = {p: p.stat().st_mtime_ns for p in (out / "loras").glob("*.safetensors")}
-    assert target <= len(survivors) < n_clips
+    assert target <= len(survivors) < n_clips if mode == "delay" else len(survivors) == target - 1
     for p in survivors:  # every final name holds a complete, valid LoRA, and its curve came first
         load_lora(p, vocab)
         assert read_json(out / "curves" / f"{p.stem}.json")["clip_id"] == read_metadata(p)["clip_id"]
     left_by_kill = temp_leftovers(out)
+    assert mode == "delay" or [p.parent.name for p in left_by_kill] == ["loras"]  # the half-written one
 
     run_to_completion(cmd, rerun_id)
     metrics = read_json(out.parent / "loras.metrics.json")
@@ -211,8 +238,10 @@ def test_kill_fit_loras_then_rerun(world: dict, seed: int, tmp_path: Path) -> No
         assert curve["final_loss"] == pytest.approx(float(lora.metadata["fit_final_loss"]), rel=1e-6)
         worst = max(worst, *(float((a - b).abs().max()) for a, b in zip(lora.A + lora.B, want.A + want.B)))
     assert worst <= 1e-5, worst  # a clip's LoRA does not depend on the batch it was refitted in
-    print(f"seed {seed}: killed after >= {target} LoRAs (+{delay:.2f} s), {len(survivors)} survived, "
-          f"{len(left_by_kill)} temp leftovers {[p.name for p in left_by_kill]}, max |diff| {worst:.1e}")
+    left = temp_leftovers(out)
+    when = f"+{delay:.2f} s" if mode == "delay" else "inside its write"
+    print(f"fit_loras seed {seed} ({mode}): killed at >= {target} LoRAs ({when}), {len(survivors)} "
+          f"survived, temp leftovers {[p.name for p in left_by_kill]} (after rerun {len(left)}), max |diff| {worst:.1e}")
 
 
 # --------------------------------------------------------------------------- training
@@ -232,18 +261,24 @@ def _check_killed_training(out: Path) -> int:
     return step
 
 
-def _kill_train(world: dict, stage: str, seed: int, tmp_path: Path, **inputs: str) -> None:
+def _kill_train(world: dict, stage: str, seed: int, mode: str, tmp_path: Path, **inputs: str) -> None:
     train = SMALL[stage]["train"]
     rng = random.Random(1000 + seed)
     every, last = train["ckpt_every"], train["max_steps"]
-    target = rng.randrange(every, last - 3 * every + 1, every)
-    delay = rng.uniform(0.0, 0.2)
+    target = rng.randrange(every, last - 4 * every + 1, every)
+    delay = rng.uniform(0.0, 1.0)  # up to two checkpoint intervals: it may land inside a checkpoint write
     out = tmp_path / stage
     cmd = stage_cmd(world, stage, out, **inputs)
     killed_id, rerun_id = f"kill-{stage}-{seed}-{uuid.uuid4().hex[:6]}", f"rerun-{stage}-{seed}-{uuid.uuid4().hex[:6]}"
-    kill_when(cmd, killed_id, lambda: ckpt_step(out) >= target, delay, tmp_path / "killed.log")
+    if mode == "delay":
+        kill_run(cmd, killed_id, tmp_path / "killed.log", ready=lambda: ckpt_step(out) >= target, delay=delay)
+    else:  # a checkpoint is two tensor writes (model, optimizer): die inside the model write after `target`
+        kill_run(cmd, killed_id, tmp_path / "killed.log", at_write=2 * (target // every) + 1)
     resumed_from = _check_killed_training(out)
     left_by_kill = temp_leftovers(out)
+    if mode == "write":
+        top = [p.name for p in left_by_kill if p.parent.name == "ckpt"]
+        assert resumed_from == target and top == [f".tmp-step_{target + every:07d}"], left_by_kill
 
     run_to_completion(cmd, rerun_id)
     killed, rerun = mlflow_run(killed_id), mlflow_run(rerun_id)
@@ -262,22 +297,25 @@ def _kill_train(world: dict, stage: str, seed: int, tmp_path: Path, **inputs: st
     assert read_json(out / "ckpt" / "latest.json")["step"] == last
     assert not list((out / "ckpt").glob(".tmp-*"))  # the resume dropped half-written checkpoints
     temp_leftovers(out)
-    print(f"{stage} seed {seed}: killed at ckpt >= {target} (+{delay:.2f} s), resumed from {resumed_from}, "
-          f"temp leftovers {[p.name for p in left_by_kill]}, max |diff| {diff:.1e}")
+    when = f"+{delay:.2f} s" if mode == "delay" else "in the next write"
+    print(f"{stage} seed {seed} ({mode}): killed at ckpt >= {target} ({when}), resumed from "
+          f"{resumed_from}, temp leftovers {[p.name for p in left_by_kill]}, max |diff| {diff:.1e}")
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_kill_train_stage1_then_rerun(world: dict, seed: int, tmp_path: Path) -> None:
-    _kill_train(world, "train_stage1", seed, tmp_path, data="pre", base="base", loras="loras")
+@pytest.mark.parametrize(("seed", "mode"), [(0, "delay"), (1, "write")])
+def test_kill_train_stage1_then_rerun(world: dict, seed: int, mode: str, tmp_path: Path) -> None:
+    _kill_train(world, "train_stage1", seed, mode, tmp_path, data="pre", base="base", loras="loras")
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_kill_train_stage2_then_rerun(world: dict, seed: int, tmp_path: Path) -> None:
-    _kill_train(world, "train_stage2", seed, tmp_path, data="pre", base="base", loras="loras", stage1="stage1")
+@pytest.mark.parametrize(("seed", "mode"), [(0, "delay"), (1, "delay")])
+def test_kill_train_stage2_then_rerun(world: dict, seed: int, mode: str, tmp_path: Path) -> None:
+    _kill_train(world, "train_stage2", seed, mode, tmp_path, data="pre", base="base", loras="loras",
+                stage1="stage1")
 
 
 # --------------------------------------------------------------------------- two dvc repro at once
 
+DVC_CLIPS = 16
 LOCK_MESSAGES = ("Unable to acquire lock", "is busy, it is being blocked by")
 
 
@@ -289,7 +327,8 @@ def _dvc_repo(root: Path) -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in ("synthesize", "preprocess")}},
                                                   sort_keys=False))
-    (root / "params.yaml").write_text(yaml.safe_dump({k: SMALL[k] for k in ("synthetic", "preprocess")}))
+    (root / "params.yaml").write_text(yaml.safe_dump({"synthetic": {**SMALL["synthetic"], "num_clips": DVC_CLIPS},
+                                                      "preprocess": SMALL["preprocess"]}))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([_dvc(), "init", "-q"], cwd=root, check=True)
 
@@ -340,7 +379,7 @@ def test_two_dvc_repro_at_once(tmp_path: Path) -> None:
     assert "Data and pipelines are up to date" in status.stdout, status.stdout + status.stderr
     pre = repo / "data" / "preprocessed"
     manifest = pd.read_parquet(pre / "manifest.parquet")
-    assert len(manifest) == SMALL["synthetic"]["num_clips"]
+    assert len(manifest) == DVC_CLIPS
     assert all(sha256_file(pre / r.path) == r.sha256 for r in manifest.itertuples())
     assert not list((repo / "data").rglob(".tmp-*"))
 

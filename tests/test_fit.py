@@ -56,7 +56,7 @@ def test_config_from_dict_and_validation():
         from_dict(FitConfig, {"block_impl": "fast"})
     assert from_dict(FitConfig, {"sdpa_backend": "cudnn_first"}).sdpa_backend == "cudnn_first"
     auto = FitConfig()
-    assert auto.block_impl_on(torch.device("cpu")) == "fused"
+    assert auto.block_impl_on(torch.device("cpu")) == "diffsynth"
     assert auto.block_impl_on(torch.device("cuda")) == "compiled"
     assert FitConfig(block_impl="diffsynth").block_impl_on(torch.device("cuda")) == "diffsynth"
 
