@@ -34,7 +34,7 @@ from lofa.data.preprocess import PreprocessConfig, load_manifest, preprocess
 from lofa.fit import ClipRecord, FitConfig, fit_shard, lora_path
 from lofa.io import ArtifactError, load_tensors, read_metadata, save_tensors
 from lofa.layers import Vocabulary
-from lofa.lora import LoRAFormatError, load_lora, save_lora
+from lofa.lora import LoRAFormatError, load_lora
 from tiny_artifacts import DIT, RANK, write_artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
