@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lofa.config import load_section
 from lofa.data.preprocess import PreprocessConfig, codec_for, text_encoder_for
-from lofa.encoders.text import TextEncoder
+from lofa.encoders.text import TextEncoder, is_blank
 from lofa.encoders.video import VideoCodec, latent_shape
 from lofa.hypernet import EmbeddedGroup, HyperNet, MatrixGroup, group_by_shape
 from lofa.hypertrain import load_hypernet
@@ -49,12 +49,12 @@ class PredictError(ValueError):
 
 
 def check_prompts(prompts: str | Sequence[str]) -> list[str]:
-    """The prompts as a list; empty or whitespace-only prompts raise :class:`PredictError`."""
+    """The prompts as a list; empty or invisible-only prompts raise :class:`PredictError`."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise PredictError("no prompt given")
     for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
+        if not isinstance(p, str) or is_blank(p):
             which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1} of {len(prompts)}"
             raise PredictError(f"{which} is empty: describe the video, e.g. 'a figure waves slowly'")
     return prompts
