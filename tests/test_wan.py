@@ -18,15 +18,6 @@ TINY3 = WanDiTConfig(dim=96, ffn_dim=128, num_heads=2, num_layers=3, text_dim=32
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded on the shared CPU (no oversubscription)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def dit():
     torch.manual_seed(1)
