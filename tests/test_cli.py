@@ -7,7 +7,6 @@ without paying the model imports once per command).
 
 from __future__ import annotations
 
-import inspect
 import os
 import subprocess
 import sys
@@ -16,7 +15,6 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
-import torch
 
 from lofa import fit
 from lofa.cli import main
@@ -29,17 +27,6 @@ from tiny_artifacts import CAPTION, CLIP_ID, DIT, PARAMS, RANK, write_artifacts,
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a small red figure waves quickly"
-HAS_INIT = "init" in inspect.signature(fit.fit_batch).parameters
-WAITING = pytest.mark.skipif(not HAS_INIT, reason="WAITING: lofa.fit.fit_batch has no `init` argument yet "
-                                                   "(refine starts a fit from a given LoRA through it)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +120,6 @@ def _predict_file(art, tmp_path: Path) -> Path:
     return path
 
 
-@WAITING
 def test_refine_reports_curves_and_steps_to_the_oracle(art, tmp_path, capsys):
     clip = write_clip(tmp_path / "clip.safetensors")
     pred = _predict_file(art, tmp_path)

@@ -12,7 +12,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from servers import free_port, wait_http
 from lofa.orchestration import PipelineError, Stage, StageFailed, Step, fingerprint, load_stages, run_command
 from pipelines.flow import lofa_pipeline, pipeline_plan, task_runner
 
@@ -236,26 +236,6 @@ def test_flow_on_local_dask_cluster(tmp_path: Path, prefect_home: None) -> None:
 
 
 # --------------------------------------------------------------------------- the real stages, real server
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer in {timeout} s")
-
 
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:

@@ -45,14 +45,6 @@ GOOD = [f"good/clip_{i}" for i in range(4)]
 TINY_T5 = dict(vocab=30522, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, num_buckets=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- fixtures
 
 def write_video(path: Path, frames: int = 24, h: int = 48, w: int = 80, codec: str = "libx264") -> None:

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from servers import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -40,26 +41,6 @@ for stage, value in (("fit_loras", 0.4321), ("train_stage1", 0.8765)):
         out[stage], out["experiment"] = run.run_id, run.experiment_id
 print(json.dumps(out))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} not healthy after {timeout} s")
 
 
 def chromium(tmp: Path, url: str, *args: str) -> str:
@@ -101,7 +82,7 @@ def test_mlflow_ui_shows_stage_runs(tmp_path: Path, capsys: pytest.CaptureFixtur
                               env=env, start_new_session=True, stdout=log,
                               stderr=subprocess.STDOUT)
     try:
-        wait_healthy(f"{base}/health", server)
+        wait_http(f"{base}/health", server, timeout=180)
         pages = {"experiment": f"{base}/#/experiments/{ids['experiment']}/runs",
                  "run": f"{base}/#/experiments/{ids['experiment']}/runs/{ids['fit_loras']}"}
         texts = {name: page_text(chromium(tmp_path, url, "--dump-dom")) for name, url in pages.items()}

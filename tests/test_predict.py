@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import re
 
 import numpy as np
@@ -26,14 +25,6 @@ from tiny_artifacts import DIT, RANK, hypernet_config, write_artifacts, write_ba
 
 PROMPTS = ["a small red figure waves quickly", "the large figure in yellow claps while facing left",
            "une petite silhouette bleue saute, façon 跳舞 🙂"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -224,11 +215,6 @@ def test_generate_is_deterministic_and_the_lora_matters(predictor, art, tmp_path
         write_videos(tmp_path / "v.avi", video, fps=8)
 
 
-HAS_INIT = "init" in inspect.signature(fit.fit_batch).parameters
-
-
-@pytest.mark.skipif(not HAS_INIT, reason="WAITING: lofa.fit.fit_batch has no `init` argument yet "
-                                         "(refine starts a fit from a given LoRA through it)")
 def test_refine_from_a_prediction_and_from_zero(predictor, tmp_path):
     from lofa.refine import load_clip_file, refine
 
