@@ -41,3 +41,10 @@ def setup_env(root: Path | None = None) -> Path:
     os.environ.setdefault("LOFA_MLFLOW_ARTIFACTS", (root / "mlruns").as_uri())
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     return root
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

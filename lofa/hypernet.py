@@ -38,6 +38,8 @@ from lofa.layers import ALL_MODULES, Vocabulary
 
 #: Bytes of unfolded weight tiles handled at once by the patch embedding.
 _PATCH_CHUNK_BYTES = 1 << 28
+#: Query rows per cross-attention chunk under autograd (see CrossAttention.forward).
+_BWD_QUERY_CHUNK = 4096
 #: B-head init std used by stage I when ``b_init_std`` is unset (see HyperNetConfig).
 STAGE1_B_INIT_STD = 1e-5
 
@@ -162,14 +164,16 @@ class HyperOutput:
 
 @dataclass(frozen=True)
 class EmbeddedGroup:
-    """A MatrixGroup with its matrix tokens, which depend on W only, not on the prompt.
+    """A MatrixGroup with the part of the forward that depends on W only, not on the prompt.
 
     Made by ``HyperNet.embed`` for inference: a predictor serving many prompts of one
     base model embeds its matrices once. Valid only for the model that made it and
     only while that model's weights do not change.
 
     Attributes:
-        group: the matrices; tokens: (n, S, d_model) embedded tokens; rms: (n,) RMS(W).
+        group: the matrices; tokens: (n, S, d_model) the tokens after the first trunk
+            block's self-attention and MLP (nothing before them reads the prompt);
+        rms: (n,) RMS(W).
     """
 
     group: MatrixGroup
@@ -217,6 +221,15 @@ class RMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
+def _query_chunks(m: int, s: int) -> int:
+    """The largest divisor c of m (matrices per prompt) with chunks of >= _BWD_QUERY_CHUNK query rows."""
+    best = 1
+    for c in range(1, m + 1):
+        if m % c == 0 and (m // c) * s >= _BWD_QUERY_CHUNK:
+            best = c
+    return best
+
+
 def _heads(x: Tensor, lead: int, num_heads: int) -> Tensor:
     """(..., d) with n*S rows -> (lead, heads, rows/lead, head_dim)."""
     return x.reshape(lead, -1, num_heads, x.shape[-1] // num_heads).transpose(1, 2)
@@ -241,9 +254,20 @@ class CrossAttention(nn.Module):
         return self.k_norm(_heads(k, c.shape[0], self.num_heads)), _heads(v, c.shape[0], self.num_heads)
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """x: (n, S, d) with n = P * m; the m consecutive matrices of a prompt share its K, V (P, ...)."""
+        """x: (n, S, d) with n = P * m; the m consecutive matrices of a prompt share its K, V (P, ...).
+
+        Without autograd a prompt's m*S queries form one sequence. With autograd they are
+        cut into chunks of about ``_BWD_QUERY_CHUNK`` rows that each get their own copy of
+        the (small) K / V: the attention backward parallelises over key blocks, and a few
+        heads x key blocks of one long sequence would leave most of the GPU idle.
+        """
         n, s, d = x.shape
-        q = self.q_norm(_heads(self.q(x), k.shape[0], self.num_heads))  # (P, h, m*S, hd)
+        lead = k.shape[0]
+        chunks = _query_chunks(n // lead, s) if torch.is_grad_enabled() else 1
+        q = self.q_norm(_heads(self.q(x), lead * chunks, self.num_heads))  # (P*c, h, m*S/c, hd)
+        if chunks > 1:
+            k, v = (t.repeat_interleave(chunks, dim=0) for t in (k, v))
+            mask = None if mask is None else mask.repeat_interleave(chunks, dim=0)
         attn_mask = None if mask is None else mask[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.o(y.transpose(1, 2).reshape(n, s, d))
@@ -300,12 +324,21 @@ class TrunkBlock(nn.Module):
         self.cross = CrossAttention(d, cfg.num_heads, cfg.qk_norm, eps)
         self.mlp2 = MLP(d, cfg.mlp_ratio)
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """x: (n, S, d); k, v: (P, heads, L, head_dim) with n a multiple of P."""
-        x = x + self.attn(self.norm1(x))
-        x = x + self.mlp1(self.norm2(x))
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, skip_self: bool = False) -> Tensor:
+        """x: (n, S, d); k, v: (P, heads, L, head_dim) with n a multiple of P.
+
+        ``skip_self``: x already went through ``self_part`` (the first block's self half
+        does not depend on the prompt and is cached by ``HyperNet.embed``).
+        """
+        if not skip_self:
+            x = self.self_part(x)
         x = x + self.cross(self.norm3(x), k, v, mask)
         return x + self.mlp2(self.norm4(x))
+
+    def self_part(self, x: Tensor) -> Tensor:
+        """[self-attn, MLP]: the half of the block that does not read the prompt."""
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp1(self.norm2(x))
 
 
 class Stage1Block(nn.Module):
@@ -425,8 +458,10 @@ class HyperNet(nn.Module):
 
     @torch.no_grad()
     def embed(self, group: MatrixGroup) -> EmbeddedGroup:
-        """The prompt-independent part of the forward for ``group``, to reuse across prompts."""
-        return EmbeddedGroup(group, *self._embed(group), model_id=id(self))
+        """The prompt-independent part of the forward for ``group``, to reuse across prompts:
+        the matrix embedding and the first trunk block's self-attention and MLP."""
+        tokens, rms = self._embed(group)
+        return EmbeddedGroup(group, self.blocks[0].self_part(tokens), rms, model_id=id(self))
 
     def _compute_dtype(self, device: torch.device) -> torch.dtype:
         if torch.is_autocast_enabled(device.type):
@@ -486,7 +521,7 @@ class HyperNet(nn.Module):
                 return None, ctx.mask
         return g.prompt_ids, None if ctx.mask is None else ctx.mask[g.prompt_ids]
 
-    def _run(self, module: nn.Module, *args: Tensor | None) -> Tensor:
+    def _run(self, module: nn.Module, *args: Tensor | bool | None) -> Tensor:
         if self.cfg.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
@@ -510,7 +545,7 @@ class HyperNet(nn.Module):
             k, v = ctx.keys[i], ctx.values[i]
             if index is not None:
                 k, v = k[index], v[index]
-            x = self._run(block, x, k, v, mask)
+            x = self._run(block, x, k, v, mask, i == 0 and embedded is not None)
             if stage1_tokens is not None and str(i) in self.stage1_blocks:
                 x = self._run(self.stage1_blocks[str(i)], x, stage1_tokens)
         tokens = self.norm(x)

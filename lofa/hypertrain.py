@@ -17,6 +17,7 @@ from torch import nn
 
 from lofa.config import from_dict, to_dict
 from lofa.data.dataset import ClipSet, load_clips
+from lofa.env import peak_rss_mib
 from lofa.fit import lora_path
 from lofa.hypernet import HyperNet, HyperNetConfig, MatrixGroup, group_by_shape
 from lofa.io import ArtifactError, read_json, write_json
@@ -214,7 +215,7 @@ def train_stage2(cfg: Stage2Config, dit: nn.Module, vocab: Vocabulary, stage1: H
 
 
 def write_summary(path: str | Path, result: TrainResult, heldout: dict[str, float], seconds: float) -> dict:
-    summary = {"steps": result.step, "seconds": round(seconds, 1),
+    summary = {"steps": result.step, "seconds": round(seconds, 1), "peak_rss_mib": peak_rss_mib(),
                **{f"train_{k}": float(v) for k, v in result.metrics.items()},
                **{f"heldout_{k}": float(v) for k, v in heldout.items()}}
     write_json(path, summary)

@@ -17,6 +17,7 @@ from lofa.encoders.video import build_codec
 from lofa.evaluate import EvalConfig, compare, judge_scores, method_loras
 from lofa.fit_report import collect_curves
 from lofa.hypertrain import load_hypernet
+from lofa.env import peak_rss_mib
 from lofa.io import atomic_path, write_json
 from lofa.media import decode_latents, side_by_side, write_video
 from lofa.tracking import stage_run
@@ -48,6 +49,7 @@ def main() -> None:
                   for i in train.clips.ids + held.clips.ids}
         summary["judge"], videos = judge_scores(dit, train, held, loras, labels, (len(ACTIONS), len(COLOURS)), cfg)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["peak_rss_mib"] = peak_rss_mib()
     write_json(args.metrics, summary)
     rows = pd.DataFrame([{"method": m, **r, **summary.get("judge", {}).get(m, {})} for m, r in table.items()])
     with atomic_path(args.plots) as tmp:

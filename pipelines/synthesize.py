@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lofa.config import to_dict
 from lofa.data.synthetic import SynthConfig, contact_sheet, generate
+from lofa.env import peak_rss_mib
 from lofa.io import write_json
 from lofa.tracking import stage_run
 from pipelines._common import section, stage_args
@@ -15,6 +16,7 @@ def main() -> None:
     with stage_run("synthesize", to_dict(cfg)) as mlflow:
         summary = generate(cfg, args.out, progress=not args.no_progress)
         sheet = contact_sheet(args.out, args.out / "contact_sheet.png")
+        summary["peak_rss_mib"] = peak_rss_mib()
         write_json(args.metrics, summary)
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         mlflow.log_dict(summary, "summary.json")

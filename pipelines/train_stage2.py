@@ -12,6 +12,7 @@ import time
 from lofa.config import from_dict, to_dict
 from lofa.hypertrain import Stage2Config, evaluate_stage2, load_hypernet, train_stage2, write_summary
 from lofa.lora import base_weights
+from lofa.registry import register_hypernet
 from lofa.tracking import stage_run
 from pipelines._common import section, stage_args
 from pipelines._hyper import load_base, load_sets
@@ -36,6 +37,10 @@ def main() -> None:
         summary = write_summary(args.metrics, result, held, time.perf_counter() - t0)
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(args.out / "model.json"))
+        if not args.ablation:  # the model users load: registered with its config and base hash
+            version = register_hypernet(mlflow, args.out, args.stage1 if cfg.model.use_stage1 else None,
+                                        args.params, args.base)
+            print(f"registered {version.name} version {version.version} (base model {base_hash})")
     print(summary)
 
 

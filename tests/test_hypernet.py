@@ -237,3 +237,30 @@ def test_embedded_groups_give_the_same_prediction():
         torch.testing.assert_close(got.alpha, ref.alpha)
         with pytest.raises(ValueError, match="another model"):
             s2(e1, text, mask, t1e)
+
+
+def test_query_chunked_cross_attention_gives_the_same_outputs_and_gradients(monkeypatch):
+    import lofa.hypernet as hn
+
+    torch.manual_seed(0)
+    model = HyperNet(_cfg(stage=2, b_init_std=0.02), VOCAB)
+    groups = _groups(VOCAB, _weights(VOCAB), list(range(16)) * 2, [0] * 16 + [1] * 16)  # m = 16 per prompt
+    text, mask = _text(2)
+    s1 = [torch.randn(g.weight.shape[0], 17, 32) for g in groups]
+    seen: list[int] = []
+    sdpa = hn.F.scaled_dot_product_attention
+    monkeypatch.setattr(hn.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append(q.shape[0]) or sdpa(q, k, v, **kw))
+    whole = _grads(model, groups, text, mask, s1)  # 16 matrices x 17 tokens < 4096 rows: one chunk
+    assert hn._query_chunks(16, 17) == 1 and 2 in seen and 8 not in seen
+    monkeypatch.setattr(hn, "_BWD_QUERY_CHUNK", 68)  # 4 matrices per chunk -> 4 chunks per prompt
+    assert hn._query_chunks(16, 17) == 4
+    seen.clear()
+    chunked = _grads(model, groups, text, mask, s1)
+    assert 8 in seen  # P x chunks = 2 x 4 rows of queries, each with its own copy of K / V
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    with torch.no_grad():  # inference keeps one sequence per prompt
+        seen.clear()
+        model(groups, text, mask, s1)
+        assert 8 not in seen

@@ -110,3 +110,14 @@ def test_mlflow_has_one_run_per_stage(pipeline: dict) -> None:
     assert {"synthesize", "preprocess", "pretrain_base", "fit_loras", "train_stage1", "train_stage2"} <= stages
     fit = runs[runs["tags.lofa.stage"] == "fit_loras"].iloc[0]
     assert fit["metrics.loss_reduction_median"] > 0.05
+
+
+def test_train_stage2_registers_the_hypernetwork(pipeline: dict) -> None:
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["lofa"])
+    stage2_runs = set(runs[runs["tags.lofa.stage"] == "train_stage2"]["run_id"])
+    base_hash = json.loads((pipeline["dirs"]["base"] / "dit.json").read_text())["base_model_hash"]
+    versions = [v for v in mlflow.MlflowClient().search_model_versions("name='lofa-hypernet'")
+                if v.run_id in stage2_runs]
+    assert versions and versions[0].tags["base_model_hash"] == base_hash

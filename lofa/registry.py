@@ -1,0 +1,106 @@
+"""The trained hypernetwork in the MLflow model registry.
+
+``register_hypernet`` logs stage I + stage II (their safetensors and sidecars) and the
+preprocess params as one MLflow pyfunc model, registered under a name, with the
+hypernetwork config and the base model's hash on the version. The model is a
+"model from code" (``lofa/mlflow_model.py``): MLflow stores the code file and the
+artifacts, and loading runs that code; nothing is pickled.
+
+The base model is not copied into the registry (Wan2.1 is 5 GiB); loading names it
+(``base_dir``, default: where it was at registration) and refuses one whose hash
+differs from the registered one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lofa.io import read_json
+from lofa.predict import Predictor, PredictError
+
+#: The registered model's default name.
+MODEL_NAME = "lofa-hypernet"
+_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+def _stage_meta(stage_dir: Path) -> dict[str, Any]:
+    sidecar = read_json(stage_dir / "model.json")
+    return {"config": sidecar["meta"]["hypernet"], "base_model_hash": sidecar["meta"].get("base_model_hash", ""),
+            "weights_hash": sidecar.get("tensors_hash", "")}
+
+
+def register_hypernet(mlflow: Any, stage2_dir: str | Path, stage1_dir: str | Path | None,
+                      params_path: str | Path, base_dir: str | Path, *, name: str = MODEL_NAME) -> Any:
+    """Log the hypernetwork to the active run and register it; returns the ModelVersion.
+
+    Args:
+        mlflow: the mlflow module with an active run (``lofa.tracking.stage_run``).
+        stage1_dir: None for the one-stage ablation (its stage II reads no stage-I tokens).
+    """
+    stage2_dir, params_path = Path(stage2_dir), Path(params_path)
+    s2 = _stage_meta(stage2_dir)
+    artifacts = {"stage2": str(stage2_dir), "params": str(params_path)}
+    tags = {"base_model_hash": s2["base_model_hash"], "stage2_weights_hash": s2["weights_hash"],
+            "stage2_config": json.dumps(s2["config"], sort_keys=True)}
+    if s2["config"].get("use_stage1", True):
+        if stage1_dir is None:
+            raise PredictError(f"{stage2_dir}: this stage-II model needs its stage-I directory")
+        s1 = _stage_meta(Path(stage1_dir))
+        if s1["base_model_hash"] != s2["base_model_hash"]:
+            raise PredictError(f"{stage1_dir} was trained on base model {s1['base_model_hash']}, "
+                               f"{stage2_dir} on {s2['base_model_hash']}")
+        artifacts["stage1"] = str(stage1_dir)
+        tags |= {"stage1_weights_hash": s1["weights_hash"], "stage1_config": json.dumps(s1["config"], sort_keys=True)}
+    with tempfile.TemporaryDirectory(prefix="lofa-register-") as tmp:
+        for key in ("stage1", "stage2"):  # the final weights and sidecar only, not the checkpoints
+            if key in artifacts:
+                dst = Path(tmp) / key
+                dst.mkdir()
+                for f in ("model.safetensors", "model.json"):
+                    shutil.copy2(Path(artifacts[key]) / f, dst / f)
+                artifacts[key] = str(dst)
+        info = mlflow.pyfunc.log_model(
+            name="hypernet", python_model=str(_CODE), artifacts=artifacts,
+            model_config={"base_dir": str(Path(base_dir).resolve()), "base_model_hash": s2["base_model_hash"],
+                          "device": "cpu", "dtype": "float32"},
+            pip_requirements=_requirements(), registered_model_name=name, await_registration_for=60)
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(name, info.registered_model_version)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version.version, k, v[:5000])
+    client.update_model_version(name, version.version, description=(
+        f"LoFA hypernetwork (stage {'I + II' if 'stage1' in artifacts else 'II only'}) for base model "
+        f"{s2['base_model_hash']}; load with lofa.registry.load_predictor('models:/{name}/{version.version}')"))
+    return client.get_model_version(name, version.version)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "safetensors", "diffsynth", "mlflow", "pyyaml"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            out.append(pkg)
+    return out
+
+
+def load_predictor(model_uri: str, *, base_dir: str | Path | None = None, device: str = "cpu",
+                   dtype: str = "float32") -> Predictor:
+    """A :class:`lofa.predict.Predictor` from a registered model (``models:/NAME/VERSION``).
+
+    ``base_dir``: the base model to adapt (default: the registered location); its hash
+    must equal the registered one.
+    """
+    import mlflow
+
+    config: dict[str, Any] = {"device": device, "dtype": dtype}
+    if base_dir is not None:
+        config["base_dir"] = str(base_dir)
+    model = mlflow.pyfunc.load_model(model_uri, model_config=config)
+    return model.unwrap_python_model().predictor
