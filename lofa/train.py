@@ -339,8 +339,9 @@ class _Run:
              logger: Callable[[int, dict[str, float]], None] | None,
              diagnostics: Callable[[nn.Module, Any], Metrics] | None) -> None:
         cfg, acc = self.cfg, self.acc
-        bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not acc.is_main_process,
-                   dynamic_ncols=True)
+        # explicit disable=False would override TQDM_DISABLE (the stage commands' --no-progress)
+        quiet = not acc.is_main_process or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")
+        bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=quiet, dynamic_ncols=True)
         window, t0 = [], time.perf_counter()
         try:
             for step in range(start + 1, cfg.max_steps + 1):

@@ -192,7 +192,8 @@ def test_two_processes_split_the_shard(tmp_path):
             "records": [r.__dict__ for r in recs]}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29517", str(ROOT / "tests" / "fit_worker.py"),
                            str(tmp_path / "spec.json"), str(out)],
