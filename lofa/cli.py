@@ -18,6 +18,9 @@ from pathlib import Path
 from lofa.env import setup_env
 
 
+DEFAULT_BASE = Path("data/base")
+
+
 class UsageError(Exception):
     """A mistake in the command line or its paths, reported without a traceback."""
 
@@ -52,24 +55,36 @@ def _quiet_stdout() -> Iterator[None]:
 
 
 def _add_models(p: argparse.ArgumentParser, hypernets: bool = True) -> None:
-    p.add_argument("--base", type=Path, default=Path("data/base"), help="base DiT directory (default: data/base)")
+    p.add_argument("--base", type=Path, default=None, help="base DiT directory (default: data/base)")
     if hypernets:
         p.add_argument("--stage1", type=Path, default=Path("data/stage1"),
                        help="stage-I directory (default: data/stage1)")
         p.add_argument("--stage2", type=Path, default=Path("data/stage2"),
                        help="stage-II directory (default: data/stage2)")
+        p.add_argument("--model", default=None, metavar="URI",
+                       help="a registered hypernetwork instead of --stage1/--stage2/--params, e.g. "
+                            "models:/lofa-hypernet/1 (its base model is --base if given, else the registered one)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 
 def _predictor(args: argparse.Namespace):
+    dtype = getattr(args, "dtype", "float32")
+    if getattr(args, "model", None):
+        if not args.model.startswith(("models:/", "runs:/")) and not Path(args.model).exists():
+            raise UsageError(f"{args.model}: not a models:/NAME/VERSION or runs:/ URI, nor a model directory")
+        from lofa.registry import load_predictor
+
+        with _quiet_stdout():  # no --base: the base model where it was registered
+            return load_predictor(args.model, base_dir=args.base, device=args.device, dtype=dtype)
+    args.base = args.base or DEFAULT_BASE
     for name in ("base", "stage1", "stage2", "params"):
         _existing(getattr(args, name), {"params": "params file"}.get(name, f"{name} directory"))
     from lofa.predict import Predictor
 
     with _quiet_stdout():
         return Predictor.from_dirs(args.base, args.stage1, args.stage2, args.params, device=args.device,
-                                   dtype=getattr(args, "dtype", "float32"))
+                                   dtype=dtype)
 
 
 # --------------------------------------------------------------------------- predict
@@ -116,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             predictor = _predictor(args)
             base, encoder = predictor.base, predictor.encoder
         else:
-            base = load_base(_existing(args.base, "base directory"), args.device)
+            base = load_base(_existing(args.base or DEFAULT_BASE, "base directory"), args.device)
             encoder = text_encoder_for(pre, args.device)
         codec = codec_for(pre, args.device)
     lora, source = None, "no LoRA (base model)"
@@ -144,6 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- refine
 
 def cmd_refine(args: argparse.Namespace) -> int:
+    args.base = args.base or DEFAULT_BASE
     for path, what in ((args.lora, "LoRA file"), (args.clip, "clip file"), (args.base, "base directory"),
                        (args.params, "params file")):
         _existing(path, what)

@@ -141,3 +141,20 @@ def test_refine_reports_curves_and_steps_to_the_oracle(art, tmp_path, capsys):
     assert r["refined"]["eval_losses"][-1] < r["refined"]["eval_losses"][0]  # refining lowers the clip's loss
     meta = read_metadata(tmp_path / "ref.safetensors")
     assert meta["prompt"] == PROMPT and meta["refine_clip"] == CLIP_ID and meta["refine_steps"] == steps
+
+
+def test_predict_from_the_model_registry_matches_the_directories(art, tmp_path):
+    from lofa.registry import register_hypernet
+    from lofa.tracking import stage_run
+
+    with stage_run("train_stage2", {}) as ml:
+        version = register_hypernet(ml, art["stage2"], art["stage1"], art["params"], art["base"], name="lofa-cli-test")
+    uri = f"models:/lofa-cli-test/{version.version}"
+    a, b = tmp_path / "dirs.safetensors", tmp_path / "registry.safetensors"
+    assert main(["predict", PROMPT, "-o", str(a), *_models(art)]) == 0
+    assert main(["predict", PROMPT, "-o", str(b), "--model", uri]) == 0
+    ta, tb = load_tensors(a), load_tensors(b)
+    assert ta.keys() == tb.keys() and all(np.array_equal(ta[k].numpy(), tb[k].numpy()) for k in ta)
+    assert read_metadata(b)["base_model_hash"] == read_metadata(a)["base_model_hash"]
+    r = _run("predict", PROMPT, "-o", str(tmp_path / "x.safetensors"), "--model", "nope:/x")
+    assert r.returncode == 2 and "nope:/x: not a models:/NAME/VERSION" in r.stderr and "Traceback" not in r.stderr
