@@ -121,3 +121,18 @@ def test_train_stage2_registers_the_hypernetwork(pipeline: dict) -> None:
     versions = [v for v in mlflow.MlflowClient().search_model_versions("name='lofa-hypernet'")
                 if v.run_id in stage2_runs]
     assert versions and versions[0].tags["base_model_hash"] == base_hash
+
+
+def test_prompt_ceiling_benchmark_on_the_pipeline_outputs(pipeline: dict) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import prompt_ceiling
+
+    d, tmp = pipeline["dirs"], pipeline["tmp"]
+    report = prompt_ceiling.main(["--base", str(d["base"]), "--loras", str(d["loras"]), "--data", str(d["pre"]),
+                                  "--meta", str(d["synth"] / "meta.csv"), "--params", str(tmp / "params.yaml"),
+                                  "--steps", "3", "--batch", "2", "--threads", "1", "--out", str(tmp / "ceil.json")])
+    m = report["methods"]
+    assert set(m) == {"base", "oracle", "same_action_mean", "action_lora", "wrong_action_lora", "all_train_lora"}
+    assert m["base"]["gap_closed"] == 0.0 and m["oracle"]["gap_closed"] == 1.0
+    assert m["oracle"]["fm_loss"] < m["base"]["fm_loss"]
+    assert json.loads((tmp / "ceil.json").read_text())["heldout_clips"] == report["heldout_clips"] > 0
