@@ -17,6 +17,11 @@ Efficiency decisions (the public release's defects, DESIGN section 1):
   are folded into one long query sequence against the prompt's keys (no copy);
 - text columns that no prompt uses are dropped, so a batch whose kept keys are
   all valid runs SDPA without a mask (the flash kernel);
+- under autograd those long query sequences are cut into chunks with their own copy
+  of K / V, so the attention backward has enough blocks to fill the GPU;
+- ``HyperNet.embed`` caches everything before the first read of the prompt (the
+  matrix embedding and block 0's self-attention and MLP) for a predictor serving
+  many prompts of one base model;
 - matrices of one shape are batched; shapes are the only Python-level loop;
 - gradient checkpointing passes each block itself to ``checkpoint`` (no late
   binding); parameters stay in the dtype they were created in (fp32 under autocast).
