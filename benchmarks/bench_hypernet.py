@@ -15,7 +15,8 @@ is rewritten after every section so a timeout keeps what finished):
                    torch._scaled_mm), compiled; dW error against the bf16 result
   dit              (--dit) one stage-II training step with the flow-matching loss
                    through the 1.3B DiT at 17x256x256 (needs diffsynth)
-  autotune_predict (--autotune) compiled with max-autotune (minutes of compile)
+  autotune_*       (--autotune) cached prediction and the stage-I step compiled with
+                   max-autotune (Triton GEMM templates with fused epilogues; minutes of compile)
 
 Prints JSON, then a short table; writes $OUT/bench_hypernet.json when OUT is set.
 """
@@ -286,14 +287,15 @@ class Bench:
         return {"peak_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30} if self.device.type == "cuda" else {}
 
     def run_train(self, compiled: bool, ckpts: tuple[bool, ...] = (False, True),
-                  profile: bool = False) -> dict[str, object]:
+                  profile: bool = False, mode: str | None = None) -> dict[str, object]:
         res: dict[str, object] = {}
         for ckpt in ckpts:
             model = HyperNet(HyperNetConfig(**{**vars(self.cfg1), "grad_checkpointing": ckpt}), self.vocab)
             model.load_state_dict(self.s1.state_dict())
             model.to(self.device).train()
             if compiled:
-                compile_blocks(model)
+                torch._dynamo.reset()
+                compile_blocks(model, mode)
             step = self.train_step_fn(model, Stage1LossConfig(compile=compiled))
             key = "ckpt" if ckpt else "no_ckpt"
             self.reset_peak()
@@ -448,7 +450,8 @@ def table(report: dict[str, object]) -> str:
     rows = [("predict eager bf16", r.get("predict")), ("predict compiled", r.get("compiled_predict")),
             ("predict compiled cached", r.get("compiled_predict_cached")),
             ("predict cached cudagraphs", r.get("graphs_predict_cached")),
-            ("predict max-autotune", r.get("autotune_predict")), ("predict fp8 compiled", r.get("fp8")),
+            ("predict cached max-autotune", r.get("autotune_predict")),
+            ("train1 max-autotune", tr("autotune_train1", "no_ckpt")), ("predict fp8 compiled", r.get("fp8")),
             ("train1 eager", tr("train1", "no_ckpt")), ("train1 eager ckpt", tr("train1", "ckpt")),
             ("train1 compiled", tr("train1_compiled", "no_ckpt")), ("train1 compiled ckpt", tr("train1_compiled", "ckpt")),
             ("train2 + DiT", r.get("dit"))]
@@ -502,7 +505,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ("graphs_predict_cached", lambda: b.run_compiled_predict("reduce-overhead", cached=True), gpu),
             ("train1_compiled", lambda: b.run_train(True, profile=True), gpu),
             ("dit", b.run_dit, gpu and args.dit), ("fp8", b.run_fp8, gpu),
-            ("autotune_predict", lambda: b.run_compiled_predict("max-autotune-no-cudagraphs"), gpu and args.autotune)]
+            ("autotune_predict", lambda: b.run_compiled_predict("max-autotune-no-cudagraphs", cached=True,
+                                                                profile=True), gpu and args.autotune),
+            ("autotune_train1", lambda: b.run_train(True, (False,), profile=True, mode="max-autotune-no-cudagraphs"),
+             gpu and args.autotune)]
     for name, fn, enabled in plan:
         if enabled and name not in skip:
             b.section(name, fn)
