@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import time
 
 import torch
 
 from lofa.config import from_dict, to_dict
 from lofa.data.preprocess import load_manifest
+from lofa.env import peak_rss_mib
 from lofa.fit import ClipRecord, FitConfig, fit_shard, fit_shard_distributed
 from lofa.fit_report import collect_curves, plot_fit, summarize
 from lofa.io import read_json, write_json
@@ -62,7 +62,7 @@ def main() -> None:
     train_ids = set(load_manifest(args.data, "train")["id"])
     summary = {**summarize(curves), "train": summarize([c for c in curves if c["clip_id"] in train_ids]), "seconds": round(time.perf_counter() - t0, 1),
                "fitted_now": len(report.fitted) * report.num_shards, "clip_steps_per_s": report.clip_steps_per_s,
-               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+               "peak_rss_mib": peak_rss_mib()}
     write_json(args.metrics, summary)
     with stage_run("fit_loras", to_dict(cfg), tags={"lofa.base_model_hash": sidecar["base_model_hash"]}) as mlflow:
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if not isinstance(v, dict)})

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import resource
-
 from lofa.config import from_dict, to_dict
 from lofa.data.preprocess import PreprocessConfig, preprocess
+from lofa.env import peak_rss_mib
 from lofa.io import write_json
 from lofa.tracking import log_artifact_if_exists, stage_run
 from pipelines._common import section, stage_args
@@ -17,7 +16,7 @@ def main() -> None:
     cfg = from_dict(PreprocessConfig, section(args, "preprocess"), "preprocess")
     with stage_run("preprocess", to_dict(cfg)) as mlflow:
         summary = preprocess(cfg, args.root, args.out, progress=not args.no_progress)
-        summary["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        summary["peak_rss_mib"] = peak_rss_mib()
         write_json(args.out / "summary.json", summary)
         write_json(args.metrics, summary)
         mlflow.log_metrics({"clips": summary["clips"], "rejected": summary["rejected"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import time
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from lofa.config import from_dict, to_dict
 from lofa.data.dataset import load_clips
 from lofa.encoders.video import build_codec
+from lofa.env import peak_rss_mib
 from lofa.io import write_json
 from lofa.media import decode_latents, side_by_side, write_video
 from lofa.pretrain import PretrainConfig, pretrain
@@ -37,7 +37,7 @@ def main() -> None:
             mlflow.log_artifact(str(path), "samples")
             mlflow.log_text(clips.captions[k], f"samples/sample_{i}.txt")
         summary = {"seconds": round(seconds, 1), "final_loss": result.metrics.get("loss"), "steps": result.step,
-                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+                   "peak_rss_mib": peak_rss_mib()}
         write_json(args.metrics, summary)
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if v is not None})
         mlflow.log_artifact(str(args.out / "dit.json"))

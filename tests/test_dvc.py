@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_pipeline import SMALL
+from test_faults import DVC_CLIPS as CLIPS
+from test_faults import _dvc_repo
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-CLIPS = 16
 
 
 def _dvc(repo: Path, env: dict[str, str], *args: str) -> str:
@@ -36,21 +34,12 @@ def _git(repo: Path, env: dict[str, str], *args: str) -> None:
 def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     repo = tmp_path_factory.mktemp("dvc") / "repo"
     repo.mkdir()
-    for name in ("lofa", "pipelines"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / ".venv").symlink_to(Path(sys.executable).parents[1])
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in ("synthesize", "preprocess")}},
-                                                  sort_keys=False))
-    (repo / "params.yaml").write_text(yaml.safe_dump({"synthetic": {**SMALL["synthetic"], "num_clips": CLIPS},
-                                                      "preprocess": SMALL["preprocess"]}))
+    _dvc_repo(repo)  # code, the synthesize + preprocess stages, small params, git init, dvc init
     (repo / ".gitignore").write_text(".venv\nmlflow.db\nmlruns/\n.prefect/\n__pycache__/\n")
     (repo / "metrics").mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "LOFA_MLFLOW_ARTIFACTS")}
     env.update(PREFECT_HOME=str(repo / ".prefect"), OMP_NUM_THREADS="1", GIT_AUTHOR_NAME="t",
                GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
-    _git(repo, env, "init", "-q")
-    _dvc(repo, env, "init", "-q")
     _dvc(repo, env, "config", "core.analytics", "false")
     _git(repo, env, "add", "-A")
     _git(repo, env, "commit", "-q", "-m", "two stages")
