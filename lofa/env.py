@@ -43,6 +43,21 @@ def setup_env(root: Path | None = None) -> Path:
     return root
 
 
+def process_rank() -> int:
+    """This process's rank under ``accelerate launch`` / ``torchrun`` (``RANK``); 0 when launched alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def compute_device() -> "torch.device":
+    """Where a stage command runs its models: this process's GPU (``LOCAL_RANK`` under
+    ``accelerate launch`` / ``torchrun``, else 0) if there is one, else the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far, MiB (Linux ``ru_maxrss`` is in KiB)."""
     import resource

@@ -72,7 +72,10 @@ def _select(lora: LoRAWeights | None, idx: list[int]) -> LoRAWeights | None:
 
 @torch.no_grad()
 def eval_flow_losses(dit: nn.Module, held: LoRASet, lora: LoRAWeights | None, cfg: EvalConfig) -> torch.Tensor:
-    """(N,) flow-matching loss of each clip at fixed timesteps and noise (same for every method)."""
+    """(N,) flow-matching loss of each clip at fixed timesteps and noise (same for every method).
+
+    The DiT runs on its own device; the noise is drawn on the CPU, so every device sees the same."""
+    dev = next(dit.parameters()).device
     grid = flow_schedule().timesteps
     ts = grid[((torch.arange(cfg.eval_points) + 0.5) * len(grid) / cfg.eval_points).long()]
     lat, ctx = held.clips.latents, held.clips.text
@@ -81,9 +84,10 @@ def eval_flow_losses(dit: nn.Module, held: LoRASet, lora: LoRAWeights | None, cf
     out = torch.zeros(len(held))
     for start in range(0, len(held), cfg.batch):
         idx = list(range(start, min(len(held), start + cfg.batch)))
-        sub = _select(lora, idx)
+        sub = None if lora is None else _select(lora, idx).to(dev)
+        x, c = lat[idx].to(dev), ctx[idx].to(dev)
         for j, t in enumerate(ts):
-            out[idx] += flow_loss(dit, lat[idx], ctx[idx], t.expand(len(idx)), noise[j, idx], lora=sub)
+            out[idx] += flow_loss(dit, x, c, t.expand(len(idx)).to(dev), noise[j, idx].to(dev), lora=sub).cpu()
     return out / cfg.eval_points
 
 
@@ -109,8 +113,8 @@ def dw_metrics(lora: LoRAWeights, oracle: LoRAWeights, W: list[torch.Tensor], ta
 
 def method_loras(dit: nn.Module, vocab: Vocabulary, train: LoRASet, held: LoRASet, stage2: HyperNet,
                  stage1: HyperNet, naive: HyperNet | None) -> tuple[dict[str, LoRAWeights | None], float]:
-    """Every method's LoRAs for the held-out clips, and the prediction time per prompt (s)."""
-    W = [w.detach().float() for w in base_weights(dit, vocab)]
+    """Every method's LoRAs for the held-out clips (on the CPU), and the prediction time per prompt (s)."""
+    W = [w.detach().float().cpu() for w in base_weights(dit, vocab)]
     t0 = time.perf_counter()
     predicted = predict_loras(stage2, stage1, vocab, W, held.clips.text, held.clips.mask)
     per_prompt = (time.perf_counter() - t0) / len(held)
@@ -124,8 +128,9 @@ def method_loras(dit: nn.Module, vocab: Vocabulary, train: LoRASet, held: LoRASe
 
 def compare(dit: nn.Module, vocab: Vocabulary, held: LoRASet, loras: dict[str, LoRAWeights | None],
             cfg: EvalConfig) -> dict[str, dict[str, float]]:
-    """Per method: flow loss (mean, median), share of the base -> oracle gap closed, dW and map metrics."""
-    W = [w.detach().float() for w in base_weights(dit, vocab)]
+    """Per method: flow loss (mean, median), share of the base -> oracle gap closed, dW and map metrics
+    (``loras`` on the CPU; the DiT runs on its device)."""
+    W = [w.detach().float().cpu() for w in base_weights(dit, vocab)]
     losses = {m: eval_flow_losses(dit, held, lora, cfg) for m, lora in loras.items()}
     base, oracle = losses["base"].mean(), losses["oracle"].mean()
     table: dict[str, dict[str, float]] = {}
@@ -141,13 +146,13 @@ def compare(dit: nn.Module, vocab: Vocabulary, held: LoRASet, loras: dict[str, L
 
 @torch.no_grad()
 def generate(dit: nn.Module, held: LoRASet, lora: LoRAWeights | None, cfg: EvalConfig) -> torch.Tensor:
-    """Latents sampled from each held-out caption (fixed seed per clip), with ``lora``."""
+    """Latents sampled from each held-out caption (fixed seed per clip), with ``lora``; on the CPU."""
     out = []
     for start in range(0, len(held), cfg.batch):
         idx = list(range(start, min(len(held), start + cfg.batch)))
         g = torch.Generator().manual_seed(cfg.seed + start)
         out.append(sample(dit, held.clips.text[idx], tuple(held.clips.latents.shape[1:]), steps=cfg.sample_steps,
-                          guidance=cfg.guidance, generator=g, lora=_select(lora, idx)))
+                          guidance=cfg.guidance, generator=g, lora=_select(lora, idx)).cpu())
     return torch.cat(out)
 
 

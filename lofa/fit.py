@@ -103,6 +103,14 @@ class FitConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def result_hash(self) -> str:
+        """A hash of the fields that decide what a fitted LoRA is (not how fast it is computed):
+        a LoRA file written under another hash is stale and is fitted again."""
+        how = {"clips_per_batch", "grad_checkpointing", "checkpoint_blocks", "checkpoint_save_attention",
+               "sdpa_backend", "fused_rms_norm", "block_impl", "response_tau"}
+        what = {k: v for k, v in sorted(to_dict(self).items()) if k not in how}
+        return hashlib.sha256(repr(what).encode()).hexdigest()[:16]
+
     @property
     def checkpointing(self) -> Checkpointing | bool:
         if not self.grad_checkpointing:
@@ -392,23 +400,28 @@ def _write_clip(out_dir: Path, rec: ClipRecord, k: int, res: FitResult, cfg: Fit
     })
     save_lora(lora_path(out_dir, rec.clip_id), A, B, res.lora.vocab,
               {"prompt": rec.prompt, "base_model_hash": base_hash, "clip_id": rec.clip_id,
-               "fit_steps": cfg.steps, "fit_final_loss": float(res.final_loss[k])},
+               "fit_steps": cfg.steps, "fit_config_hash": cfg.result_hash(),
+               "fit_final_loss": float(res.final_loss[k])},
               dtype=_DTYPES[cfg.save_dtype])
 
 
-def _finished(path: Path) -> bool:
-    """A clip is done when its LoRA file exists with a readable lofa header (cheap: the tensors
-    are not read). A damaged file (zero bytes, truncated, not safetensors) is fitted again."""
+def _finished(path: Path, base_hash: str, config_hash: str) -> bool | str:
+    """True when the clip's LoRA file exists with a readable lofa header written for this base
+    model and fit config (cheap: the tensors are not read); False when there is no file; else
+    why the file is fitted again (damaged: zero bytes, truncated, not safetensors; or stale)."""
     if not path.is_file():
         return False
     try:
-        fmt = read_metadata(path).get("format")
+        meta = read_metadata(path)
     except ArtifactError as e:
-        warnings.warn(f"{e}; fitting the clip again", stacklevel=3)
-        return False
-    if fmt != LORA_FORMAT:
-        warnings.warn(f"{path}: format {fmt!r} is not {LORA_FORMAT!r}; fitting the clip again", stacklevel=3)
-    return fmt == LORA_FORMAT
+        return f"{e}"
+    if meta.get("format") != LORA_FORMAT:
+        return f"{path}: format {meta.get('format')!r} is not {LORA_FORMAT!r}"
+    if meta.get("base_model_hash") != base_hash:
+        return f"{path}: fitted on base model {meta.get('base_model_hash')!r}, not {base_hash!r}"
+    if meta.get("fit_config_hash") != config_hash:
+        return f"{path}: fitted under another fit config ({meta.get('fit_config_hash')!r}, now {config_hash!r})"
+    return True
 
 
 def fit_shard(dit: nn.Module, records: Sequence[ClipRecord], out_dir: str | Path, cfg: FitConfig, *,
@@ -418,18 +431,24 @@ def fit_shard(dit: nn.Module, records: Sequence[ClipRecord], out_dir: str | Path
 
     Writes ``<out>/loras/<safe id>.safetensors`` (export format) and
     ``<out>/curves/<safe id>.json`` per clip, each atomically; clips whose LoRA
-    exists are skipped, so a killed run resumes. Runs on the DiT's device.
+    exists (for this base model and fit config) are skipped, so a killed run resumes; a
+    damaged or stale one is fitted again, with a warning. Runs on the DiT's device.
     """
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     mine = select_shard(records, shard_index, num_shards)
-    done = {r.clip_id for r in mine if _finished(lora_path(out_dir, r.clip_id))}
-    todo = [r for r in mine if r.clip_id not in done]
-    skipped = tuple(r.clip_id for r in mine if r.clip_id in done)
+    base_hash = base_hash or base_model_hash(dit)
+    state = {r.clip_id: _finished(lora_path(out_dir, r.clip_id), base_hash, cfg.result_hash()) for r in mine}
+    redo = [why for why in state.values() if isinstance(why, str)]
+    for why in redo[:5]:
+        warnings.warn(f"{why}; fitting the clip again", stacklevel=2)
+    if len(redo) > 5:
+        warnings.warn(f"... and {len(redo) - 5} more LoRA files fitted again for the same kinds of reason", stacklevel=2)
+    todo = [r for r in mine if state[r.clip_id] is not True]
+    skipped = tuple(r.clip_id for r in mine if state[r.clip_id] is True)
     vocab = Vocabulary.from_dit_config(dit_config(dit), cfg.modules)
     device = next(dit.parameters()).device
-    base_hash = base_hash or base_model_hash(dit)
     bar = tqdm(total=len(todo) * cfg.steps, unit="clip-step", disable=not progress, position=shard_index,
                desc=f"fit shard {shard_index}/{num_shards}", dynamic_ncols=True)
     fitted: list[str] = []

@@ -119,9 +119,10 @@ def evaluate_stage1(model: HyperNet, data: LoRASet, base: list[torch.Tensor], vo
                     loss_cfg: Stage1LossConfig, batch: int = 8) -> dict[str, float]:
     """Response-map BCE, precision, recall and F1 over every matrix of every LoRA in ``data``."""
     model.eval()
+    dev = next(model.parameters()).device
     counts: dict[str, float] = {}
     for idx in _chunks(len(data), batch):
-        b = make_batch(vocab, base, [data.lora(i) for i in idx], data.clips.text[idx], data.clips.mask[idx])
+        b = make_batch(vocab, base, [data.lora(i) for i in idx], data.clips.text[idx], data.clips.mask[idx]).to(dev)
         _, m = stage1_loss(model, b, loss_cfg)
         for k, v in m.items():
             counts[k] = counts.get(k, 0.0) + float(v) * len(idx)
@@ -131,15 +132,18 @@ def evaluate_stage1(model: HyperNet, data: LoRASet, base: list[torch.Tensor], vo
 @torch.no_grad()
 def evaluate_stage2(model: HyperNet, stage1: HyperNet | None, data: LoRASet, base: list[torch.Tensor],
                     vocab: Vocabulary, dit: nn.Module, cfg: Stage2Config, batch: int = 8) -> dict[str, float]:
-    """Stage-II L1, dW relative error and cosine, and flow-matching loss (fixed noise) on ``data``."""
+    """Stage-II L1, dW relative error and cosine, and flow-matching loss (fixed noise) on ``data``.
+
+    Runs on ``model``'s device; ``dit`` and ``stage1`` must be there too."""
     model.eval()
+    dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(12345)
     noise = torch.randn(data.clips.latents.shape, generator=g)
     timesteps = sample_timesteps(len(data), generator=g)
     totals: dict[str, float] = {}
     for idx in _chunks(len(data), batch):
         b = make_batch(vocab, base, [data.lora(i) for i in idx], data.clips.text[idx], data.clips.mask[idx],
-                       latents=data.clips.latents[idx], noise=noise[idx], timesteps=timesteps[idx])
+                       latents=data.clips.latents[idx], noise=noise[idx], timesteps=timesteps[idx]).to(dev)
         _, m = stage2_loss(model, stage1, b, dit, cfg.fm_weight, l1_weight=cfg.l1_weight)
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + float(v) * len(idx)
@@ -233,21 +237,24 @@ def all_matrices(vocab: Vocabulary, base: list[torch.Tensor], num_prompts: int) 
 @torch.no_grad()
 def predict_loras(stage2: HyperNet, stage1: HyperNet | None, vocab: Vocabulary, base: list[torch.Tensor],
                   text: torch.Tensor, mask: torch.Tensor, batch: int = 16) -> LoRAWeights:
-    """The predicted LoRA of every prompt (K = P, alpha folded into B).
+    """The predicted LoRA of every prompt (K = P, alpha folded into B), on the CPU (computed on
+    the models' device).
 
     Args:
         base: W (out, in) of every vocabulary matrix; text (P, L, D); mask (P, L).
     """
     stage2.eval()
+    dev = next(stage2.parameters()).device
     A: list[list[torch.Tensor]] = [[] for _ in vocab]
     B: list[list[torch.Tensor]] = [[] for _ in vocab]
     for idx in _chunks(text.shape[0], batch):
-        groups = all_matrices(vocab, base, len(idx))
+        groups = [g.to(dev) for g in all_matrices(vocab, base, len(idx))]
+        t, m = text[idx].to(dev), mask[idx].to(dev)
         tokens = None
         if stage2.cfg.uses_stage1:
-            tokens = [o.tokens for o in stage1(groups, text[idx], mask[idx])]
-        lora = predicted_lora(vocab, groups, stage2(groups, text[idx], mask[idx], tokens), len(idx))
+            tokens = [o.tokens for o in stage1(groups, t, m)]
+        lora = predicted_lora(vocab, groups, stage2(groups, t, m, tokens), len(idx))
         for j in range(len(vocab)):
-            A[j].append(lora.A[j].float())
-            B[j].append(lora.B[j].float())
+            A[j].append(lora.A[j].float().cpu())
+            B[j].append(lora.B[j].float().cpu())
     return LoRAWeights(vocab, tuple(torch.cat(a) for a in A), tuple(torch.cat(b) for b in B))

@@ -80,6 +80,11 @@ class LoRAWeights:
     def scale_of(self, k: int) -> float:
         return float(self.scale[k]) if isinstance(self.scale, torch.Tensor) else float(self.scale)
 
+    def to(self, device: torch.device | str) -> "LoRAWeights":
+        """The same LoRAs with every tensor on ``device``."""
+        scale = self.scale.to(device) if isinstance(self.scale, torch.Tensor) else self.scale
+        return LoRAWeights(self.vocab, tuple(a.to(device) for a in self.A), tuple(b.to(device) for b in self.B), scale)
+
     def factors(self, k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """LoRA ``k`` as per-matrix A (rank, in) and B (out, rank), its scale folded into B."""
         s = self.scale_of(k)

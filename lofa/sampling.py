@@ -37,11 +37,17 @@ def sample(dit: nn.Module, context: torch.Tensor, shape: tuple[int, ...], *, ste
             unconditional branch uses ``null_context`` (zeros by default, which is
             what pretraining's caption dropout feeds the model).
         lora: optional LoRA (K = 1 or K = B), applied to both branches.
+    Runs on the model's device (context, null_context and lora are moved there); the noise
+    comes from ``generator`` on its own device, so a CPU generator gives the same noise anywhere.
+
     Returns:
-        (B, C, T, H, W) latents.
+        (B, C, T, H, W) latents, on the model's device.
     """
     b = context.shape[0]
-    device = context.device
+    device = next(dit.parameters()).device
+    context = context.to(device)
+    null_context = None if null_context is None else null_context.to(device)
+    lora = None if lora is None else lora.to(device)
     x = torch.randn((b, *shape), generator=generator, device=generator.device if generator else device).to(device)
     null = torch.zeros_like(context) if null_context is None else null_context.expand_as(context)
     sig = inference_sigmas(steps).tolist()

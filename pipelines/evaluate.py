@@ -17,7 +17,7 @@ from lofa.encoders.video import build_codec
 from lofa.evaluate import EvalConfig, compare, judge_scores, method_loras
 from lofa.fit_report import collect_curves
 from lofa.hypertrain import load_hypernet
-from lofa.env import peak_rss_mib
+from lofa.env import compute_device, peak_rss_mib
 from lofa.io import atomic_path, write_json
 from lofa.media import decode_latents, side_by_side, write_video
 from lofa.tracking import stage_run
@@ -33,8 +33,10 @@ def main() -> None:
     t0 = time.perf_counter()
     dit, vocab, base_hash = load_base(args.base)
     train, held = load_sets(args.loras, args.data, vocab)
-    stage1, stage2 = load_hypernet(args.stage1 / "model.safetensors"), load_hypernet(args.stage2 / "model.safetensors")
-    naive = load_hypernet(args.naive / "model.safetensors") if (args.naive / "model.safetensors").is_file() else None
+    dev = compute_device()  # the models run there; the data, LoRAs and the judge stay on the CPU
+    dit.to(dev)
+    stage1, stage2 = (load_hypernet(d / "model.safetensors").to(dev) for d in (args.stage1, args.stage2))
+    naive = load_hypernet(args.naive / "model.safetensors").to(dev) if (args.naive / "model.safetensors").is_file() else None
     loras, predict_s = method_loras(dit, vocab, train, held, stage2, stage1, naive)
     table = compare(dit, vocab, held, loras, cfg)
     curves = [c for c in collect_curves(args.loras / "curves")]

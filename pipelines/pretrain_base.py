@@ -1,4 +1,9 @@
-"""Stage ``pretrain_base`` (synthetic profile): the tiny Wan DiT the LoRAs personalise."""
+"""Stage ``pretrain_base`` (synthetic profile): the tiny Wan DiT the LoRAs personalise.
+
+Over GPUs or processes: ``accelerate launch --multi_gpu --num_processes N -m pipelines.pretrain_base``
+(CPU: ``torchrun --nproc_per_node N -m pipelines.pretrain_base``): data-parallel training with the
+global batch split over the processes; rank 0 alone samples, writes the metrics and has the tracking run.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import torch
 from lofa.config import from_dict, to_dict
 from lofa.data.dataset import load_clips
 from lofa.encoders.video import build_codec
-from lofa.env import peak_rss_mib
+from lofa.env import peak_rss_mib, process_rank
 from lofa.io import write_json
 from lofa.media import decode_latents, side_by_side, write_video
 from lofa.pretrain import PretrainConfig, pretrain
@@ -26,10 +31,12 @@ def main() -> None:
     with stage_run("pretrain_base", to_dict(cfg)) as mlflow:
         dit, result = pretrain(cfg, clips, args.out, logger=lambda step, m: mlflow.log_metrics(m, step=step))
         seconds = time.perf_counter() - t0
+        if process_rank() != 0:  # a multi-process launch: rank 0 samples and writes the results
+            return
         # samples: three training captions, generated from noise, beside the real clip
         pick = [0, len(clips) // 2, len(clips) - 1]
         gen = sample(dit, clips.text[pick], tuple(clips.latents.shape[1:]), steps=20, guidance=3.0,
-                     generator=torch.Generator().manual_seed(0))
+                     generator=torch.Generator().manual_seed(0)).cpu()
         codec = build_codec("synthetic")
         real, fake = decode_latents(codec, clips.latents[pick]), decode_latents(codec, gen)
         for i, k in enumerate(pick):

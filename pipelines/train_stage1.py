@@ -1,10 +1,16 @@
-"""Stage ``train_stage1``: the response-map hypernetwork (BCE on |dW/W| > tau)."""
+"""Stage ``train_stage1``: the response-map hypernetwork (BCE on |dW/W| > tau).
+
+Over GPUs or processes: ``accelerate launch --multi_gpu --num_processes N -m pipelines.train_stage1``
+(CPU: ``torchrun --nproc_per_node N -m pipelines.train_stage1``): data-parallel training with the
+global batch split over the processes; rank 0 alone evaluates, writes the metrics and has the tracking run.
+"""
 
 from __future__ import annotations
 
 import time
 
 from lofa.config import from_dict, to_dict
+from lofa.env import process_rank
 from lofa.hypertrain import Stage1Config, evaluate_stage1, train_stage1, write_summary
 from lofa.lora import base_weights
 from lofa.tracking import stage_run
@@ -22,6 +28,8 @@ def main() -> None:
     with stage_run("train_stage1", to_dict(cfg), tags={"lofa.base_model_hash": base_hash}) as mlflow:
         model, result = train_stage1(cfg, dit, vocab, train_set, args.out, base_hash=base_hash,
                                      logger=lambda step, m: mlflow.log_metrics(m, step=step))
+        if process_rank() != 0:  # a multi-process launch: rank 0 evaluates and writes the results
+            return
         base = [w.detach().float() for w in base_weights(dit, vocab)]
         held = evaluate_stage1(model, heldout, base, vocab, cfg.loss)
         summary = write_summary(args.metrics, result, held, time.perf_counter() - t0)

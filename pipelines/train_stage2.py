@@ -2,6 +2,11 @@
 
 L1 on dW plus ``fm_weight`` times the frozen DiT's flow-matching loss with the
 predicted LoRA; ``train_stage2.model.use_stage1: false`` is the one-stage ablation.
+
+Over GPUs or processes: ``accelerate launch --multi_gpu --num_processes N -m pipelines.train_stage2``
+(CPU: ``torchrun --nproc_per_node N -m pipelines.train_stage2``): data-parallel training with the
+global batch split over the processes; rank 0 alone evaluates, writes the metrics, registers
+the model and has the tracking run.
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ import dataclasses
 import time
 
 from lofa.config import from_dict, to_dict
+from lofa.env import compute_device, process_rank
 from lofa.hypertrain import Stage2Config, evaluate_stage2, load_hypernet, train_stage2, write_summary
 from lofa.lora import base_weights
 from lofa.registry import register_hypernet
-from lofa.tracking import stage_run
+from lofa.tracking import LocalRun, stage_run
 from pipelines._common import section, stage_args
 from pipelines._hyper import load_base, load_sets
 
@@ -26,18 +32,25 @@ def main() -> None:
     if args.ablation:  # the "naive" one-stage model: stage II without stage-I features
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, use_stage1=False))
     dit, vocab, base_hash = load_base(args.base)
-    stage1 = load_hypernet(args.stage1 / "model.safetensors") if cfg.model.use_stage1 else None
+    dev = compute_device()  # the flow-matching term runs the frozen DiT (and stage I) beside stage II
+    dit.to(dev)
+    stage1 = load_hypernet(args.stage1 / "model.safetensors").to(dev) if cfg.model.use_stage1 else None
     train_set, heldout = load_sets(args.loras, args.data, vocab)
     t0 = time.perf_counter()
     with stage_run("train_stage2_naive" if args.ablation else "train_stage2", to_dict(cfg), tags={"lofa.base_model_hash": base_hash}) as mlflow:
         model, result = train_stage2(cfg, dit, vocab, stage1, train_set, args.out, base_hash=base_hash,
                                      logger=lambda step, m: mlflow.log_metrics(m, step=step))
+        if process_rank() != 0:  # a multi-process launch: rank 0 evaluates, writes and registers
+            return
         base = [w.detach().float() for w in base_weights(dit, vocab)]
         held = evaluate_stage2(model, stage1, heldout, base, vocab, dit, cfg)
         summary = write_summary(args.metrics, result, held, time.perf_counter() - t0)
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(args.out / "model.json"))
-        if not args.ablation:  # the model users load: registered with its config and base hash
+        if not args.ablation and isinstance(mlflow, LocalRun):
+            print(f"not registered in the MLflow model registry: tracking is local ({mlflow.reason}); "
+                  f"the model is {args.out / 'model.safetensors'}")
+        elif not args.ablation:  # the model users load: registered with its config and base hash
             version = register_hypernet(mlflow, args.out, args.stage1 if cfg.model.use_stage1 else None,
                                         args.params, args.base)
             print(f"registered {version.name} version {version.version} (base model {base_hash})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -239,3 +240,22 @@ def test_shared_init_and_refinement_start(dit):
     assert (refined.final_loss != shared.final_loss).all()  # a non-zero LoRA changes the loss
     with pytest.raises(ValueError, match="rank"):
         fit_batch(copy.deepcopy(dit), VOCAB, lat, ctx, FitConfig(**{**frozen, "rank": 2}), [1, 2], init=start)
+
+
+def test_stale_loras_are_fitted_again(tmp_path, dit):
+    """A LoRA written under another fit config (or another base model) is not reused on resume."""
+    recs = _records(tmp_path)[:2]
+    cfg = FitConfig(rank=4, steps=2, lr=1e-3, clips_per_batch=2, eval_points=1)
+    out = tmp_path / "out"
+    fit_shard(copy.deepcopy(dit), recs, out, cfg, progress=False)
+    faster = dataclasses.replace(cfg, clips_per_batch=1)  # how, not what: the LoRAs stay valid
+    assert faster.result_hash() == cfg.result_hash()
+    assert fit_shard(copy.deepcopy(dit), recs, out, faster, progress=False).fitted == ()
+    longer = dataclasses.replace(cfg, steps=3)
+    with pytest.warns(UserWarning, match="another fit config"):
+        report = fit_shard(copy.deepcopy(dit), recs, out, longer, progress=False)
+    assert sorted(report.fitted) == sorted(r.clip_id for r in recs)
+    assert len(json.loads(curve_path(out, recs[0].clip_id).read_text())["losses"]) == 3
+    with pytest.warns(UserWarning, match="fitted on base model"):
+        again = fit_shard(copy.deepcopy(dit), recs, out, longer, base_hash="another-base", progress=False)
+    assert len(again.fitted) == 2

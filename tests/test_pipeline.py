@@ -136,3 +136,33 @@ def test_prompt_ceiling_benchmark_on_the_pipeline_outputs(pipeline: dict) -> Non
     assert m["base"]["gap_closed"] == 0.0 and m["oracle"]["gap_closed"] == 1.0
     assert m["oracle"]["fm_loss"] < m["base"]["fm_loss"]
     assert json.loads((tmp / "ceil.json").read_text())["heldout_clips"] == report["heldout_clips"] > 0
+
+
+def test_stage_commands_under_two_processes(pipeline: dict) -> None:
+    """``torchrun --nproc_per_node 2``: one data-parallel training, rank 0 alone evaluates, writes
+    and tracks (one MLflow run per stage, not one per process)."""
+    import mlflow
+
+    tmp, d = pipeline["tmp"], pipeline["dirs"]
+    group = f"two-processes-{os.getpid()}"
+    env = {**os.environ, "LOFA_PIPELINE_ID": group, "OMP_NUM_THREADS": "1"}
+    runs = {"train_stage1": {"loras": d["loras"], "out": tmp / "stage1_2p"},
+            "train_stage2": {"loras": d["loras"], "stage1": d["stage1"], "out": tmp / "stage2_2p"}}
+    for stage, paths in runs.items():
+        metrics = tmp / "metrics_2p" / f"{stage}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", f"pipelines.{stage}", "--params", str(tmp / "params.yaml"), "--no-progress",
+               "--metrics", str(metrics), "--data", str(d["pre"]), "--base", str(d["base"])]
+        for k, v in paths.items():
+            cmd += [f"--{k}", str(v)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{stage}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        summary = json.loads(metrics.read_text())
+        assert summary["steps"] == SMALL[stage]["train"]["max_steps"]
+        assert ("heldout_f1" if stage == "train_stage1" else "heldout_fm") in summary
+        assert (paths["out"] / "model.safetensors").is_file()
+        rng = json.loads(next((paths["out"] / "ckpt").glob("step_*/checkpoint.json")).read_text())["rng"]
+        assert len(rng) == 2  # both processes trained (their RNG states are in the checkpoint)
+    found = mlflow.search_runs(experiment_names=["lofa"], filter_string=f"tags.`lofa.pipeline` = '{group}'")
+    assert sorted(found["tags.lofa.stage"]) == ["train_stage1", "train_stage2"]
+    assert found["metrics.heldout_f1"].notna().sum() == 1

@@ -20,7 +20,7 @@ SMALL = dict(preset="default", num_clips=24, frames=9, height=48, width=64, fps=
 
 def test_presets_merge_and_override() -> None:
     cfg = SynthConfig.from_params({"preset": "medium", "num_clips": 100, "seed": 3})
-    assert (cfg.num_clips, cfg.seed, cfg.height, cfg.width, cfg.frames) == (100, 3, 128, 128, 17)
+    assert (cfg.num_clips, cfg.seed, cfg.height, cfg.width, cfg.frames) == (100, 3, 64, 64, 17)
     default = SynthConfig.from_params({})
     assert dataclasses.asdict(default) == {"preset": "default", "seed": 0, **PRESETS["default"]}
     assert 200 <= default.num_clips <= 300 and (default.height, default.width) == (64, 64)

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# On the lent GPU machine, after the pip line of README "Medium preset on a GPU machine": unpack
+# .medium/bundle.tar.xz (scripts/medium_bundle.sh) into data_medium/, run the six GPU stages of
+# dvc.yaml in its order with --params params-medium.yaml, tracking recorded locally
+# (LOFA_TRACKING=off, replay here with `python -m lofa.tracking import`), print each stage's wall
+# time, and leave ONE archive, $OUT/medium_results.tar.gz (< 16 MiB), also when a stage fails.
+#
+#   LOFA_MEDIUM_BUDGET_S  seconds for this whole script (default 540): a stage still running when
+#                         they run out is stopped, so the archive is written inside the call's limit
+#   LOFA_MEDIUM_SMOKE=1   tiny params and a tiny bundle, on CPU here (tests/test_medium.py)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+source scripts/medium_common.sh
+: "${OUT:?set OUT to the folder that receives medium_results.tar.gz}"
+deadline=$(( $(date +%s) + ${LOFA_MEDIUM_BUDGET_S:-540} ))
+RESERVE_S=25                    # kept back for the archive
+ARCHIVE_MAX=16000000            # bytes; files come back from the device at 16 MiB each at most
+WEIGHTS_MAX=4194304             # stage-II weights travel back only when this small
+D=$MEDIUM_DIR
+P=$D/preprocessed
+
+mkdir -p "$D"
+if command -v xz >/dev/null; then
+  tar -C "$D" -xJf "$MEDIUM_BUNDLE"
+else
+  "$PY" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" "$MEDIUM_BUNDLE" "$D"
+fi
+PARAMS=$(medium_params)
+mkdir -p "$D/logs" "$D/metrics"
+cp "$PARAMS" "$D/logs/params.yaml"
+: > "$D/logs/commands.txt"
+printf 'stage\tseconds\texit\n' > "$D/logs/timings.tsv"
+export LOFA_TRACKING=off LOFA_TRACKING_DIR=$D/tracking PYTHONUNBUFFERED=1
+export LOFA_PIPELINE_ID=${LOFA_PIPELINE_ID:-$(cat "$D/pipeline_id")}
+{
+  "$PY" -c "import platform, torch; print('python', platform.python_version(), 'torch', torch.__version__,
+'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+} | tee "$D/logs/device.txt"
+echo "[device_medium] params $PARAMS, data $D, lofa.pipeline=$LOFA_PIPELINE_ID"
+
+# run_stage NAME MODULE ARGS...: one stage command, its output in logs/NAME.log, its time in logs/timings.tsv
+run_stage() {
+  local name=$1 left=$(( deadline - RESERVE_S - $(date +%s) )) t0 rc=0
+  shift
+  if [ "$left" -lt 5 ]; then
+    echo "[device_medium] $name: not started, the time budget is spent"
+    printf '%s\t0\tskipped\n' "$name" >> "$D/logs/timings.tsv"
+    return 1
+  fi
+  echo "$PY -m $* --params $PARAMS --no-progress" >> "$D/logs/commands.txt"
+  t0=$(date +%s)
+  timeout --kill-after=10 "$left" "$PY" -m "$@" --params "$PARAMS" --no-progress 2>&1 | tee "$D/logs/$name.log" || rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" "$rc" >> "$D/logs/timings.tsv"
+  echo "[device_medium] $name: $(( $(date +%s) - t0 )) s, exit $rc$([ "$rc" = 124 ] && echo ' (stopped: time budget)')"
+  return "$rc"
+}
+
+# archive [DROP...]: the results (minus the DROP paths) into $OUT/medium_results.tar.gz
+archive() {
+  local paths=() p
+  for p in pipeline_id metrics logs eval tracking base/dit.json base/samples loras/plots loras/curves \
+           stage1/model.json stage2/model.json stage2_naive/model.json; do
+    [ -e "$D/$p" ] && paths+=("$p")
+  done
+  if [ -f "$D/stage2/model.safetensors" ] && [ "$(stat -c %s "$D/stage2/model.safetensors")" -le "$WEIGHTS_MAX" ]; then
+    paths+=(stage2/model.safetensors)
+  fi
+  mkdir -p "$OUT"
+  tar -C "$D" -czf "$OUT/medium_results.tar.gz" "${@/#/--exclude=}" "${paths[@]}"
+}
+
+status=0
+run_stage pretrain_base pipelines.pretrain_base --data "$P" --out "$D/base" --metrics "$D/metrics/pretrain_base.json" &&
+run_stage fit_loras pipelines.fit_loras --data "$P" --base "$D/base" --out "$D/loras" \
+  --metrics "$D/metrics/fit_loras.json" &&
+run_stage train_stage1 pipelines.train_stage1 --data "$P" --base "$D/base" --loras "$D/loras" --out "$D/stage1" \
+  --metrics "$D/metrics/train_stage1.json" &&
+run_stage train_stage2 pipelines.train_stage2 --data "$P" --base "$D/base" --loras "$D/loras" --stage1 "$D/stage1" \
+  --out "$D/stage2" --metrics "$D/metrics/train_stage2.json" &&
+run_stage train_stage2_naive pipelines.train_stage2 --ablation --data "$P" --base "$D/base" --loras "$D/loras" \
+  --out "$D/stage2_naive" --metrics "$D/metrics/train_stage2_naive.json" &&
+run_stage evaluate pipelines.evaluate --data "$P" --base "$D/base" --loras "$D/loras" --synth "$D/motionx_synth" \
+  --stage1 "$D/stage1" --stage2 "$D/stage2" --naive "$D/stage2_naive" --out "$D/eval" \
+  --metrics "$D/metrics/evaluate.json" --plots "$D/metrics/eval_methods.csv" || status=1
+
+column -t -s $'\t' "$D/logs/timings.tsv" 2>/dev/null || cat "$D/logs/timings.tsv"
+archive
+if [ "$(stat -c %s "$OUT/medium_results.tar.gz")" -gt "$ARCHIVE_MAX" ]; then
+  echo "[device_medium] archive over $ARCHIVE_MAX bytes: again without fit curves and copied tracking artifacts"
+  archive loras/curves 'tracking/*/*/artifacts'
+fi
+echo "[device_medium] $OUT/medium_results.tar.gz: $(stat -c %s "$OUT/medium_results.tar.gz") bytes;" \
+     "$( [ $status = 0 ] && echo 'every stage finished' || echo 'a stage FAILED (see logs/ in the archive)')"
+exit $status
