@@ -438,8 +438,8 @@ def fit_shard(dit: nn.Module, records: Sequence[ClipRecord], out_dir: str | Path
 
     out_dir = Path(out_dir)
     mine = select_shard(records, shard_index, num_shards)
-    base_hash = base_hash or base_model_hash(dit)
-    state = {r.clip_id: _finished(lora_path(out_dir, r.clip_id), base_hash, cfg.result_hash()) for r in mine}
+    base_hash, config_hash = base_hash or base_model_hash(dit), cfg.result_hash()
+    state = {r.clip_id: _finished(lora_path(out_dir, r.clip_id), base_hash, config_hash) for r in mine}
     redo = [why for why in state.values() if isinstance(why, str)]
     for why in redo[:5]:
         warnings.warn(f"{why}; fitting the clip again", stacklevel=2)

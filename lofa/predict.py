@@ -318,8 +318,7 @@ def generate_video(base: BaseModel, codec: VideoCodec, context: Tensor, *, frame
     if frames < 1 or (frames - 1) % 4 or height < 16 or width < 16 or height % 16 or width % 16:
         raise PredictError(f"video size {frames}x{height}x{width}: frames must be 4k+1 and height, width "
                            f"positive multiples of 16")
-    device = next(base.dit.parameters()).device
-    latents = sample(base.dit, context.to(device), latent_shape(frames, height, width), steps=steps,
+    latents = sample(base.dit, context, latent_shape(frames, height, width), steps=steps,
                      guidance=guidance, generator=torch.Generator().manual_seed(seed), lora=lora)
     return latents, decode_latents(codec, latents)[0]
 

@@ -47,13 +47,14 @@ def main() -> None:
         summary = write_summary(args.metrics, result, held, time.perf_counter() - t0)
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(args.out / "model.json"))
-        if not args.ablation and isinstance(mlflow, LocalRun):
-            print(f"not registered in the MLflow model registry: tracking is local ({mlflow.reason}); "
-                  f"the model is {args.out / 'model.safetensors'}")
-        elif not args.ablation:  # the model users load: registered with its config and base hash
-            version = register_hypernet(mlflow, args.out, args.stage1 if cfg.model.use_stage1 else None,
-                                        args.params, args.base)
-            print(f"registered {version.name} version {version.version} (base model {base_hash})")
+        if not args.ablation:  # the model users load: registered with its config and base hash
+            if isinstance(mlflow, LocalRun):
+                print(f"not registered in the MLflow model registry: tracking is local ({mlflow.reason}); "
+                      f"the model is {args.out / 'model.safetensors'}")
+            else:
+                version = register_hypernet(mlflow, args.out, args.stage1 if cfg.model.use_stage1 else None,
+                                            args.params, args.base)
+                print(f"registered {version.name} version {version.version} (base model {base_hash})")
     print(summary)
 
 
