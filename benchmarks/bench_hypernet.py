@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lofa.hypernet import EmbeddedGroup, HyperNet, HyperNetConfig, HyperOutput, MatrixGroup  # noqa: E402
 from lofa.layers import Vocabulary  # noqa: E402
 from lofa.objectives import HyperBatch, LoraGroup, Stage1LossConfig, stage1_loss, stage2_loss  # noqa: E402
+from lofa.predict_graph import PredictionGraph  # noqa: E402
 
 FULL = dict(dims=(1536, 8960, 30), text_len=512,
             cfg=dict(d_model=768, num_heads=12, num_blocks=8, patch_size=96, rank=32, text_dim=4096))
@@ -266,11 +267,14 @@ class Bench:
         del g, ref
         return errs
 
-    def train_step_fn(self, model: HyperNet, loss_cfg: Stage1LossConfig) -> Callable[[], None]:
+    def train_step_fn(self, model: HyperNet, loss_cfg: Stage1LossConfig, graphs: bool = False
+                      ) -> Callable[[], None]:
         batch = HyperBatch(self.text, self.mask, (LoraGroup(self.group, *self.lora),))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=self.device.type == "cuda")
 
         def step() -> None:
+            if graphs:  # CUDA graph trees: a new step, the previous outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 loss, _ = stage1_loss(model, batch, loss_cfg)
             loss.backward()
@@ -286,8 +290,9 @@ class Bench:
     def peak(self) -> dict[str, float]:
         return {"peak_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30} if self.device.type == "cuda" else {}
 
-    def run_train(self, compiled: bool, ckpts: tuple[bool, ...] = (False, True),
-                  profile: bool = False, mode: str | None = None) -> dict[str, object]:
+    def run_train(self, compiled: bool, ckpts: tuple[bool, ...] = (False, True), profile: bool = False,
+                  mode: str | None = None, fused: bool = True) -> dict[str, object]:
+        """One stage-I step; eager uses the torch loss, compiled the fused Triton loss unless not ``fused``."""
         res: dict[str, object] = {}
         for ckpt in ckpts:
             model = HyperNet(HyperNetConfig(**{**vars(self.cfg1), "grad_checkpointing": ckpt}), self.vocab)
@@ -296,7 +301,8 @@ class Bench:
             if compiled:
                 torch._dynamo.reset()
                 compile_blocks(model, mode)
-            step = self.train_step_fn(model, Stage1LossConfig(compile=compiled))
+            step = self.train_step_fn(model, Stage1LossConfig(compile=compiled, fused=fused if compiled else False),
+                                      graphs=mode == "reduce-overhead")
             key = "ckpt" if ckpt else "no_ckpt"
             self.reset_peak()
             first = first_call_s(step, self.device)
@@ -379,6 +385,69 @@ class Bench:
         b1, b2 = (compile_blocks(copy.deepcopy(m), mode) for m in self.bf16_models)
         return self.measure_predict(b1, b2, cached, profile, graphs=mode == "reduce-overhead")
 
+    def run_graph_predict(self, streams: bool, compiled: bool = True, profile: bool = False) -> dict[str, object]:
+        """The Predictor's GPU path: W embedded once, then stage I + II replayed from one CUDA graph
+        (``PredictionGraph``), with stage II's first blocks on a second stream when ``streams``."""
+        torch._dynamo.reset()
+        b1, b2 = (copy.deepcopy(m) for m in self.bf16_models)
+        if compiled:
+            b1, b2 = compile_blocks(b1), compile_blocks(b2)
+        e1, e2 = self.embedded(b1, b2)
+        with self.offloaded(keep_w=False):
+            self.reset_peak()
+            static = torch.cuda.memory_allocated(self.device) / 2 ** 30
+            t0 = time.perf_counter()
+            graph = PredictionGraph(b1, b2, [e1], [e2], self.text_len, streams=streams)
+            capture_s = time.perf_counter() - t0
+            run = lambda: graph(self.text)  # noqa: E731
+            t = timeit(run, self.device, self.warmup, self.repeats)
+            res = {**t, "first_call_s": capture_s, **self.peak(), "static_gib": static}
+            out = run()[0]
+            res["dW_err_vs_eager_bf16"] = rel_err(out.delta(), self.bf16_delta())
+            del out
+            if profile:
+                res["profile"] = kernel_profile(run)
+        res["tflops"] = self.tflops(self.flops["predict"] - self.flops["cacheable"], t["median_ms"])
+        return res
+
+    def loss_check(self) -> dict[str, object]:
+        """The fused stage-I loss (Triton) against the compiled torch loss at full shapes, bf16 autocast:
+        time of forward + backward, and the differences in loss, counts and gradients."""
+        from lofa.objectives import _compiled_stage1_terms
+        from lofa.stage1_kernel import stage1_terms
+
+        n, (o, i), r = len(self.vocab), self.W.shape[1:], self.cfg1.rank
+        g = torch.Generator(self.device).manual_seed(1)
+        A = (torch.randn(n, r, i, device=self.device, generator=g) / i ** 0.5).requires_grad_()
+        B = (torch.randn(n, o, r, device=self.device, generator=g) * 2e-3).requires_grad_()
+        res: dict[str, object] = {}
+        outs = {}
+        for name, fn in (("torch_compiled", _compiled_stage1_terms()), ("fused", stage1_terms)):
+            def step(fn=fn):
+                A.grad = B.grad = None
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    bce, counts = fn(A, B, self.W, *self.lora, 0.02, 4.0, 1e-4, None)
+                (bce / (n * o * i)).backward()
+                return bce, counts
+            res[f"{name}_ms"] = timeit(step, self.device, self.warmup, self.repeats)["median_ms"]
+            bce, counts = step()
+            outs[name] = (bce.item(), counts.tolist(), A.grad.clone(), B.grad.clone())
+        from lofa.objectives import _stage1_terms
+        A.grad = B.grad = None
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:  # the fp32 reference: the same factors, every product and the loss in fp32
+            bce, counts = _stage1_terms(A, B, self.W, *self.lora, 0.02, 4.0, 1e-4, None)
+            (bce / (n * o * i)).backward()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        ref = (bce.item(), counts.tolist(), A.grad.clone(), B.grad.clone())
+        for name, (loss, counts, ga, gb) in outs.items():
+            res[name] = {"bce_rel_diff_vs_fp32": abs(loss - ref[0]) / abs(ref[0]), "counts": counts,
+                         "dA_rel_err_vs_fp32": rel_err(ga, ref[2]), "dB_rel_err_vs_fp32": rel_err(gb, ref[3])}
+        res["fp32_counts"] = ref[1]
+        return res
+
     def run_fp8(self) -> dict[str, object]:
         torch._dynamo.reset()
         b1, b2 = (compile_blocks(to_fp8(m)) for m in self.bf16_models)
@@ -450,10 +519,15 @@ def table(report: dict[str, object]) -> str:
     rows = [("predict eager bf16", r.get("predict")), ("predict compiled", r.get("compiled_predict")),
             ("predict compiled cached", r.get("compiled_predict_cached")),
             ("predict cached cudagraphs", r.get("graphs_predict_cached")),
+            ("predict one graph", r.get("graph_predict")),
+            ("predict one graph 2 streams", r.get("graph2_predict")),
+            ("... blocks not compiled", r.get("graph2_predict_eager")),
             ("predict cached max-autotune", r.get("autotune_predict")),
             ("train1 max-autotune", tr("autotune_train1", "no_ckpt")), ("predict fp8 compiled", r.get("fp8")),
             ("train1 eager", tr("train1", "no_ckpt")), ("train1 eager ckpt", tr("train1", "ckpt")),
             ("train1 compiled", tr("train1_compiled", "no_ckpt")), ("train1 compiled ckpt", tr("train1_compiled", "ckpt")),
+            ("train1 compiled torch loss", tr("train1_compiled_torch_loss", "no_ckpt")),
+            ("train1 cudagraphs", tr("train1_graphs", "no_ckpt")),
             ("train2 + DiT", r.get("dit"))]
     lines.append(f"{'what':24s} {'ms':>9s} {'TFLOP/s':>8s} {'peak GiB':>9s} {'compile s':>9s}")
     for name, v in rows:
@@ -503,7 +577,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ("compiled_predict", lambda: b.run_compiled_predict(profile=True), gpu),
             ("compiled_predict_cached", lambda: b.run_compiled_predict(cached=True, profile=True), gpu),
             ("graphs_predict_cached", lambda: b.run_compiled_predict("reduce-overhead", cached=True), gpu),
+            ("graph_predict", lambda: b.run_graph_predict(streams=False), gpu),
+            ("graph2_predict", lambda: b.run_graph_predict(streams=True, profile=True), gpu),
+            ("graph2_predict_eager", lambda: b.run_graph_predict(streams=True, compiled=False), gpu),
+            ("loss_check", b.loss_check, gpu),
             ("train1_compiled", lambda: b.run_train(True, profile=True), gpu),
+            ("train1_compiled_torch_loss", lambda: b.run_train(True, (False,), fused=False), gpu),
+            ("train1_graphs", lambda: b.run_train(True, (False,), profile=True, mode="reduce-overhead"), gpu),
             ("dit", b.run_dit, gpu and args.dit), ("fp8", b.run_fp8, gpu),
             ("autotune_predict", lambda: b.run_compiled_predict("max-autotune-no-cudagraphs", cached=True,
                                                                 profile=True), gpu and args.autotune),

@@ -24,7 +24,9 @@ Efficiency decisions (the public release's defects, DESIGN section 1):
   many prompts of one base model;
 - matrices of one shape are batched; shapes are the only Python-level loop;
 - gradient checkpointing passes each block itself to ``checkpoint`` (no late
-  binding); parameters stay in the dtype they were created in (fp32 under autocast).
+  binding); parameters stay in the dtype they were created in (fp32 under autocast);
+  activations, the residual stream included, are in the compute dtype (bf16 under
+  autocast), norm statistics in fp32.
 """
 
 from __future__ import annotations
@@ -219,11 +221,38 @@ def group_by_shape(vocab: Vocabulary, matrix_ids: Tensor, prompt_ids: Tensor
     return [(s, torch.tensor(by_shape[s], dtype=torch.long)) for s in sorted(by_shape)]
 
 
+def trim_text(text: Tensor, mask: Tensor, text_dim: int) -> tuple[Tensor, Tensor | None]:
+    """Drop the text columns no prompt uses; the mask becomes None when every kept token is valid.
+
+    Reads the mask on the host (one sync when it lives on the GPU), so callers that
+    replay a captured prediction trim before it.
+
+    Args:
+        text: (P, L, text_dim); mask: (P, L), True = token.
+    Returns:
+        text (P, L', text_dim) and mask (P, L') bool or None.
+    """
+    if text.dim() != 3 or text.shape[-1] != text_dim or mask.shape != text.shape[:2]:
+        raise ValueError(f"HyperNet: text {tuple(text.shape)} must be (P, L, {text_dim}) "
+                         f"with mask (P, L), got mask {tuple(mask.shape)}")
+    mask = mask.bool()
+    used = mask.any(0)
+    length, all_valid, empty = torch.stack([
+        torch.where(used, torch.arange(1, used.numel() + 1, device=used.device), 0).max(),
+        (mask | ~used).all(), (~mask.any(1)).any()]).tolist()
+    if empty:
+        raise ValueError("HyperNet: a prompt has no valid text token (its mask row is all False)")
+    return text[:, :length], None if all_valid else mask[:, :length]
+
+
 class RMSNorm(nn.RMSNorm):
     """RMSNorm whose gain is cast to the input's dtype (the fused kernel under bf16 autocast)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
+_identity = nn.Identity()
 
 
 def _query_chunks(m: int, s: int) -> int:
@@ -235,9 +264,14 @@ def _query_chunks(m: int, s: int) -> int:
     return best
 
 
-def _heads(x: Tensor, lead: int, num_heads: int) -> Tensor:
-    """(..., d) with n*S rows -> (lead, heads, rows/lead, head_dim)."""
-    return x.reshape(lead, -1, num_heads, x.shape[-1] // num_heads).transpose(1, 2)
+def _heads(x: Tensor, lead: int, num_heads: int, norm: nn.Module) -> Tensor:
+    """(..., d) with n*S rows -> ``norm`` over each head -> (lead, heads, rows/lead, head_dim).
+
+    The norm runs before the transpose, so its output (a new tensor) is laid out
+    (lead, rows, heads, head_dim): the attention kernel reads that layout as is and
+    writes its output the same way, so merging the heads back is a view, not a copy.
+    """
+    return norm(x.reshape(lead, -1, num_heads, x.shape[-1] // num_heads)).transpose(1, 2)
 
 
 class CrossAttention(nn.Module):
@@ -256,7 +290,7 @@ class CrossAttention(nn.Module):
     def context(self, c: Tensor) -> tuple[Tensor, Tensor]:
         """c: (P, L, d) -> K, V each (P, heads, L, head_dim), K normalised."""
         k, v = self.kv(c).chunk(2, dim=-1)
-        return self.k_norm(_heads(k, c.shape[0], self.num_heads)), _heads(v, c.shape[0], self.num_heads)
+        return _heads(k, c.shape[0], self.num_heads, self.k_norm), _heads(v, c.shape[0], self.num_heads, _identity)
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """x: (n, S, d) with n = P * m; the m consecutive matrices of a prompt share its K, V (P, ...).
@@ -269,7 +303,7 @@ class CrossAttention(nn.Module):
         n, s, d = x.shape
         lead = k.shape[0]
         chunks = _query_chunks(n // lead, s) if torch.is_grad_enabled() else 1
-        q = self.q_norm(_heads(self.q(x), lead * chunks, self.num_heads))  # (P*c, h, m*S/c, hd)
+        q = _heads(self.q(x), lead * chunks, self.num_heads, self.q_norm)  # (P*c, h, m*S/c, hd)
         if chunks > 1:
             k, v = (t.repeat_interleave(chunks, dim=0) for t in (k, v))
             mask = None if mask is None else mask.repeat_interleave(chunks, dim=0)
@@ -293,8 +327,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (n, S, d) -> (n, S, d)."""
         n, s, d = x.shape
-        q, k, v = (_heads(t, n, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
-        y = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        q, k, v = (_heads(t, n, self.num_heads, norm) for t, norm in
+                   zip(self.qkv(x).chunk(3, dim=-1), (self.q_norm, self.k_norm, _identity)))
+        y = F.scaled_dot_product_attention(q, k, v)
         return self.o(y.transpose(1, 2).reshape(n, s, d))
 
 
@@ -475,20 +510,18 @@ class HyperNet(nn.Module):
 
     def _encode_text(self, text: Tensor, mask: Tensor) -> _TextContext:
         """Project the prompts once and compute every trunk block's K / V once per prompt."""
-        if text.dim() != 3 or text.shape[-1] != self.cfg.text_dim or mask.shape != text.shape[:2]:
-            raise ValueError(f"HyperNet: text {tuple(text.shape)} must be (P, L, {self.cfg.text_dim}) "
-                             f"with mask (P, L), got mask {tuple(mask.shape)}")
-        mask = mask.bool()
-        used = mask.any(0)
-        length, all_valid, empty = torch.stack([
-            torch.where(used, torch.arange(1, used.numel() + 1, device=used.device), 0).max(),
-            (mask | ~used).all(), (~mask.any(1)).any()]).tolist()
-        if empty:
-            raise ValueError("HyperNet: a prompt has no valid text token (its mask row is all False)")
-        text, mask = text[:, :length], mask[:, :length]
+        text, mask = trim_text(text, mask, self.cfg.text_dim)
+        return self.text_context(text, mask)
+
+    def text_context(self, text: Tensor, mask: Tensor | None) -> _TextContext:
+        """Every trunk block's K / V of already trimmed prompts (``trim_text``); no host sync.
+
+        Args:
+            text: (P, L, text_dim); mask: (P, L) bool, or None when every token is valid.
+        """
         c = self.text_norm(self.text_proj(text.to(self._compute_dtype(text.device))))  # (P, L, d)
         kv = [block.cross.context(c) for block in self.blocks]
-        return _TextContext(tuple(k for k, _ in kv), tuple(v for _, v in kv), None if all_valid else mask)
+        return _TextContext(tuple(k for k, _ in kv), tuple(v for _, v in kv), mask)
 
     def _embed(self, g: MatrixGroup) -> tuple[Tensor, Tensor]:
         """Tokens (n, 1 + T, d) of W / RMS(W), and RMS(W) (n,) fp32.
@@ -515,7 +548,9 @@ class HyperNet(nn.Module):
         meta = self.depth_embed(self.depth_ids[g.matrix_ids]) + self.type_embed(self.type_ids[g.matrix_ids])
         x = x + pos.to(x.dtype) + meta[:, None].to(x.dtype)
         cls = (self.cls_token + meta)[:, None].to(x.dtype)
-        return torch.cat([cls, x], dim=1), torch.cat(rms)
+        # the residual stream in the compute dtype: under bf16 autocast the norms' outputs
+        # are fp32, and an fp32 stream would double the traffic of every norm and residual add
+        return torch.cat([cls, x], dim=1).to(dtype), torch.cat(rms)
 
     def _text_for(self, g: MatrixGroup, ctx: _TextContext) -> tuple[Tensor | None, Tensor | None]:
         """Index (n,) into the prompts, or None when the group is m consecutive matrices per prompt."""
@@ -546,15 +581,35 @@ class HyperNet(nn.Module):
             raise ValueError(f"HyperNet: stage1_tokens {tuple(stage1_tokens.shape)} for {g.weight.shape[0]} matrices")
         index, mask = self._text_for(g, ctx)  # before any heavy work: it syncs with the host
         x, rms = self._embed(g) if embedded is None else (embedded.tokens, embedded.rms)
-        for i, block in enumerate(self.blocks):
+        x = self.run_blocks(x, ctx, 0, self.cfg.num_blocks, index=index, mask=mask,
+                            stage1_tokens=stage1_tokens, first_cached=embedded is not None)
+        return self.finish(x, g.shape, rms)
+
+    def run_blocks(self, x: Tensor, ctx: _TextContext, start: int, stop: int, *, index: Tensor | None = None,
+                   mask: Tensor | None = None, stage1_tokens: Tensor | None = None,
+                   first_cached: bool = False) -> Tensor:
+        """Trunk blocks ``start`` to ``stop - 1`` (and the stage-I blocks after them) on tokens x.
+
+        Args:
+            x: (n, S, d) tokens; ctx: the prompts' K / V (``text_context``).
+            index: (n,) prompt of each matrix, or None when x holds m consecutive matrices per prompt.
+            mask: the text mask matching ``index`` (None: every key valid).
+            stage1_tokens: (n, S1, d) frozen stage-I tokens (stage II with stage-I features).
+            first_cached: x went through block 0's self half already (``embed``).
+        """
+        for i in range(start, stop):
             k, v = ctx.keys[i], ctx.values[i]
             if index is not None:
                 k, v = k[index], v[index]
-            x = self._run(block, x, k, v, mask, i == 0 and embedded is not None)
+            x = self._run(self.blocks[i], x, k, v, mask, i == 0 and first_cached)
             if stage1_tokens is not None and str(i) in self.stage1_blocks:
                 x = self._run(self.stage1_blocks[str(i)], x, stage1_tokens)
+        return x
+
+    def finish(self, x: Tensor, shape: tuple[int, int], rms: Tensor) -> HyperOutput:
+        """Final norm, mean pool and the heads of matrices of ``shape`` (out, in)."""
         tokens = self.norm(x)
         h = tokens.mean(dim=1)
-        a, b = self.heads[key](h, rms)
+        a, b = self.heads[f"{shape[0]}x{shape[1]}"](h, rms)
         alpha = None if self.alpha_head is None else F.softplus(self.alpha_head(h).squeeze(-1).float())
         return HyperOutput(a, b, alpha, tokens)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lofa import stage1_kernel
 from lofa.hypernet import HyperNet, HyperOutput, MatrixGroup, group_by_shape
 from lofa.layers import Vocabulary
 from lofa.lora import LoRAWeights, response_map
@@ -122,7 +124,9 @@ def random_matrix_ids(num_matrices: int, per_lora: int, num_loras: int,
 class Stage1LossConfig:
     """tau: response threshold; logit_scale: s; eps: floor of the ratio (sets the lowest logit);
     l2_weight: weight of mean(A^2) + mean(B^2); pos_weight: BCE weight of positives (None = 1);
-    compile: fuse the per-entry map, logit and BCE with torch.compile (GPU)."""
+    compile: fuse the per-entry map, logit and BCE with torch.compile (GPU);
+    fused: the one-kernel Triton loss (``lofa.stage1_kernel``, never materialises dW);
+    None = on CUDA when triton is there."""
 
     tau: float = 0.02
     logit_scale: float = 4.0
@@ -130,6 +134,7 @@ class Stage1LossConfig:
     l2_weight: float = 1e-4
     pos_weight: float | None = None
     compile: bool = False
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if self.tau <= 0 or self.logit_scale <= 0 or not 0 < self.eps < 1 or self.l2_weight < 0:
@@ -186,6 +191,15 @@ def _compiled_stage1_terms() -> Callable[..., tuple[Tensor, Tensor]]:
     return torch.compile(_stage1_terms, dynamic=False)
 
 
+def _stage1_terms_for(cfg: Stage1LossConfig, device: torch.device) -> Callable[..., tuple[Tensor, Tensor]]:
+    if cfg.fused or (cfg.fused is None and stage1_kernel.available(device)):
+        if not stage1_kernel.available(device) and not os.environ.get("TRITON_INTERPRET"):
+            raise ValueError(f"Stage1LossConfig.fused: the Triton loss runs on CUDA (or under TRITON_INTERPRET=1), "
+                             f"not on {device}")
+        return stage1_kernel.stage1_terms
+    return _compiled_stage1_terms() if cfg.compile else _stage1_terms
+
+
 def stage1_loss(model: nn.Module, batch: HyperBatch, cfg: Stage1LossConfig = Stage1LossConfig()
                 ) -> tuple[Tensor, dict[str, Tensor]]:
     """BCE of the predicted response map against the fitted LoRA's, plus l2_weight (mean A^2 + mean B^2).
@@ -196,7 +210,7 @@ def stage1_loss(model: nn.Module, batch: HyperBatch, cfg: Stage1LossConfig = Sta
     """
     if _unwrap(model).cfg.stage != 1:
         raise ValueError("stage1_loss: the model is not a stage-I HyperNet (cfg.stage != 1)")
-    terms = _compiled_stage1_terms() if cfg.compile else _stage1_terms
+    terms = _stage1_terms_for(cfg, batch.text.device)
     outs = model(batch.matrix_groups, batch.text, batch.text_mask)
     bce_sum = l2_sum = 0.0
     counts = torch.zeros(3, device=batch.text.device)

@@ -30,13 +30,14 @@ from lofa.config import load_section
 from lofa.data.preprocess import PreprocessConfig, codec_for, text_encoder_for
 from lofa.encoders.text import TextEncoder, is_blank
 from lofa.encoders.video import VideoCodec, latent_shape
-from lofa.hypernet import EmbeddedGroup, HyperNet, MatrixGroup, group_by_shape
+from lofa.hypernet import EmbeddedGroup, HyperNet, HyperOutput, MatrixGroup, group_by_shape, trim_text
 from lofa.hypertrain import load_hypernet
 from lofa.io import ArtifactError, read_json
 from lofa.layers import ALL_MODULES, ATTN_MODULES, Vocabulary
 from lofa.lora import LoRAFile, LoRAFormatError, LoRAWeights, base_weights, load_lora, save_lora
 from lofa.media import decode_latents, write_video
 from lofa.objectives import predicted_lora
+from lofa.predict_graph import PredictionGraph
 from lofa.pretrain import dit_config_from_sidecar
 from lofa.sampling import sample
 from lofa.wan import WanDiTConfig, load_dit
@@ -189,10 +190,15 @@ class Predictor:
         encoder: the text encoder the hypernetworks were trained with.
         hypernet_hash: recorded in every file's header (stage II's weights hash).
         dtype: "float32", or "bfloat16" to run the hypernetworks under autocast.
+        cuda_graph: on a GPU, a one-prompt prediction replays one captured CUDA graph per
+            text length (``lofa.predict_graph``; captured on first use, up to
+            ``MAX_GRAPHS`` lengths kept); elsewhere the same schedule runs uncaptured.
     """
 
+    MAX_GRAPHS = 4
+
     def __init__(self, base: BaseModel, stage2: HyperNet, stage1: HyperNet | None, encoder: TextEncoder, *,
-                 hypernet_hash: str = "", dtype: str = "float32") -> None:
+                 hypernet_hash: str = "", dtype: str = "float32", cuda_graph: bool = True) -> None:
         if dtype not in _DTYPES:
             raise PredictError(f"dtype {dtype!r} is not one of {list(_DTYPES)}")
         if stage2.cfg.uses_stage1 and stage1 is None:
@@ -209,6 +215,8 @@ class Predictor:
         self.stage2 = stage2.to(self.device).eval().requires_grad_(False)
         self.stage1 = stage1.to(self.device).eval().requires_grad_(False) if stage2.cfg.uses_stage1 else None
         self._embedded = {id(m): self._embed_all(m) for m in (self.stage2, self.stage1) if m is not None}
+        self.cuda_graph = cuda_graph
+        self._graphs: dict[int, PredictionGraph] = {}
 
     @torch.no_grad()
     def _embed_all(self, model: HyperNet) -> list[EmbeddedGroup]:
@@ -226,12 +234,26 @@ class Predictor:
     def _autocast(self) -> torch.autocast | nullcontext:
         if self.dtype == torch.float32:
             return nullcontext()
-        return torch.autocast(self.device.type, self.dtype)
+        # no weight-cast cache: a captured graph must cast the (in-place updatable) weights itself
+        return torch.autocast(self.device.type, self.dtype, cache_enabled=False)
+
+    def _graph(self, text_len: int) -> PredictionGraph:
+        """The one-prompt PredictionGraph for texts of ``text_len`` tokens (made on first use)."""
+        graph = self._graphs.pop(text_len, None)
+        if graph is None:
+            if len(self._graphs) >= self.MAX_GRAPHS:
+                self._graphs.pop(next(iter(self._graphs)))
+            pool = next(iter(self._graphs.values())).pool if self._graphs else None
+            graph = PredictionGraph(self.stage1, self.stage2, self._embedded.get(id(self.stage1)),
+                                    self._embedded[id(self.stage2)], text_len, context=self._autocast,
+                                    graph=self.cuda_graph, pool=pool)
+        self._graphs[text_len] = graph  # most recently used last
+        return graph
 
     @classmethod
     def from_dirs(cls, base_dir: str | Path, stage1_dir: str | Path | None, stage2_dir: str | Path,
                   params_path: str | Path = "params.yaml", *, device: str | torch.device = "cpu",
-                  dtype: str = "float32") -> "Predictor":
+                  dtype: str = "float32", cuda_graph: bool = True) -> "Predictor":
         """Load the pipeline's artifacts: base model, stage I (may be None for the ablation), stage II."""
         pre = load_preprocess(params_path)
         stage2, hash2, weights_hash = load_stage(stage2_dir, 2)
@@ -245,7 +267,8 @@ class Predictor:
         base = load_base(base_dir, device)
         if hash2 and hash2 != base.hash:
             raise PredictError(f"{stage2_dir} was trained on base model {hash2}; {base_dir} holds {base.hash}")
-        return cls(base, stage2, stage1, text_encoder_for(pre, device), hypernet_hash=weights_hash, dtype=dtype)
+        return cls(base, stage2, stage1, text_encoder_for(pre, device), hypernet_hash=weights_hash, dtype=dtype,
+                   cuda_graph=cuda_graph)
 
     def predict(self, prompt: str) -> PredictedLoRA:
         """The LoRA of one prompt."""
@@ -257,6 +280,11 @@ class Predictor:
         prompts = check_prompts(prompts)
         t0 = time.perf_counter()
         emb = self.encoder.encode(prompts)
+        if len(prompts) == 1:  # the serving path: W's tokens are cached, the text trimmed, one graph
+            text, _ = trim_text(emb.tokens, emb.mask, self.stage2.cfg.text_dim)
+            groups = self._embedded[id(self.stage2)]
+            outs = self._graph(text.shape[1])(text.to(self.device))
+            return self._finish(prompts, groups, outs, t0)
         text, mask = emb.tokens.to(self.device), emb.mask.to(self.device)
         with self._autocast():
             groups = [_tile(e, len(prompts)) for e in self._embedded[id(self.stage2)]]
@@ -265,6 +293,10 @@ class Predictor:
                 s1_groups = [_tile(e, len(prompts)) for e in self._embedded[id(self.stage1)]]
                 tokens = [o.tokens for o in self.stage1(s1_groups, text, mask)]
             outs = self.stage2(groups, text, mask, tokens)
+        return self._finish(prompts, groups, outs, t0)
+
+    def _finish(self, prompts: list[str], groups: Sequence[EmbeddedGroup], outs: Sequence[HyperOutput],
+                t0: float) -> list[PredictedLoRA]:
         lora = predicted_lora(self.vocab, [g.group for g in groups], outs, len(prompts))
         A = [a.float() for a in lora.A]
         B = [b.float() for b in lora.B]

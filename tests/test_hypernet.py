@@ -264,3 +264,37 @@ def test_query_chunked_cross_attention_gives_the_same_outputs_and_gradients(monk
         seen.clear()
         model(groups, text, mask, s1)
         assert 8 not in seen
+
+
+@pytest.mark.parametrize("use_stage1", [True, False])
+def test_prediction_graph_schedule_matches_the_model(use_stage1):
+    """PredictionGraph's two-stream schedule (stage II's first blocks beside stage I, then the
+    rest) gives exactly what the two models' own forwards give; text must be trimmed and
+    embedded groups must be the models' own, for one prompt."""
+    from lofa.predict_graph import PredictionGraph
+
+    vocab = Vocabulary.from_dims(32, 48, 2, modules=("self_attn.q", "ffn.0", "ffn.2"))
+    w = _weights(vocab)
+    torch.manual_seed(0)
+    s1 = HyperNet(_cfg(stage=1), vocab).eval()
+    s2 = HyperNet(_cfg(stage=2, b_init_std=0.02, cross_stage1_after=(1,) if use_stage1 else (),
+                       use_stage1=use_stage1), vocab).eval()
+    groups = _groups(vocab, w, range(len(vocab)), [0] * len(vocab))
+    text, mask = _text(1)
+    text, mask = text[:, : int(mask.sum())], mask[:, : int(mask.sum())]
+    with torch.no_grad():
+        tokens = [o.tokens for o in s1(groups, text, mask)] if use_stage1 else None
+        want = s2(groups, text, mask, tokens)
+        e1, e2 = [s1.embed(g) for g in groups], [s2.embed(g) for g in groups]
+    graph = PredictionGraph(s1 if use_stage1 else None, s2, e1 if use_stage1 else None, e2, text.shape[1])
+    assert graph.graph is None  # CPU: the same schedule, not captured
+    got = graph(text)
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.A, b.A, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.B_scaled, b.B_scaled, rtol=1e-5, atol=1e-7)
+        assert a.B_scaled.abs().sum() > 0
+    with pytest.raises(ValueError, match="captured for text"):
+        graph(text[:, :-1])
+    with pytest.raises(ValueError, match="another model"):
+        PredictionGraph(s1 if use_stage1 else None, s2, e2 if use_stage1 else None, e1, text.shape[1])

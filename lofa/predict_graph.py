@@ -1,0 +1,129 @@
+"""Stage I + stage II of one prompt as a single CUDA graph, the two trunks on two streams.
+
+The serving path of a trained hypernetwork (``Predictor`` on a GPU) runs the same
+few hundred kernels for every prompt of a given text length. Launched one by one
+from Python they leave the GPU idle between kernels (about 5 ms of a 67 ms
+prediction at the Wan2.1-1.3B shapes, benchmarks/bench_hypernet.py); replayed from a
+captured graph they run back to back.
+
+The graph also runs the two stages side by side where the math allows: stage II's
+trunk blocks up to the first one that reads stage-I tokens depend on the prompt and
+W only, so they run on a second stream while stage I runs. Memory-bound kernels
+(norms, residual adds, attention) of one stream then overlap the matrix products of
+the other.
+
+What a replay needs is fixed at capture: the embedded matrices (``HyperNet.embed``,
+one prompt), the models' weights (read in place: later in-place updates are seen,
+replaced tensors are not), the text length, and a text whose every kept token is
+valid (``trim_text`` gives that for one prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import Tensor
+
+from lofa.hypernet import EmbeddedGroup, HyperNet, HyperOutput
+
+
+class PredictionGraph:
+    """A captured stage-I + stage-II prediction for one prompt of ``text_len`` tokens.
+
+    Args:
+        stage1: the stage-I model, or None for a stage-II model without stage-I features.
+        stage2: the stage-II model.
+        groups1, groups2: each model's embedded matrices for one prompt (same order).
+        text_len: tokens of the (trimmed, all-valid) text every call passes.
+        streams: run stage II's first blocks on a second stream beside stage I.
+        context: a factory of the context to trace in (e.g. autocast with its cache off).
+        graph: False runs the same schedule without capturing (for comparisons and CPU).
+        pool: a graph memory pool to share with other PredictionGraphs (never replayed at once).
+    """
+
+    def __init__(self, stage1: HyperNet | None, stage2: HyperNet, groups1: Sequence[EmbeddedGroup] | None,
+                 groups2: Sequence[EmbeddedGroup], text_len: int, *, streams: bool = True,
+                 context: type[AbstractContextManager] | None = None, graph: bool = True,
+                 pool: object | None = None, warmup: int = 2) -> None:
+        if stage2.cfg.uses_stage1 != (stage1 is not None and groups1 is not None):
+            raise ValueError("PredictionGraph: stage1 and groups1 are needed exactly when stage II uses stage-I "
+                             "tokens")
+        for groups, model in ((groups1 or (), stage1), (groups2, stage2)):
+            for e in groups:
+                if e.model_id != id(model):
+                    raise ValueError("PredictionGraph: an EmbeddedGroup made by another model")
+                if not torch.equal(e.group.prompt_ids.cpu(), torch.zeros(e.tokens.shape[0], dtype=torch.long)):
+                    raise ValueError("PredictionGraph: embedded groups must hold the matrices of one prompt")
+        self.stage1, self.stage2 = stage1, stage2
+        self.groups1, self.groups2 = list(groups1 or ()), list(groups2)
+        self.device = groups2[0].tokens.device
+        self.text_len = text_len
+        self.context = context or nullcontext
+        self.use_graph = graph and self.device.type == "cuda"
+        self.side = torch.cuda.Stream(self.device) if streams and self.device.type == "cuda" else None
+        self.text = torch.zeros(1, text_len, stage2.cfg.text_dim, device=self.device,
+                                dtype=groups2[0].tokens.dtype)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: list[HyperOutput] = []
+        if self.use_graph:
+            self._capture(pool, warmup)
+
+    @property
+    def pool(self) -> object | None:
+        """The graph's memory pool (pass it to another PredictionGraph to share memory)."""
+        return None if self.graph is None else self.graph.pool()
+
+    def _capture(self, pool: object | None, warmup: int) -> None:
+        warm = torch.cuda.Stream(self.device)
+        warm.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(warm), torch.no_grad(), self.context():
+            for _ in range(warmup):  # compiled blocks compile and cuBLAS picks its kernels here
+                self._forward(self.text)
+        torch.cuda.current_stream(self.device).wait_stream(warm)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), self.context(), torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = self._forward(self.text)
+
+    def _forward(self, text: Tensor) -> list[HyperOutput]:
+        s1, s2 = self.stage1, self.stage2
+        ctx2 = s2.text_context(text, None)
+        split = min(s2.cfg.cross_stage1_after) if s2.cfg.uses_stage1 else s2.cfg.num_blocks - 1
+        x2: list[Tensor] = []
+        main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        if self.side is not None:
+            self.side.wait_stream(main)
+        with torch.cuda.stream(self.side) if self.side is not None else nullcontext():
+            for e in self.groups2:  # stage II up to (not into) its first stage-I block: no stage-I input
+                x2.append(s2.run_blocks(e.tokens, ctx2, 0, split + 1, first_cached=True))
+        tokens1: list[Tensor | None] = [None] * len(self.groups2)
+        if s1 is not None:
+            ctx1 = s1.text_context(text, None)
+            tokens1 = [s1.norm(s1.run_blocks(e.tokens, ctx1, 0, s1.cfg.num_blocks, first_cached=True))
+                       for e in self.groups1]
+        if self.side is not None:
+            main.wait_stream(self.side)
+        outs = []
+        for e, x, t1 in zip(self.groups2, x2, tokens1):
+            if t1 is not None:
+                x = s2.stage1_blocks[str(split)](x, t1)
+            x = s2.run_blocks(x, ctx2, split + 1, s2.cfg.num_blocks, stage1_tokens=t1)
+            outs.append(s2.finish(x, e.group.shape, e.rms))
+        return outs
+
+    @torch.no_grad()
+    def __call__(self, text: Tensor) -> list[HyperOutput]:
+        """One prediction per stage-II group for ``text`` (1, text_len, text_dim), every token valid.
+
+        Returns new tensors (the graph's own outputs are overwritten by the next call).
+        """
+        if text.shape != self.text.shape:
+            raise ValueError(f"PredictionGraph: captured for text {tuple(self.text.shape)}, got {tuple(text.shape)}")
+        if self.graph is None:
+            with self.context():
+                return self._forward(text.to(self.text.dtype))
+        self.text.copy_(text)
+        self.graph.replay()
+        return [HyperOutput(o.A.clone(), o.B.clone(), None if o.alpha is None else o.alpha.clone(),
+                            o.tokens.clone()) for o in self.outputs]
