@@ -55,10 +55,8 @@ if triton is not None:
                     mask=rmask[:, None] & (k[None, :] < r), other=0.0)
         fb = tl.load(FB + n * sfb_n + rows[:, None] * sfb_o + kf[None, :] * sfb_r,
                      mask=rmask[:, None] & (kf[None, :] < rf), other=0.0).to(tl.float32)
-        acc_loss = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_tp = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_pp = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_ap = tl.zeros((BM, BN), dtype=tl.float32)
+        # per-iteration sums into scalars: tile-sized accumulators would cost registers (spills)
+        acc_loss, acc_tp, acc_pp, acc_ap = 0.0, 0.0, 0.0, 0.0
         for c0 in range(0, in_f, BN):
             cols = c0 + tl.arange(0, BN)
             cmask = cols < in_f
@@ -81,7 +79,7 @@ if triton is not None:
             e = tl.exp(-tl.abs(x))
             sp = tl.log(1.0 + e)  # softplus(x) = max(x, 0) + sp, softplus(-x) = max(-x, 0) + sp
             loss = tl.where(target, pos_weight * (tl.maximum(-x, 0.0) + sp), tl.maximum(x, 0.0) + sp)
-            acc_loss += tl.where(valid, loss, 0.0)
+            acc_loss += tl.sum(tl.sum(tl.where(valid, loss, 0.0), axis=1), axis=0)
             sig = tl.where(x >= 0, 1.0, e) / (1.0 + e)
             dx = tl.where(target, -pos_weight * (1.0 - sig), sig)
             sign = tl.where(dw > 0, 1.0, tl.where(dw < 0, -1.0, 0.0))
@@ -89,20 +87,21 @@ if triton is not None:
             tl.store(G + n * out_f * in_f + rows[:, None] * in_f + cols[None, :], g.to(G.dtype.element_ty),
                      mask=valid)
             pred = (x > 0) & valid
-            acc_tp += (pred & target).to(tl.float32)
-            acc_pp += pred.to(tl.float32)
-            acc_ap += target.to(tl.float32)
+            acc_tp += tl.sum(tl.sum((pred & target).to(tl.float32), axis=1), axis=0)
+            acc_pp += tl.sum(tl.sum(pred.to(tl.float32), axis=1), axis=0)
+            acc_ap += tl.sum(tl.sum(target.to(tl.float32), axis=1), axis=0)
         tile = n * tl.num_programs(0) + pm
-        tl.store(partial + tile * 4 + 0, tl.sum(tl.sum(acc_loss, axis=1), axis=0))
-        tl.store(partial + tile * 4 + 1, tl.sum(tl.sum(acc_tp, axis=1), axis=0))
-        tl.store(partial + tile * 4 + 2, tl.sum(tl.sum(acc_pp, axis=1), axis=0))
-        tl.store(partial + tile * 4 + 3, tl.sum(tl.sum(acc_ap, axis=1), axis=0))
+        tl.store(partial + tile * 4 + 0, acc_loss)
+        tl.store(partial + tile * 4 + 1, acc_tp)
+        tl.store(partial + tile * 4 + 2, acc_pp)
+        tl.store(partial + tile * 4 + 3, acc_ap)
 
 
 if triton is not None and not os.environ.get("TRITON_INTERPRET"):  # the CPU interpreter cannot time configs
     _stage1_kernel = triton.autotune(
         configs=[triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
-                 for bm, bn, w, st in ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2))],
+                 for bm, bn, w, st in ((32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3),
+                                       (64, 128, 8, 3), (128, 64, 8, 2))],
         key=["out_f", "in_f", "r", "rf"], reset_to_zero=["partial"])(_stage1_kernel)
     _FIXED: dict[str, int] = {}
 else:
@@ -123,7 +122,7 @@ class _Stage1Loss(torch.autograd.Function):
         # dL/ddW spans fp32's range (it is ~1 / |dW| near dW = 0): bf16 holds it, fp16 would overflow
         G = torch.empty(n, out_f, in_f, device=A.device, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
         # one row of sums per row block of the smallest block size; larger blocks leave rows at zero
-        partial = torch.zeros(triton.cdiv(out_f, 64) * n, 4, device=A.device, dtype=torch.float32)
+        partial = torch.zeros(triton.cdiv(out_f, 32) * n, 4, device=A.device, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(out_f, meta["BM"]), n)  # noqa: E731
         _stage1_kernel[grid](A_, B_, W, FA, FB, G, partial, out_f, in_f, r, rf,
                              *A_.stride(), *B_.stride(), *W.stride(), *FA.stride(), *FB.stride(),

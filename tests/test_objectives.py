@@ -59,8 +59,8 @@ def test_stage1_loss_matches_hand_computation_and_metrics():
     dw, w = out.B @ out.A, g.matrices.weight
     logit = 3.0 * (torch.log(dw.abs() + 1e-3 * 0.02 * w.abs()) - math.log(1 + 1e-3) - torch.log(0.02 * w.abs()))
     r = ((g.lora_B @ g.lora_A).abs() > 0.02 * w.abs()).float()
-    prob = torch.sigmoid(logit)
-    bce = -(r * prob.log() + (1 - r) * (1 - prob).log()).mean()
+    # log sigma(x) and log(1 - sigma(x)) = log sigma(-x), finite at both tails (1 - sigma(x) rounds to 0)
+    bce = -(r * torch.nn.functional.logsigmoid(logit) + (1 - r) * torch.nn.functional.logsigmoid(-logit)).mean()
     l2 = sum(out.A[i].pow(2).mean() + out.B[i].pow(2).mean() for i in range(6)) / 6
     torch.testing.assert_close(loss, bce + 0.5 * l2, rtol=1e-4, atol=1e-6)
     pred = logit > 0
