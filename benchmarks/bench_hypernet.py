@@ -8,9 +8,15 @@ is rewritten after every section so a timeout keeps what finished):
   mlp_check        the fused no-grad MLP (cuBLASLt bias+GELU epilogue) vs the plain one
   train1           one stage-I training step over all matrices (AdamW, bf16 autocast,
                    fp32 weights), without and with gradient checkpointing
-  compiled_*       the same with the trunk blocks compiled (regional torch.compile) and
-                   the fused stage-I loss, with a kernel-time profile; ``_cached``: the
-                   prompt-independent matrix tokens embedded once (HyperNet.embed)
+  compiled_*       the same with the trunk blocks compiled (regional torch.compile; also the
+                   embedding, text K / V and heads) and the fused stage-I loss, with a
+                   kernel-time profile; ``_cached``: the prompt-independent matrix tokens
+                   embedded once (HyperNet.embed)
+  graph*_predict   the cached prediction replayed from one CUDA graph (PredictionGraph,
+                   the Predictor's GPU path), one or two streams, compiled or eager blocks
+  loss_check       the fused Triton stage-I loss against the compiled torch loss and an
+                   fp32 evaluation: time of forward + backward, loss, counts, gradients
+  train1_*         compiled stage-I step variants: torch loss, CUDA-graph trees, blocks only
   fp8              prediction with the trunk's linears in FP8 (row-wise scales,
                    torch._scaled_mm), compiled; dW error against the bf16 result
   dit              (--dit) one stage-II training step with the flow-matching loss
@@ -144,10 +150,14 @@ def to_fp8(model: HyperNet) -> HyperNet:
     return model
 
 
-def compile_blocks(model: HyperNet, mode: str | None = None) -> HyperNet:
-    """Regional compilation: every trunk (and stage-I) block, one compiled code per block type."""
+def compile_blocks(model: HyperNet, mode: str | None = None, edges: bool = True) -> HyperNet:
+    """Regional compilation: every trunk (and stage-I) block, one compiled code per block type;
+    with ``edges`` also the matrix embedding, the text's K / V and the heads (fewer, fused launches)."""
     for block in [*model.blocks, *model.stage1_blocks.values()]:
         block.compile(dynamic=False, mode=mode)
+    if edges:
+        for name in ("_embed", "text_context", "finish"):
+            setattr(model, name, torch.compile(getattr(model, name), dynamic=False, mode=mode))
     return model
 
 
@@ -194,9 +204,10 @@ class Bench:
         torch.manual_seed(0)
         self.s1, self.s2 = HyperNet(self.cfg1, self.vocab).to(dev), HyperNet(self.cfg2, self.vocab).to(dev)
         self.W = torch.randn(n, o, i, device=dev, dtype=torch.bfloat16) * 0.02
-        self.group = MatrixGroup(self.W, torch.arange(n, device=dev), torch.zeros(n, dtype=torch.long, device=dev))
+        # prompt ids and the text mask on the host, where HyperBatch.to leaves them (no GPU sync to read them)
+        self.group = MatrixGroup(self.W, torch.arange(n, device=dev), torch.zeros(n, dtype=torch.long))
         self.text = torch.randn(1, self.text_len, self.cfg1.text_dim, device=dev, dtype=torch.bfloat16)
-        self.mask = torch.ones(1, self.text_len, dtype=torch.bool, device=dev)
+        self.mask = torch.ones(1, self.text_len, dtype=torch.bool)
         r = self.cfg1.rank
         self.lora = (torch.randn(n, r, i, device=dev, dtype=torch.bfloat16) / i ** 0.5,
                      torch.randn(n, o, r, device=dev, dtype=torch.bfloat16) * 2e-3)
@@ -291,7 +302,7 @@ class Bench:
         return {"peak_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30} if self.device.type == "cuda" else {}
 
     def run_train(self, compiled: bool, ckpts: tuple[bool, ...] = (False, True), profile: bool = False,
-                  mode: str | None = None, fused: bool = True) -> dict[str, object]:
+                  mode: str | None = None, fused: bool = True, edges: bool = True) -> dict[str, object]:
         """One stage-I step; eager uses the torch loss, compiled the fused Triton loss unless not ``fused``."""
         res: dict[str, object] = {}
         for ckpt in ckpts:
@@ -300,7 +311,7 @@ class Bench:
             model.to(self.device).train()
             if compiled:
                 torch._dynamo.reset()
-                compile_blocks(model, mode)
+                compile_blocks(model, mode, edges)
             step = self.train_step_fn(model, Stage1LossConfig(compile=compiled, fused=fused if compiled else False),
                                       graphs=mode == "reduce-overhead")
             key = "ckpt" if ckpt else "no_ckpt"
@@ -528,6 +539,7 @@ def table(report: dict[str, object]) -> str:
             ("train1 compiled", tr("train1_compiled", "no_ckpt")), ("train1 compiled ckpt", tr("train1_compiled", "ckpt")),
             ("train1 compiled torch loss", tr("train1_compiled_torch_loss", "no_ckpt")),
             ("train1 cudagraphs", tr("train1_graphs", "no_ckpt")),
+            ("train1 compiled blocks only", tr("train1_compiled_blocks_only", "no_ckpt")),
             ("train2 + DiT", r.get("dit"))]
     lines.append(f"{'what':24s} {'ms':>9s} {'TFLOP/s':>8s} {'peak GiB':>9s} {'compile s':>9s}")
     for name, v in rows:
@@ -584,6 +596,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ("train1_compiled", lambda: b.run_train(True, profile=True), gpu),
             ("train1_compiled_torch_loss", lambda: b.run_train(True, (False,), fused=False), gpu),
             ("train1_graphs", lambda: b.run_train(True, (False,), profile=True, mode="reduce-overhead"), gpu),
+            ("train1_compiled_blocks_only", lambda: b.run_train(True, (False,), edges=False), gpu),
             ("dit", b.run_dit, gpu and args.dit), ("fp8", b.run_fp8, gpu),
             ("autotune_predict", lambda: b.run_compiled_predict("max-autotune-no-cudagraphs", cached=True,
                                                                 profile=True), gpu and args.autotune),

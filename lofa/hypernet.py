@@ -139,8 +139,10 @@ class MatrixGroup:
         return int(self.weight.shape[1]), int(self.weight.shape[2])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "MatrixGroup":
-        return MatrixGroup(*(t.to(device, non_blocking=non_blocking)
-                             for t in (self.weight, self.matrix_ids, self.prompt_ids)))
+        """W and the matrix ids on ``device``; the prompt ids stay where they are: the model reads
+        them on the host (which prompt's K / V), and on the host that read needs no GPU sync."""
+        return MatrixGroup(self.weight.to(device, non_blocking=non_blocking),
+                           self.matrix_ids.to(device, non_blocking=non_blocking), self.prompt_ids)
 
 
 @dataclass(frozen=True)
@@ -224,8 +226,9 @@ def group_by_shape(vocab: Vocabulary, matrix_ids: Tensor, prompt_ids: Tensor
 def trim_text(text: Tensor, mask: Tensor, text_dim: int) -> tuple[Tensor, Tensor | None]:
     """Drop the text columns no prompt uses; the mask becomes None when every kept token is valid.
 
-    Reads the mask on the host (one sync when it lives on the GPU), so callers that
-    replay a captured prediction trim before it.
+    Reads the mask on the host (one sync when it lives on the GPU; none for a host mask,
+    which is how ``HyperBatch.to`` leaves it), so callers that replay a captured prediction
+    trim before it. The returned mask is on the text's device.
 
     Args:
         text: (P, L, text_dim); mask: (P, L), True = token.
@@ -235,14 +238,22 @@ def trim_text(text: Tensor, mask: Tensor, text_dim: int) -> tuple[Tensor, Tensor
     if text.dim() != 3 or text.shape[-1] != text_dim or mask.shape != text.shape[:2]:
         raise ValueError(f"HyperNet: text {tuple(text.shape)} must be (P, L, {text_dim}) "
                          f"with mask (P, L), got mask {tuple(mask.shape)}")
+    device = mask.device
     mask = mask.bool()
+    if device.type != "cpu":  # one read of the mask; a host mask (HyperBatch.to keeps it there) needs no sync
+        mask = mask.cpu()
     used = mask.any(0)
     length, all_valid, empty = torch.stack([
         torch.where(used, torch.arange(1, used.numel() + 1, device=used.device), 0).max(),
         (mask | ~used).all(), (~mask.any(1)).any()]).tolist()
     if empty:
         raise ValueError("HyperNet: a prompt has no valid text token (its mask row is all False)")
-    return text[:, :length], None if all_valid else mask[:, :length]
+    if all_valid:
+        return text[:, :length], None
+    mask = mask[:, :length]
+    if text.device.type == "cuda":
+        mask = mask.pin_memory()
+    return text[:, :length], mask.to(text.device, non_blocking=True)
 
 
 class RMSNorm(nn.RMSNorm):
@@ -557,9 +568,10 @@ class HyperNet(nn.Module):
         num_prompts, n = ctx.keys[0].shape[0], g.weight.shape[0]
         if n % num_prompts == 0:
             blocked = torch.arange(num_prompts, device=g.prompt_ids.device).repeat_interleave(n // num_prompts)
-            if torch.equal(g.prompt_ids, blocked):
+            if torch.equal(g.prompt_ids, blocked):  # host ids (MatrixGroup.to keeps them there): no sync
                 return None, ctx.mask
-        return g.prompt_ids, None if ctx.mask is None else ctx.mask[g.prompt_ids]
+        index = g.prompt_ids.to(ctx.keys[0].device, non_blocking=True)
+        return index, None if ctx.mask is None else ctx.mask[index]
 
     def _run(self, module: nn.Module, *args: Tensor | bool | None) -> Tensor:
         if self.cfg.grad_checkpointing and torch.is_grad_enabled():

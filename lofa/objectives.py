@@ -80,7 +80,8 @@ class HyperBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "HyperBatch":
         mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return HyperBatch(mv(self.text), mv(self.text_mask), tuple(g.to(device, non_blocking) for g in self.groups),
+        # the text mask stays on the host: the model reads it there (HyperNet's trim_text), no GPU sync
+        return HyperBatch(mv(self.text), self.text_mask, tuple(g.to(device, non_blocking) for g in self.groups),
                           mv(self.latents), mv(self.noise), mv(self.timesteps))
 
 

@@ -332,3 +332,17 @@ def test_prediction_graph_replays_on_cuda_like_the_models(autocast):
         for a, b in zip(got, want):
             torch.testing.assert_close(a.A.float(), b.A.float(), **tol)
             torch.testing.assert_close(a.B_scaled.float(), b.B_scaled.float(), **tol)
+
+
+def test_moving_a_group_or_batch_leaves_the_host_read_metadata_on_the_host():
+    """MatrixGroup.to / HyperBatch.to keep prompt ids and the text mask on the host, where the model
+    reads them (which prompt's K / V, which text columns) without a GPU sync."""
+    from lofa.objectives import HyperBatch, LoraGroup
+
+    g = MatrixGroup(torch.zeros(2, 4, 4), torch.tensor([0, 1]), torch.tensor([0, 0]))
+    moved = g.to("meta")
+    assert moved.weight.is_meta and moved.matrix_ids.is_meta and moved.prompt_ids.device.type == "cpu"
+    batch = HyperBatch(torch.zeros(1, 3, 5), torch.ones(1, 3, dtype=torch.bool),
+                       (LoraGroup(g, torch.zeros(2, 1, 4), torch.zeros(2, 4, 1)),)).to("meta")
+    assert batch.text.is_meta and batch.text_mask.device.type == "cpu"
+    assert batch.groups[0].lora_A.is_meta and batch.groups[0].matrices.prompt_ids.device.type == "cpu"
