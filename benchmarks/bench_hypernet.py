@@ -151,14 +151,8 @@ def to_fp8(model: HyperNet) -> HyperNet:
 
 
 def compile_blocks(model: HyperNet, mode: str | None = None, edges: bool = True) -> HyperNet:
-    """Regional compilation: every trunk (and stage-I) block, one compiled code per block type;
-    with ``edges`` also the matrix embedding, the text's K / V and the heads (fewer, fused launches)."""
-    for block in [*model.blocks, *model.stage1_blocks.values()]:
-        block.compile(dynamic=False, mode=mode)
-    if edges:
-        for name in ("_embed", "text_context", "finish"):
-            setattr(model, name, torch.compile(getattr(model, name), dynamic=False, mode=mode))
-    return model
+    """``HyperNet.compile_regions``: the blocks (and with ``edges`` the embedding, text K / V, heads)."""
+    return model.compile_regions(mode, edges)
 
 
 def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]:
@@ -532,7 +526,7 @@ def table(report: dict[str, object]) -> str:
             ("predict cached cudagraphs", r.get("graphs_predict_cached")),
             ("predict one graph", r.get("graph_predict")),
             ("predict one graph 2 streams", r.get("graph2_predict")),
-            ("... blocks not compiled", r.get("graph2_predict_eager")),
+            ("... blocks not compiled", r.get("graph_predict_eager")),
             ("predict cached max-autotune", r.get("autotune_predict")),
             ("train1 max-autotune", tr("autotune_train1", "no_ckpt")), ("predict fp8 compiled", r.get("fp8")),
             ("train1 eager", tr("train1", "no_ckpt")), ("train1 eager ckpt", tr("train1", "ckpt")),
@@ -591,7 +585,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ("graphs_predict_cached", lambda: b.run_compiled_predict("reduce-overhead", cached=True), gpu),
             ("graph_predict", lambda: b.run_graph_predict(streams=False), gpu),
             ("graph2_predict", lambda: b.run_graph_predict(streams=True, profile=True), gpu),
-            ("graph2_predict_eager", lambda: b.run_graph_predict(streams=True, compiled=False), gpu),
+            ("graph_predict_eager", lambda: b.run_graph_predict(streams=False, compiled=False), gpu),
             ("loss_check", b.loss_check, gpu),
             ("train1_compiled", lambda: b.run_train(True, profile=True), gpu),
             ("train1_compiled_torch_loss", lambda: b.run_train(True, (False,), fused=False), gpu),

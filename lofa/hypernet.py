@@ -507,6 +507,17 @@ class HyperNet(nn.Module):
         return [self._predict_group(g, ctx, None if stage1_tokens is None else stage1_tokens[i])
                 for i, g in enumerate(groups)]
 
+    def compile_regions(self, mode: str | None = None, edges: bool = True) -> "HyperNet":
+        """Regional ``torch.compile``: each trunk (and stage-I) block, one compiled code per block
+        type; with ``edges`` also the matrix embedding, the text's K / V and the heads. Shapes are
+        static (one compile per matrix shape and text length). Returns self."""
+        for block in [*self.blocks, *self.stage1_blocks.values()]:
+            block.compile(dynamic=False, mode=mode)
+        if edges:
+            for name in ("_embed", "text_context", "finish"):
+                setattr(self, name, torch.compile(getattr(self, name), dynamic=False, mode=mode))
+        return self
+
     @torch.no_grad()
     def embed(self, group: MatrixGroup) -> EmbeddedGroup:
         """The prompt-independent part of the forward for ``group``, to reuse across prompts:

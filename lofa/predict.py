@@ -193,12 +193,17 @@ class Predictor:
         cuda_graph: on a GPU, a one-prompt prediction replays one captured CUDA graph per
             text length (``lofa.predict_graph``; captured on first use, up to
             ``MAX_GRAPHS`` lengths kept); elsewhere the same schedule runs uncaptured.
+        compile: compile the hypernetworks' regions (``HyperNet.compile_regions``): on an
+            H100 at the Wan2.1-1.3B shapes a graphed prediction takes 63 ms compiled and
+            87 ms not (benchmarks/bench_hypernet.py), for ~20 s of compiling on first use;
+            worth it for a process serving many prompts.
     """
 
     MAX_GRAPHS = 4
 
     def __init__(self, base: BaseModel, stage2: HyperNet, stage1: HyperNet | None, encoder: TextEncoder, *,
-                 hypernet_hash: str = "", dtype: str = "float32", cuda_graph: bool = True) -> None:
+                 hypernet_hash: str = "", dtype: str = "float32", cuda_graph: bool = True,
+                 compile: bool = False) -> None:
         if dtype not in _DTYPES:
             raise PredictError(f"dtype {dtype!r} is not one of {list(_DTYPES)}")
         if stage2.cfg.uses_stage1 and stage1 is None:
@@ -214,6 +219,10 @@ class Predictor:
         self.device = next(base.dit.parameters()).device
         self.stage2 = stage2.to(self.device).eval().requires_grad_(False)
         self.stage1 = stage1.to(self.device).eval().requires_grad_(False) if stage2.cfg.uses_stage1 else None
+        if compile:
+            for m in (self.stage2, self.stage1):
+                if m is not None:
+                    m.compile_regions()
         self._embedded = {id(m): self._embed_all(m) for m in (self.stage2, self.stage1) if m is not None}
         self.cuda_graph = cuda_graph
         self._graphs: dict[int, PredictionGraph] = {}
@@ -253,7 +262,7 @@ class Predictor:
     @classmethod
     def from_dirs(cls, base_dir: str | Path, stage1_dir: str | Path | None, stage2_dir: str | Path,
                   params_path: str | Path = "params.yaml", *, device: str | torch.device = "cpu",
-                  dtype: str = "float32", cuda_graph: bool = True) -> "Predictor":
+                  dtype: str = "float32", cuda_graph: bool = True, compile: bool = False) -> "Predictor":
         """Load the pipeline's artifacts: base model, stage I (may be None for the ablation), stage II."""
         pre = load_preprocess(params_path)
         stage2, hash2, weights_hash = load_stage(stage2_dir, 2)
@@ -268,7 +277,7 @@ class Predictor:
         if hash2 and hash2 != base.hash:
             raise PredictError(f"{stage2_dir} was trained on base model {hash2}; {base_dir} holds {base.hash}")
         return cls(base, stage2, stage1, text_encoder_for(pre, device), hypernet_hash=weights_hash, dtype=dtype,
-                   cuda_graph=cuda_graph)
+                   cuda_graph=cuda_graph, compile=compile)
 
     def predict(self, prompt: str) -> PredictedLoRA:
         """The LoRA of one prompt."""

@@ -1,4 +1,4 @@
-"""Stage I + stage II of one prompt as a single CUDA graph, the two trunks on two streams.
+"""Stage I + stage II of one prompt as a single CUDA graph (optionally the two trunks on two streams).
 
 The serving path of a trained hypernetwork (``Predictor`` on a GPU) runs the same
 few hundred kernels for every prompt of a given text length. Launched one by one
@@ -6,11 +6,12 @@ from Python they leave the GPU idle between kernels (about 5 ms of a 67 ms
 prediction at the Wan2.1-1.3B shapes, benchmarks/bench_hypernet.py); replayed from a
 captured graph they run back to back.
 
-The graph also runs the two stages side by side where the math allows: stage II's
-trunk blocks up to the first one that reads stage-I tokens depend on the prompt and
-W only, so they run on a second stream while stage I runs. Memory-bound kernels
-(norms, residual adds, attention) of one stream then overlap the matrix products of
-the other.
+With ``streams`` the graph runs the two stages side by side where the math allows:
+stage II's trunk blocks up to the first one that reads stage-I tokens depend on the
+prompt and W only, so they can run on a second stream while stage I runs. Measured at
+the Wan2.1-1.3B shapes on an H100 this gains nothing (62.98 against 62.78 ms: the
+matrix products fill the card) and holds both trunks' activations at once (3.83
+against 2.99 GiB peak), so it is off by default.
 
 What a replay needs is fixed at capture: the embedded matrices (``HyperNet.embed``,
 one prompt), the models' weights (read in place: later in-place updates are seen,
@@ -37,14 +38,15 @@ class PredictionGraph:
         stage2: the stage-II model.
         groups1, groups2: each model's embedded matrices for one prompt (same order).
         text_len: tokens of the (trimmed, all-valid) text every call passes.
-        streams: run stage II's first blocks on a second stream beside stage I.
+        streams: run stage II's first blocks on a second stream beside stage I (off: no gain
+            measured, more memory).
         context: a factory of the context to trace in (e.g. autocast with its cache off).
         graph: False runs the same schedule without capturing (for comparisons and CPU).
         pool: a graph memory pool to share with other PredictionGraphs (never replayed at once).
     """
 
     def __init__(self, stage1: HyperNet | None, stage2: HyperNet, groups1: Sequence[EmbeddedGroup] | None,
-                 groups2: Sequence[EmbeddedGroup], text_len: int, *, streams: bool = True,
+                 groups2: Sequence[EmbeddedGroup], text_len: int, *, streams: bool = False,
                  context: type[AbstractContextManager] | None = None, graph: bool = True,
                  pool: object | None = None, warmup: int = 2) -> None:
         if stage2.cfg.uses_stage1 != (stage1 is not None and groups1 is not None):

@@ -287,8 +287,9 @@ def test_prediction_graph_schedule_matches_the_model(use_stage1):
         tokens = [o.tokens for o in s1(groups, text, mask)] if use_stage1 else None
         want = s2(groups, text, mask, tokens)
         e1, e2 = [s1.embed(g) for g in groups], [s2.embed(g) for g in groups]
-    graph = PredictionGraph(s1 if use_stage1 else None, s2, e1 if use_stage1 else None, e2, text.shape[1])
-    assert graph.graph is None  # CPU: the same schedule, not captured
+    graph = PredictionGraph(s1 if use_stage1 else None, s2, e1 if use_stage1 else None, e2, text.shape[1],
+                            streams=True)
+    assert graph.graph is None and graph.side is None  # CPU: the same schedule, not captured
     got = graph(text)
     assert len(got) == len(want) == 3
     for a, b in zip(got, want):
@@ -320,7 +321,7 @@ def test_prediction_graph_replays_on_cuda_like_the_models(autocast):
     ctx = (lambda: torch.autocast("cuda", torch.bfloat16, cache_enabled=False)) if autocast else nullcontext
     with torch.no_grad(), ctx():
         e1, e2 = [s1.embed(g) for g in groups], [s2.embed(g) for g in groups]
-    graph = PredictionGraph(s1, s2, e1, e2, 5, context=ctx)
+    graph = PredictionGraph(s1, s2, e1, e2, 5, context=ctx, streams=True)
     assert graph.graph is not None and graph.side is not None
     tol = dict(rtol=2e-2, atol=1e-4) if autocast else dict(rtol=1e-4, atol=1e-6)
     for seed in (1, 2, 3):
@@ -346,3 +347,22 @@ def test_moving_a_group_or_batch_leaves_the_host_read_metadata_on_the_host():
                        (LoraGroup(g, torch.zeros(2, 1, 4), torch.zeros(2, 4, 1)),)).to("meta")
     assert batch.text.is_meta and batch.text_mask.device.type == "cpu"
     assert batch.groups[0].lora_A.is_meta and batch.groups[0].matrices.prompt_ids.device.type == "cpu"
+
+
+def test_compiled_regions_give_the_same_prediction():
+    """HyperNet.compile_regions (the blocks, the embedding, the text K / V and the heads through
+    torch.compile; what Predictor(compile=True) and the GPU benchmark use) changes no output."""
+    torch.manual_seed(0)
+    vocab = Vocabulary.from_dims(32, 48, 1, modules=("self_attn.q", "ffn.0"))
+    s2 = HyperNet(_cfg(stage=2, b_init_std=0.02, use_stage1=False, num_blocks=1, cross_stage1_after=()),
+                  vocab).eval()
+    groups = _groups(vocab, _weights(vocab), range(len(vocab)), [0] * len(vocab))
+    text, mask = _text(1)
+    with torch.no_grad():
+        want = s2(groups, text, mask)
+        compiled = copy.deepcopy(s2).compile_regions()
+        got = compiled(groups, text, mask)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.A, b.A, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.B_scaled, b.B_scaled, rtol=1e-4, atol=1e-7)
+    assert a.B_scaled.abs().sum() > 0
