@@ -566,14 +566,22 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--dit", action="store_true", help="also the stage-II step with the 1.3B DiT")
     ap.add_argument("--autotune", action="store_true", help="also predict with max-autotune (minutes of compile)")
     ap.add_argument("--out", default="", help="JSON path when OUT is not set")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config.KEY (int / float / bool values), e.g. coordinate_descent_tuning=1")
     args = ap.parse_args(argv)
+    for item in args.inductor:
+        key, _, value = item.partition("=")
+        import torch._inductor.config as inductor_config
+        old = getattr(inductor_config, key)  # an unknown key raises here
+        setattr(inductor_config, key, type(old)(float(value)) if not isinstance(old, bool) else value.lower() in ("1", "true"))
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("bench_hypernet: no CUDA device; use --tiny for the CPU smoke run")
     for name in ("cache_size_limit", "recompile_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
     b = Bench(args)
-    b.report.update(device=torch.cuda.get_device_name() if not args.tiny else "cpu", torch=torch.__version__)
+    b.report.update(device=torch.cuda.get_device_name() if not args.tiny else "cpu", torch=torch.__version__,
+                    inductor=args.inductor)
     skip = set(filter(None, args.skip.split(",")))
     gpu = not args.tiny
     b.setup()
