@@ -19,9 +19,14 @@ Efficiency decisions (the public release's defects, DESIGN section 1):
   all valid runs SDPA without a mask (the flash kernel);
 - under autograd those long query sequences are cut into chunks with their own copy
   of K / V, so the attention backward has enough blocks to fill the GPU;
+- per-head QK norms run before the head transpose, so q / k / v reach SDPA in
+  (batch, tokens, heads, head_dim) layout and its output merges heads as a view;
+- the text mask and prompt ids are read on the host (``MatrixGroup.to`` and
+  ``HyperBatch.to`` leave them there), so a forward never waits on the GPU;
 - ``HyperNet.embed`` caches everything before the first read of the prompt (the
   matrix embedding and block 0's self-attention and MLP) for a predictor serving
-  many prompts of one base model;
+  many prompts of one base model (``lofa.predict_graph`` then replays the rest as
+  one CUDA graph); ``compile_regions`` compiles blocks, embedding, text K / V, heads;
 - matrices of one shape are batched; shapes are the only Python-level loop;
 - gradient checkpointing passes each block itself to ``checkpoint`` (no late
   binding); parameters stay in the dtype they were created in (fp32 under autocast);
