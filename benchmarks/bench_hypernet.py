@@ -150,9 +150,10 @@ def to_fp8(model: HyperNet) -> HyperNet:
     return model
 
 
-def compile_blocks(model: HyperNet, mode: str | None = None, edges: bool = True) -> HyperNet:
-    """``HyperNet.compile_regions``: the blocks (and with ``edges`` the embedding, text K / V, heads)."""
-    return model.compile_regions(mode, edges)
+def compile_blocks(model: HyperNet, mode: str | None = None, edges: bool = True, trunk: bool = False) -> HyperNet:
+    """``HyperNet.compile_regions``: the blocks, or with ``trunk`` all of them as one graph (and with
+    ``edges`` the embedding, text K / V, heads)."""
+    return model.compile_regions(mode, edges, trunk)
 
 
 def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]:
@@ -296,7 +297,8 @@ class Bench:
         return {"peak_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30} if self.device.type == "cuda" else {}
 
     def run_train(self, compiled: bool, ckpts: tuple[bool, ...] = (False, True), profile: bool = False,
-                  mode: str | None = None, fused: bool = True, edges: bool = True) -> dict[str, object]:
+                  mode: str | None = None, fused: bool = True, edges: bool = True,
+                  trunk: bool = False) -> dict[str, object]:
         """One stage-I step; eager uses the torch loss, compiled the fused Triton loss unless not ``fused``."""
         res: dict[str, object] = {}
         for ckpt in ckpts:
@@ -305,7 +307,7 @@ class Bench:
             model.to(self.device).train()
             if compiled:
                 torch._dynamo.reset()
-                compile_blocks(model, mode, edges)
+                compile_blocks(model, mode, edges, trunk)
             step = self.train_step_fn(model, Stage1LossConfig(compile=compiled, fused=fused if compiled else False),
                                       graphs=mode == "reduce-overhead")
             key = "ckpt" if ckpt else "no_ckpt"
@@ -390,13 +392,14 @@ class Bench:
         b1, b2 = (compile_blocks(copy.deepcopy(m), mode) for m in self.bf16_models)
         return self.measure_predict(b1, b2, cached, profile, graphs=mode == "reduce-overhead")
 
-    def run_graph_predict(self, streams: bool, compiled: bool = True, profile: bool = False) -> dict[str, object]:
+    def run_graph_predict(self, streams: bool, compiled: bool = True, profile: bool = False,
+                          trunk: bool = False) -> dict[str, object]:
         """The Predictor's GPU path: W embedded once, then stage I + II replayed from one CUDA graph
         (``PredictionGraph``), with stage II's first blocks on a second stream when ``streams``."""
         torch._dynamo.reset()
         b1, b2 = (copy.deepcopy(m) for m in self.bf16_models)
         if compiled:
-            b1, b2 = compile_blocks(b1), compile_blocks(b2)
+            b1, b2 = compile_blocks(b1, trunk=trunk), compile_blocks(b2, trunk=trunk)
         e1, e2 = self.embedded(b1, b2)
         with self.offloaded(keep_w=False):
             self.reset_peak()
@@ -534,6 +537,8 @@ def table(report: dict[str, object]) -> str:
             ("train1 compiled torch loss", tr("train1_compiled_torch_loss", "no_ckpt")),
             ("train1 cudagraphs", tr("train1_graphs", "no_ckpt")),
             ("train1 compiled blocks only", tr("train1_compiled_blocks_only", "no_ckpt")),
+            ("train1 compiled whole trunk", tr("train1_compiled_trunk", "no_ckpt")),
+            ("predict one graph, whole trunk", r.get("graph_predict_trunk")),
             ("train2 + DiT", r.get("dit"))]
     lines.append(f"{'what':24s} {'ms':>9s} {'TFLOP/s':>8s} {'peak GiB':>9s} {'compile s':>9s}")
     for name, v in rows:
@@ -599,6 +604,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ("train1_compiled_torch_loss", lambda: b.run_train(True, (False,), fused=False), gpu),
             ("train1_graphs", lambda: b.run_train(True, (False,), profile=True, mode="reduce-overhead"), gpu),
             ("train1_compiled_blocks_only", lambda: b.run_train(True, (False,), edges=False), gpu),
+            ("train1_compiled_trunk", lambda: b.run_train(True, (False,), trunk=True), gpu),
+            ("graph_predict_trunk", lambda: b.run_graph_predict(streams=False, trunk=True), gpu),
             ("dit", b.run_dit, gpu and args.dit), ("fp8", b.run_fp8, gpu),
             ("autotune_predict", lambda: b.run_compiled_predict("max-autotune-no-cudagraphs", cached=True,
                                                                 profile=True), gpu and args.autotune),

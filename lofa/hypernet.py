@@ -512,12 +512,17 @@ class HyperNet(nn.Module):
         return [self._predict_group(g, ctx, None if stage1_tokens is None else stage1_tokens[i])
                 for i, g in enumerate(groups)]
 
-    def compile_regions(self, mode: str | None = None, edges: bool = True) -> "HyperNet":
+    def compile_regions(self, mode: str | None = None, edges: bool = True, trunk: bool = False) -> "HyperNet":
         """Regional ``torch.compile``: each trunk (and stage-I) block, one compiled code per block
-        type; with ``edges`` also the matrix embedding, the text's K / V and the heads. Shapes are
-        static (one compile per matrix shape and text length). Returns self."""
-        for block in [*self.blocks, *self.stage1_blocks.values()]:
-            block.compile(dynamic=False, mode=mode)
+        type, or with ``trunk`` the whole run of blocks as one graph (fuses across block
+        boundaries; longer to compile); with ``edges`` also the matrix embedding, the text's
+        K / V and the heads. Shapes are static (one compile per matrix shape and text length).
+        Returns self."""
+        if trunk:
+            self.run_blocks = torch.compile(self.run_blocks, dynamic=False, mode=mode)
+        else:
+            for block in [*self.blocks, *self.stage1_blocks.values()]:
+                block.compile(dynamic=False, mode=mode)
         if edges:
             for name in ("_embed", "text_context", "finish"):
                 setattr(self, name, torch.compile(getattr(self, name), dynamic=False, mode=mode))

@@ -366,3 +366,16 @@ def test_compiled_regions_give_the_same_prediction():
         torch.testing.assert_close(a.A, b.A, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(a.B_scaled, b.B_scaled, rtol=1e-4, atol=1e-7)
     assert a.B_scaled.abs().sum() > 0
+
+
+def test_whole_trunk_compile_gives_the_same_prediction_and_gradients():
+    torch.manual_seed(0)
+    vocab = Vocabulary.from_dims(32, 48, 1, modules=("self_attn.q",))
+    model = HyperNet(_cfg(stage=1, num_blocks=2), vocab)
+    groups = _groups(vocab, _weights(vocab), range(len(vocab)), [0] * len(vocab))
+    text, mask = _text(1)
+    compiled = copy.deepcopy(model).compile_regions(edges=False, trunk=True)
+    for m in (model, compiled):
+        m(groups, text, mask)[0].delta().square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
