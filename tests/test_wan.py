@@ -300,6 +300,7 @@ def test_compiled_block_one_graph_for_all_blocks_and_shapes(dit, monkeypatch):
     from lofa.layers import Vocabulary
 
     torch._dynamo.reset()
+    counters.clear()  # process-wide: graphs compiled by earlier tests count too
     fn = torch.compile(wan_fast.block_forward, backend="aot_eager", fullgraph=True)
     monkeypatch.setattr(wan_fast, "compiled_block_forward", lambda: fn)
     d = copy.deepcopy(dit).requires_grad_(False)
