@@ -76,6 +76,29 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp:  # (safetensors 0.8 writes broken JSON for no tensors and metadata {})
         save_file(flat, str(tmp), metadata=meta or None)
+        _sort_header_metadata(Path(tmp))
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite the header's ``__metadata__`` in sorted key order, in place.
+
+    safetensors writes metadata in hash-map order, which changes from process to process:
+    the same tensors and metadata gave files with different bytes, so DVC saw a changed
+    output (and reran what depends on it) after every rerun. Same keys, same length.
+    """
+    with path.open("r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        if "__metadata__" not in header:
+            return
+        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                  **{k: v for k, v in header.items() if k != "__metadata__"}}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # another JSON escaping than safetensors' own: leave the file as written
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def load_tensors(path: str | Path, *, check_finite: bool = True,

@@ -89,3 +89,21 @@ def test_vocabulary_from_config_shapes_and_keys() -> None:
         v.convert_keys({"nope": 0}, "export", "peft")
     with pytest.raises(ValueError, match="unknown module 'ffn.1'"):
         Vocabulary.from_dims(8, 8, 1, modules=("ffn.1",))
+
+
+def test_saved_safetensors_are_byte_identical_run_after_run(tmp_path):
+    """safetensors writes metadata in hash-map order; save_tensors sorts it, so the same tensors and
+    metadata give the same bytes (DVC sees an unchanged output after a rerun)."""
+    from lofa.io import load_tensors, read_metadata, save_tensors
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.bfloat16)}
+    meta = {f"key{i}": f"value {i}" for i in range(12)} | {"prompt": "une silhouette bleue, 跳舞 🙂"}
+    blobs = set()
+    for i in range(6):
+        order = dict(sorted(meta.items(), reverse=bool(i % 2)))
+        save_tensors(tmp_path / f"{i}.safetensors", tensors, order)
+        blobs.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
+    got = load_tensors(tmp_path / "0.safetensors")
+    assert torch.equal(got["b"], tensors["b"]) and torch.equal(got["a"], tensors["a"])
+    assert read_metadata(tmp_path / "0.safetensors") == meta
