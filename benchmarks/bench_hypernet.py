@@ -370,10 +370,18 @@ class Bench:
             if graphs:  # CUDA graph trees: a new step, the previous outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             return self.predict(b1, b2, g1, g2, self.text, self.mask)
+        return self.time_prediction(lambda: run, cached, profile, ref)
+
+    def time_prediction(self, make_run: Callable[[], Callable[[], HyperOutput]], cached: bool,
+                        profile: bool = False, ref: torch.Tensor | None = None) -> dict[str, object]:
+        """Run ``make_run()`` (a compile, a capture: in ``first_call_s``) and time what it returns, with
+        W off the card when ``cached``; peak memory, dW error against ``ref`` (default eager bf16)."""
         with self.offloaded(keep_w=not cached):
             self.reset_peak()
             static = torch.cuda.memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else 0.0
-            first = first_call_s(run, self.device)
+            t0 = time.perf_counter()
+            run = make_run()
+            first = first_call_s(run, self.device) + time.perf_counter() - t0
             t = timeit(run, self.device, self.warmup, self.repeats)
             res = {**t, "first_call_s": first, **self.peak(), "static_gib": static}
             out = run()  # errors after the peak: dW of 240 matrices is 1 GiB per copy
@@ -401,27 +409,16 @@ class Bench:
         if compiled:
             b1, b2 = compile_blocks(b1, trunk=trunk), compile_blocks(b2, trunk=trunk)
         e1, e2 = self.embedded(b1, b2)
-        with self.offloaded(keep_w=False):
-            self.reset_peak()
-            static = torch.cuda.memory_allocated(self.device) / 2 ** 30
-            t0 = time.perf_counter()
+
+        def make_run() -> Callable[[], HyperOutput]:
             graph = PredictionGraph(b1, b2, [e1], [e2], self.text_len, streams=streams)
-            capture_s = time.perf_counter() - t0
-            run = lambda: graph(self.text)  # noqa: E731
-            t = timeit(run, self.device, self.warmup, self.repeats)
-            res = {**t, "first_call_s": capture_s, **self.peak(), "static_gib": static}
-            out = run()[0]
-            res["dW_err_vs_eager_bf16"] = rel_err(out.delta(), self.bf16_delta())
-            del out
-            if profile:
-                res["profile"] = kernel_profile(run)
-        res["tflops"] = self.tflops(self.flops["predict"] - self.flops["cacheable"], t["median_ms"])
-        return res
+            return lambda: graph(self.text)[0]
+        return self.time_prediction(make_run, cached=True, profile=profile)
 
     def loss_check(self) -> dict[str, object]:
         """The fused stage-I loss (Triton) against the compiled torch loss at full shapes, bf16 autocast:
         time of forward + backward, and the differences in loss, counts and gradients."""
-        from lofa.objectives import _compiled_stage1_terms
+        from lofa.objectives import _compiled_stage1_terms, _stage1_terms
         from lofa.stage1_kernel import stage1_terms
 
         n, (o, i), r = len(self.vocab), self.W.shape[1:], self.cfg1.rank
@@ -440,7 +437,6 @@ class Bench:
             res[f"{name}_ms"] = timeit(step, self.device, self.warmup, self.repeats)["median_ms"]
             bce, counts = step()
             outs[name] = (bce.item(), counts.tolist(), A.grad.clone(), B.grad.clone())
-        from lofa.objectives import _stage1_terms
         A.grad = B.grad = None
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -150,19 +150,17 @@ def _even(args: dict) -> bool:
             and args["rf"] == args["RF"])
 
 
-if triton is not None and not os.environ.get("TRITON_INTERPRET"):  # the CPU interpreter cannot time configs
+_FIXED: dict[str, int] = {}
+if triton is not None:
     _stage1_kernel = triton.heuristics({"EVEN": _even})(_stage1_kernel)
+if triton is not None and not os.environ.get("TRITON_INTERPRET"):  # the CPU interpreter cannot time configs
     _stage1_kernel = triton.autotune(
         configs=[triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
                  for bm, bn, w, st in ((32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3),
                                        (64, 128, 8, 3), (128, 64, 8, 2))],
         key=["out_f", "in_f", "r", "rf"], reset_to_zero=["partial"])(_stage1_kernel)
-    _FIXED: dict[str, int] = {}
 elif triton is not None:
-    _stage1_kernel = triton.heuristics({"EVEN": _even})(_stage1_kernel)
     _FIXED = {"BM": 64, "BN": 64}
-else:
-    _FIXED = {}
 
 
 def _pow2(x: int) -> int:
