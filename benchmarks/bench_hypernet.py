@@ -6,6 +6,8 @@ is rewritten after every section so a timeout keeps what finished):
   predict          stage I + stage II over all matrices of one prompt, bf16 weights,
                    eager: median ms, peak memory, error against the fp32 model
   mlp_check        the fused no-grad MLP (cuBLASLt bias+GELU epilogue) vs the plain one
+  mlp_train        one MLP's forward + backward, compiled, plain against the cuBLASLt GELU
+                   epilogues (lofa.cublaslt), with errors against fp32
   train1           one stage-I training step over all matrices (AdamW, bf16 autocast,
                    fp32 weights), without and with gradient checkpointing
   compiled_*       the same with the trunk blocks compiled (regional torch.compile; also the
@@ -16,7 +18,8 @@ is rewritten after every section so a timeout keeps what finished):
                    the Predictor's GPU path), one or two streams, compiled or eager blocks
   loss_check       the fused Triton stage-I loss against the compiled torch loss and an
                    fp32 evaluation: time of forward + backward, loss, counts, gradients
-  train1_*         compiled stage-I step variants: torch loss, CUDA-graph trees, blocks only
+  train1_*         compiled stage-I step variants: the MLPs without the cuBLASLt GELU epilogues
+                   (plain_mlp), torch loss, CUDA-graph trees, blocks only, whole trunk
   fp8              prediction with the trunk's linears in FP8 (row-wise scales,
                    torch._scaled_mm), compiled; dW error against the bf16 result
   dit              (--dit) one stage-II training step with the flow-matching loss
@@ -46,7 +49,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lofa.hypernet import EmbeddedGroup, HyperNet, HyperNetConfig, HyperOutput, MatrixGroup  # noqa: E402
+from lofa.hypernet import MLP, EmbeddedGroup, HyperNet, HyperNetConfig, HyperOutput, MatrixGroup  # noqa: E402
 from lofa.layers import Vocabulary  # noqa: E402
 from lofa.objectives import HyperBatch, LoraGroup, Stage1LossConfig, stage1_loss, stage2_loss  # noqa: E402
 from lofa.predict_graph import PredictionGraph  # noqa: E402
@@ -154,6 +157,15 @@ def compile_blocks(model: HyperNet, mode: str | None = None, edges: bool = True,
     """``HyperNet.compile_regions``: the blocks, or with ``trunk`` all of them as one graph (and with
     ``edges`` the embedding, text K / V, heads)."""
     return model.compile_regions(mode, edges, trunk)
+
+
+def plain_mlp(fn: Callable[[], object]) -> object:
+    """``fn()`` with the MLPs' cuBLASLt epilogue kernels off (``MLP.epilogue_kernels``)."""
+    MLP.epilogue_kernels = False
+    try:
+        return fn()
+    finally:
+        MLP.epilogue_kernels = True
 
 
 def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]:
@@ -469,6 +481,48 @@ class Bench:
         plain = nn.Sequential.forward(mlp, x)
         return {"rel_err": rel_err(fused, plain)}
 
+    def mlp_train(self) -> dict[str, object]:
+        """One trunk MLP under autograd at the prediction's token count, bf16 autocast: forward +
+        backward compiled, plain against the cuBLASLt GELU epilogues (lofa.cublaslt), the parts
+        timed alone, and each variant's error against fp32."""
+        from lofa import cublaslt
+
+        dev, d = self.device, self.cfg1.d_model
+        rows = sum(1 + -(-m.out_features // self.cfg1.patch_size) * -(-m.in_features // self.cfg1.patch_size)
+                   for m in self.vocab)
+        mlp = copy.deepcopy(self.s1.blocks[0].mlp1).float()
+        torch.manual_seed(0)
+        x = torch.randn(rows, d, device=dev)
+        dy = torch.randn(rows, d, device=dev) * 1e-2
+        res: dict[str, object] = {"rows": rows}
+
+        def grads(fused: bool, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+            mlp.zero_grad(set_to_none=True)
+            xi = x.detach().to(dtype).requires_grad_(True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype != torch.float64):
+                y = cublaslt.gelu_mlp(xi, mlp[0], mlp[2]) if fused else nn.Sequential.forward(mlp, xi)
+            y.backward(dy.to(y.dtype))
+            return [y.detach(), xi.grad] + [p.grad for p in mlp.parameters()]
+        mlp.double()
+        ref = [t.clone() for t in grads(False, torch.float64)]
+        mlp.float()
+        names = ["y", "dx", "dW1", "db1", "dW2", "db2"]
+        for fused in (False, True):
+            key = "epilogues" if fused else "plain"
+            res[f"err_{key}"] = {n: rel_err(a, r) for n, a, r in zip(names, grads(fused), ref)}
+            torch._dynamo.reset()
+            step = torch.compile(lambda fused=fused: grads(fused))
+            res[f"fwd_bwd_compiled_{key}"] = timeit(step, dev, self.warmup, self.repeats)
+        xb = x.bfloat16()
+        w1, b1 = mlp[0].weight.bfloat16(), mlp[0].bias.bfloat16()
+        h = torch.addmm(b1, xb, w1.t())
+        res["fc1"] = timeit(lambda: torch.addmm(b1, xb, w1.t()), dev, self.warmup, self.repeats)
+        res["gelu"] = timeit(lambda: torch.nn.functional.gelu(h, approximate="tanh"), dev, self.warmup, self.repeats)
+        if cublaslt.available(dev, torch.bfloat16):
+            res["fc1_gelu_aux_bias"] = timeit(lambda: cublaslt.linear_gelu_aux(xb, w1, b1), dev, self.warmup,
+                                              self.repeats)
+        return res
+
     def run_dit(self) -> dict[str, object]:
         from lofa.wan import WAN21_T2V_1_3B, build_dit
 
@@ -566,6 +620,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
     ap.add_argument("--dit", action="store_true", help="also the stage-II step with the 1.3B DiT")
     ap.add_argument("--autotune", action="store_true", help="also predict with max-autotune (minutes of compile)")
+    ap.add_argument("--ckpt", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the compiled stage-I step with gradient checkpointing")
     ap.add_argument("--out", default="", help="JSON path when OUT is not set")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._inductor.config.KEY (int / float / bool values), e.g. coordinate_descent_tuning=1")
@@ -588,6 +644,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     b.setup()
     plan = [("ceiling", lambda: matmul_ceiling(b.device, 8192 if gpu else 256), True),
             ("predict", b.run_predict, True), ("mlp_check", b.mlp_check, gpu),
+            ("mlp_train", b.mlp_train, True),
             ("train1", lambda: b.run_train(False), True),
             ("compiled_predict", lambda: b.run_compiled_predict(profile=True), gpu),
             ("compiled_predict_cached", lambda: b.run_compiled_predict(cached=True, profile=True), gpu),
@@ -596,7 +653,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ("graph2_predict", lambda: b.run_graph_predict(streams=True, profile=True), gpu),
             ("graph_predict_eager", lambda: b.run_graph_predict(streams=False, compiled=False), gpu),
             ("loss_check", b.loss_check, gpu),
-            ("train1_compiled", lambda: b.run_train(True, profile=True), gpu),
+            ("train1_compiled", lambda: b.run_train(True, (False, True) if args.ckpt else (False,), profile=True), gpu),
+            ("train1_compiled_plain_mlp", lambda: plain_mlp(lambda: b.run_train(True, (False,), profile=True)), gpu),
             ("train1_compiled_torch_loss", lambda: b.run_train(True, (False,), fused=False), gpu),
             ("train1_graphs", lambda: b.run_train(True, (False,), profile=True, mode="reduce-overhead"), gpu),
             ("train1_compiled_blocks_only", lambda: b.run_train(True, (False,), edges=False), gpu),

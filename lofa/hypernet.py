@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lofa import cublaslt
 from lofa.config import ConfigError
 from lofa.layers import ALL_MODULES, Vocabulary
 
@@ -350,10 +351,16 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Sequential):
-    """Linear -> GELU(tanh) -> Linear. On CUDA without autograd or autocast, the first
-    linear, its bias and the GELU are one matmul with a fused cuBLASLt epilogue (tanh
-    GELU, as here): no separate pass over, and no second copy of, the hidden activations.
+    """Linear -> GELU(tanh) -> Linear. On CUDA the GELU runs in cuBLASLt epilogues (tanh GELU,
+    as here), so the hidden activations get no passes of their own:
+    - under autograd in bf16 / fp16 (autocast included), ``lofa.cublaslt.gelu_mlp``: the first
+      product writes GELU and its input at once, and the backward's product applies the GELU
+      gradient and sums the bias gradient (``epilogue_kernels`` = False turns this off);
+    - without autograd or autocast, ``torch._addmm_activation``.
     (On CPU that op uses the exact GELU, so the CPU path stays unfused.)"""
+
+    #: Use lofa.cublaslt's epilogue kernels under autograd on CUDA (class-wide switch, for comparisons).
+    epilogue_kernels = True
 
     def __init__(self, d: int, ratio: float):
         hidden = int(round(d * ratio))
@@ -361,11 +368,22 @@ class MLP(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         fc1, fc2 = self[0], self[2]
-        if (not x.is_cuda or torch.is_grad_enabled() or torch.is_autocast_enabled("cuda")
-                or type(fc1) is not nn.Linear):
+        if not x.is_cuda or type(fc1) is not nn.Linear or type(fc2) is not nn.Linear:
+            return super().forward(x)
+        if torch.is_grad_enabled():
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            if self.epilogue_kernels and cublaslt.available(x.device, dtype):
+                return cublaslt.gelu_mlp(x, fc1, fc2)
+            return super().forward(x)
+        if torch.is_autocast_enabled("cuda"):
             return super().forward(x)
         h = torch._addmm_activation(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t(), use_gelu=True)
         return fc2(h).view(*x.shape[:-1], -1)
+
+
+def _deferred(x: Tensor, pending: Tensor | None) -> Tensor:
+    """The residual stream ``x + pending`` (a block's last add, deferred to its consumer)."""
+    return x if pending is None else x + pending
 
 
 class TrunkBlock(nn.Module):
@@ -380,16 +398,23 @@ class TrunkBlock(nn.Module):
         self.cross = CrossAttention(d, cfg.num_heads, cfg.qk_norm, eps)
         self.mlp2 = MLP(d, cfg.mlp_ratio)
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, skip_self: bool = False) -> Tensor:
-        """x: (n, S, d); k, v: (P, heads, L, head_dim) with n a multiple of P.
+    def forward(self, x: Tensor, pending: Tensor | None, k: Tensor, v: Tensor, mask: Tensor | None,
+                skip_self: bool = False) -> tuple[Tensor, Tensor]:
+        """x: (n, S, d), the stream being ``x + pending``; k, v: (P, heads, L, head_dim) with n a
+        multiple of P. Returns the new stream the same way: (x, the last MLP's output).
+
+        The last residual add is left to the consumer (see ``_deferred``), where it fuses with
+        the next norm: a block boundary is also a compiled-region boundary, and an add there
+        would be a pass of its own over the stream.
 
         ``skip_self``: x already went through ``self_part`` (the first block's self half
         does not depend on the prompt and is cached by ``HyperNet.embed``).
         """
+        x = _deferred(x, pending)
         if not skip_self:
             x = self.self_part(x)
         x = x + self.cross(self.norm3(x), k, v, mask)
-        return x + self.mlp2(self.norm4(x))
+        return x, self.mlp2(self.norm4(x))
 
     def self_part(self, x: Tensor) -> Tensor:
         """[self-attn, MLP]: the half of the block that does not read the prompt."""
@@ -407,11 +432,13 @@ class Stage1Block(nn.Module):
         self.cross = CrossAttention(d, cfg.num_heads, cfg.qk_norm, eps)
         self.mlp = MLP(d, cfg.mlp_ratio)
 
-    def forward(self, x: Tensor, stage1_tokens: Tensor) -> Tensor:
-        """x: (n, S, d); stage1_tokens: (n, S1, d)."""
+    def forward(self, x: Tensor, pending: Tensor | None, stage1_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (n, S, d), the stream being ``x + pending``; stage1_tokens: (n, S1, d). Returns the
+        stream as (x, the MLP's output), like ``TrunkBlock``."""
+        x = _deferred(x, pending)
         k, v = self.cross.context(self.norm_ctx(stage1_tokens))
         x = x + self.cross(self.norm_x(x), k, v, None)
-        return x + self.mlp(self.norm_mlp(x))
+        return x, self.mlp(self.norm_mlp(x))
 
 
 class LoraHead(nn.Module):
@@ -518,13 +545,15 @@ class HyperNet(nn.Module):
         boundaries; longer to compile); with ``edges`` also the matrix embedding, the text's
         K / V and the heads. Shapes are static (one compile per matrix shape and text length).
         Returns self."""
+        param = next(self.parameters())
+        cublaslt.available(param.device, torch.bfloat16)  # loads cuBLASLt outside the traces (MLP reads it)
         if trunk:
             self.run_blocks = torch.compile(self.run_blocks, dynamic=False, mode=mode)
         else:
             for block in [*self.blocks, *self.stage1_blocks.values()]:
                 block.compile(dynamic=False, mode=mode)
         if edges:
-            for name in ("_embed", "text_context", "finish"):
+            for name in ("_embed", "text_context", "final_tokens", "finish"):
                 setattr(self, name, torch.compile(getattr(self, name), dynamic=False, mode=mode))
         return self
 
@@ -614,17 +643,21 @@ class HyperNet(nn.Module):
             raise ValueError(f"HyperNet: stage1_tokens {tuple(stage1_tokens.shape)} for {g.weight.shape[0]} matrices")
         index, mask = self._text_for(g, ctx)  # before any heavy work: it syncs with the host
         x, rms = self._embed(g) if embedded is None else (embedded.tokens, embedded.rms)
-        x = self.run_blocks(x, ctx, 0, self.cfg.num_blocks, index=index, mask=mask,
-                            stage1_tokens=stage1_tokens, first_cached=embedded is not None)
-        return self.finish(x, g.shape, rms)
+        x, pending = self.run_blocks(x, ctx, 0, self.cfg.num_blocks, index=index, mask=mask,
+                                     stage1_tokens=stage1_tokens, first_cached=embedded is not None)
+        return self.finish(x, g.shape, rms, pending)
 
-    def run_blocks(self, x: Tensor, ctx: _TextContext, start: int, stop: int, *, index: Tensor | None = None,
-                   mask: Tensor | None = None, stage1_tokens: Tensor | None = None,
-                   first_cached: bool = False) -> Tensor:
-        """Trunk blocks ``start`` to ``stop - 1`` (and the stage-I blocks after them) on tokens x.
+    def run_blocks(self, x: Tensor, ctx: _TextContext, start: int, stop: int, *, pending: Tensor | None = None,
+                   index: Tensor | None = None, mask: Tensor | None = None, stage1_tokens: Tensor | None = None,
+                   first_cached: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Trunk blocks ``start`` to ``stop - 1`` (and the stage-I blocks after them) on the stream
+        ``x + pending``; returns the new stream the same way, (x, pending): the last residual add
+        is left to the consumer (``finish``, ``final_tokens`` or the next ``run_blocks``), where it
+        fuses with the next norm.
 
         Args:
-            x: (n, S, d) tokens; ctx: the prompts' K / V (``text_context``).
+            x, pending: (n, S, d) tokens (pending None: nothing to add); ctx: the prompts' K / V
+                (``text_context``).
             index: (n,) prompt of each matrix, or None when x holds m consecutive matrices per prompt.
             mask: the text mask matching ``index`` (None: every key valid).
             stage1_tokens: (n, S1, d) frozen stage-I tokens (stage II with stage-I features).
@@ -634,14 +667,18 @@ class HyperNet(nn.Module):
             k, v = ctx.keys[i], ctx.values[i]
             if index is not None:
                 k, v = k[index], v[index]
-            x = self._run(self.blocks[i], x, k, v, mask, i == 0 and first_cached)
+            x, pending = self._run(self.blocks[i], x, pending, k, v, mask, i == 0 and first_cached)
             if stage1_tokens is not None and str(i) in self.stage1_blocks:
-                x = self._run(self.stage1_blocks[str(i)], x, stage1_tokens)
-        return x
+                x, pending = self._run(self.stage1_blocks[str(i)], x, pending, stage1_tokens)
+        return x, pending
 
-    def finish(self, x: Tensor, shape: tuple[int, int], rms: Tensor) -> HyperOutput:
-        """Final norm, mean pool and the heads of matrices of ``shape`` (out, in)."""
-        tokens = self.norm(x)
+    def final_tokens(self, x: Tensor, pending: Tensor | None = None) -> Tensor:
+        """The final norm of the stream ``x + pending``: the tokens stage II attends to."""
+        return self.norm(_deferred(x, pending))
+
+    def finish(self, x: Tensor, shape: tuple[int, int], rms: Tensor, pending: Tensor | None = None) -> HyperOutput:
+        """Final norm of the stream ``x + pending``, mean pool and the heads of matrices of ``shape`` (out, in)."""
+        tokens = self.final_tokens(x, pending)
         h = tokens.mean(dim=1)
         a, b = self.heads[f"{shape[0]}x{shape[1]}"](h, rms)
         alpha = None if self.alpha_head is None else F.softplus(self.alpha_head(h).squeeze(-1).float())

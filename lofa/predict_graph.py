@@ -92,7 +92,7 @@ class PredictionGraph:
         s1, s2 = self.stage1, self.stage2
         ctx2 = s2.text_context(text, None)
         split = min(s2.cfg.cross_stage1_after) if s2.cfg.uses_stage1 else s2.cfg.num_blocks - 1
-        x2: list[Tensor] = []
+        x2: list[tuple[Tensor, Tensor | None]] = []
         main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         if self.side is not None:
             self.side.wait_stream(main)
@@ -102,16 +102,16 @@ class PredictionGraph:
         tokens1: list[Tensor | None] = [None] * len(self.groups2)
         if s1 is not None:
             ctx1 = s1.text_context(text, None)
-            tokens1 = [s1.norm(s1.run_blocks(e.tokens, ctx1, 0, s1.cfg.num_blocks, first_cached=True))
+            tokens1 = [s1.final_tokens(*s1.run_blocks(e.tokens, ctx1, 0, s1.cfg.num_blocks, first_cached=True))
                        for e in self.groups1]
         if self.side is not None:
             main.wait_stream(self.side)
         outs = []
-        for e, x, t1 in zip(self.groups2, x2, tokens1):
+        for e, (x, pending), t1 in zip(self.groups2, x2, tokens1):
             if t1 is not None:
-                x = s2.stage1_blocks[str(split)](x, t1)
-            x = s2.run_blocks(x, ctx2, split + 1, s2.cfg.num_blocks, stage1_tokens=t1)
-            outs.append(s2.finish(x, e.group.shape, e.rms))
+                x, pending = s2.stage1_blocks[str(split)](x, pending, t1)
+            x, pending = s2.run_blocks(x, ctx2, split + 1, s2.cfg.num_blocks, pending=pending, stage1_tokens=t1)
+            outs.append(s2.finish(x, e.group.shape, e.rms, pending))
         return outs
 
     @torch.no_grad()

@@ -1,0 +1,79 @@
+"""The MLP with GELU epilogues (lofa.cublaslt): the same values and gradients as the plain MLP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lofa import cublaslt
+from lofa.hypernet import MLP
+
+
+def _grads(mlp: MLP, x: torch.Tensor, dy: torch.Tensor, fused: bool) -> list[torch.Tensor]:
+    mlp.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    y = cublaslt.gelu_mlp(x, mlp[0], mlp[2]) if fused else torch.nn.Sequential.forward(mlp, x)
+    y.backward(dy)
+    return [y.detach(), x.grad] + [p.grad for p in mlp.parameters()]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_gelu_mlp_function_matches_the_plain_mlp_on_cpu():
+    torch.manual_seed(0)
+    mlp = MLP(32, 4.0).double()
+    x, dy = torch.randn(3, 7, 32, dtype=torch.float64), torch.randn(3, 7, 32, dtype=torch.float64)
+    fused, plain = _grads(mlp, x, dy, True), _grads(mlp, x, dy, False)
+    for name, a, b in zip(["y", "dx", "dW1", "db1", "dW2", "db2"], fused, plain):
+        assert a.shape == b.shape, name
+        assert _rel(a, b) < 1e-10, name
+    # the GELU gradient is the tanh approximation's, not the exact GELU's
+    h = torch.linspace(-4, 4, 101, dtype=torch.float64, requires_grad=True)
+    torch.nn.functional.gelu(h, approximate="tanh").sum().backward()
+    assert torch.allclose(cublaslt._gelu_grad(h.detach()).double(), h.grad, atol=1e-6)
+    assert not torch.allclose(cublaslt._gelu_grad(h.detach()).double(),
+                              torch.autograd.grad(torch.nn.functional.gelu(h).sum(), h)[0], atol=1e-4)
+
+
+def test_gelu_mlp_function_compiles_on_cpu():
+    torch.manual_seed(1)
+    mlp = MLP(16, 2.0)
+    x, dy = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    eager = _grads(mlp, x, dy, True)
+    compiled_fn = torch.compile(lambda t: cublaslt.gelu_mlp(t, mlp[0], mlp[2]), fullgraph=True)
+    mlp.zero_grad(set_to_none=True)
+    xc = x.clone().requires_grad_(True)
+    compiled_fn(xc).backward(dy)
+    for a, b in zip([xc.grad] + [p.grad for p in mlp.parameters()], eager[1:]):
+        assert _rel(a, b) < 1e-5
+
+
+def test_the_plain_mlp_is_used_off_cuda():
+    assert not cublaslt.available(torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt epilogues need CUDA")
+@pytest.mark.parametrize("rows", [61680, 1000, 37])
+def test_cublaslt_mlp_matches_the_plain_mlp_on_cuda(rows):
+    torch.manual_seed(2)
+    assert cublaslt.available(torch.device("cuda"), torch.bfloat16)
+    d = 768 if rows > 1000 else 64
+    mlp = MLP(d, 4.0).cuda()
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(rows, d, device="cuda")
+    dy = torch.randn(rows, d, device="cuda") * 1e-2
+    ref = _grads(mlp.double(), x.double(), dy.double(), False)
+    mlp.float()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = _grads(mlp, x, dy, True)
+        plain = _grads(mlp, x, dy, False)
+    for name, a, b, r in zip(["y", "dx", "dW1", "db1", "dW2", "db2"], fused, plain, ref):
+        err_fused, err_plain = _rel(a, r), _rel(b, r)
+        assert a.dtype == b.dtype, name
+        assert err_fused < max(2 * err_plain, 5e-3), (name, err_fused, err_plain)
+    # the module takes this path by itself under autograd and autocast on CUDA
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(mlp(x.view(1, rows, d)).view(rows, d), fused[0])
