@@ -539,22 +539,24 @@ class HyperNet(nn.Module):
         return [self._predict_group(g, ctx, None if stage1_tokens is None else stage1_tokens[i])
                 for i, g in enumerate(groups)]
 
-    def compile_regions(self, mode: str | None = None, edges: bool = True, trunk: bool = False) -> "HyperNet":
+    def compile_regions(self, mode: str | None = None, edges: bool = True, trunk: bool = False,
+                        dynamic: bool | None = False) -> "HyperNet":
         """Regional ``torch.compile``: each trunk (and stage-I) block, one compiled code per block
         type, or with ``trunk`` the whole run of blocks as one graph (fuses across block
         boundaries; longer to compile); with ``edges`` also the matrix embedding, the text's
-        K / V and the heads. Shapes are static (one compile per matrix shape and text length).
-        Returns self."""
-        param = next(self.parameters())
-        cublaslt.available(param.device, torch.bfloat16)  # loads cuBLASLt outside the traces (MLP reads it)
+        K / V and the heads. ``dynamic``: torch.compile's; False (static shapes: one compile per
+        matrix shape and text length) for a predictor, None (a shape that changes is recompiled
+        once, dynamic) for training, whose batches vary. Returns self."""
+        if torch.cuda.is_available():  # load cuBLASLt outside the traces (MLP asks whether it is there)
+            cublaslt.available(torch.device("cuda"), torch.bfloat16)
         if trunk:
-            self.run_blocks = torch.compile(self.run_blocks, dynamic=False, mode=mode)
+            self.run_blocks = torch.compile(self.run_blocks, dynamic=dynamic, mode=mode)
         else:
             for block in [*self.blocks, *self.stage1_blocks.values()]:
-                block.compile(dynamic=False, mode=mode)
+                block.compile(dynamic=dynamic, mode=mode)
         if edges:
             for name in ("_embed", "text_context", "final_tokens", "finish"):
-                setattr(self, name, torch.compile(getattr(self, name), dynamic=False, mode=mode))
+                setattr(self, name, torch.compile(getattr(self, name), dynamic=dynamic, mode=mode))
         return self
 
     @torch.no_grad()

@@ -39,6 +39,10 @@ class Stage1Config:
     prompts_per_batch: int = 8
     matrices_per_lora: int = 10  # the paper: 10 random matrices per LoRA
     seed: int = 0
+    #: torch.compile the hypernetwork's regions (``HyperNet.compile_regions``, shapes dynamic
+    #: after their first change): on a GPU about half the step time at the Wan2.1 shapes
+    #: (benchmarks/bench_hypernet.py, train1 against train1_compiled), for a compile in the first steps.
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class Stage2Config:
     l1_weight: float = 1.0
     dit_grad_checkpointing: bool = False
     seed: int = 0
+    #: torch.compile the hypernetwork's regions, as ``Stage1Config.compile``.
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,9 +156,12 @@ def evaluate_stage2(model: HyperNet, stage1: HyperNet | None, data: LoRASet, bas
     return {k: v / len(data) for k, v in totals.items()}
 
 
-def build_hypernet(cfg: HyperNetConfig, vocab: Vocabulary, seed: int) -> HyperNet:
+def build_hypernet(cfg: HyperNetConfig, vocab: Vocabulary, seed: int, compile: bool = False) -> HyperNet:
+    """A new hypernetwork (weights from ``seed``), with ``compile`` its regions compiled (dynamic shapes:
+    the text length and the matrices per shape change from batch to batch)."""
     torch.manual_seed(seed)
-    return HyperNet(cfg, vocab)
+    model = HyperNet(cfg, vocab)
+    return model.compile_regions(dynamic=None) if compile else model
 
 
 def load_hypernet(path: str | Path) -> HyperNet:
@@ -184,7 +193,7 @@ def train_stage1(cfg: Stage1Config, dit: nn.Module, vocab: Vocabulary, train_set
     if cfg.model.stage != 1:
         raise ValueError(f"train_stage1: model.stage must be 1, got {cfg.model.stage}")
     base = [w.detach().float() for w in base_weights(dit, vocab)]
-    model = build_hypernet(cfg.model, vocab, cfg.seed)
+    model = build_hypernet(cfg.model, vocab, cfg.seed, cfg.compile)
     step = functools.partial(_stage1_step, loss_cfg=cfg.loss)
     result = train(model, step, stage1_batches(train_set, base, vocab, cfg), cfg.train, out_dir, logger=logger,
                    meta=_meta(cfg.model, vocab, base_hash, dit))
@@ -211,7 +220,7 @@ def train_stage2(cfg: Stage2Config, dit: nn.Module, vocab: Vocabulary, stage1: H
     if stage1 is not None:
         stage1.requires_grad_(False).eval()
     base = [w.detach().float() for w in base_weights(dit, vocab)]
-    model = build_hypernet(cfg.model, vocab, cfg.seed)
+    model = build_hypernet(cfg.model, vocab, cfg.seed, cfg.compile)
     step = functools.partial(_stage2_step, stage1=stage1 if cfg.model.use_stage1 else None, dit=dit, cfg=cfg)
     result = train(model, step, stage2_batches(train_set, base, vocab, cfg), cfg.train, out_dir, logger=logger,
                    meta=_meta(cfg.model, vocab, base_hash, dit))

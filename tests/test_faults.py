@@ -390,3 +390,45 @@ def test_two_dvc_repro_at_once(tmp_path: Path) -> None:
     assert _files_hash(repo / ".prefect") == prefect_before
     profiles = tomllib.loads((repo / ".prefect" / "profiles.toml").read_text())
     assert "WARNING" in str(profiles)
+
+
+# --------------------------------------------------------------------------- compiled training
+
+def test_compiled_stage1_training_matches_eager(world: dict, tmp_path: Path):
+    """``train_stage1.compile``: the regions compiled with dynamic shapes give the eager loss and
+    gradients on batches whose text lengths differ, and the stage trains with them."""
+    from torch._dynamo.utils import counters
+
+    from lofa.hypertrain import Stage1Config, build_hypernet, stage1_batches, train_stage1
+    from lofa.lora import base_weights
+    from lofa.objectives import stage1_loss
+    from pipelines._hyper import load_base, load_sets
+
+    d = world["dirs"]
+    dit, vocab, base_hash = load_base(d["base"])
+    train_set, _ = load_sets(d["loras"], d["pre"], vocab)
+    params = {**SMALL["train_stage1"], "train": {**SMALL["train_stage1"]["train"], "max_steps": 4}}
+    cfg = from_dict(Stage1Config, {**params, "compile": True})
+    batches = stage1_batches(train_set, [w.detach().float() for w in base_weights(dit, vocab)], vocab, cfg)
+    draws = [batches(i, 0, 1) for i in range(4)]
+    lengths = {int(b.text_mask.any(0).nonzero().max()) + 1 for b in draws}
+    assert len(lengths) > 1, lengths  # the batches' trimmed text lengths differ
+    torch._dynamo.reset()
+    counters.clear()
+    eager = build_hypernet(cfg.model, vocab, cfg.seed)
+    compiled = build_hypernet(cfg.model, vocab, cfg.seed, compile=True)
+    for batch in draws:
+        results = []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            loss, _ = stage1_loss(model, batch, cfg.loss)
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        (le, ge), (lc, gc) = results
+        assert torch.allclose(le, lc, rtol=1e-5), (le, lc)
+        assert set(ge) == set(gc)
+        for n in ge:
+            assert (gc[n] - ge[n]).norm() <= 1e-3 * ge[n].norm() + 1e-12, n
+    assert counters["stats"]["unique_graphs"] >= 2  # the blocks and the edges ran compiled
+    model, result = train_stage1(cfg, dit, vocab, train_set, tmp_path / "compiled", base_hash=base_hash)
+    assert result.step == 4 and all(torch.isfinite(p).all() for p in model.parameters())
