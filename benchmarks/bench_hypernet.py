@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ("compiled_predict", lambda: b.run_compiled_predict(profile=True), gpu),
             ("compiled_predict_cached", lambda: b.run_compiled_predict(cached=True, profile=True), gpu),
             ("graphs_predict_cached", lambda: b.run_compiled_predict("reduce-overhead", cached=True), gpu),
-            ("graph_predict", lambda: b.run_graph_predict(streams=False), gpu),
+            ("graph_predict", lambda: b.run_graph_predict(streams=False, profile=True), gpu),
             ("graph2_predict", lambda: b.run_graph_predict(streams=True, profile=True), gpu),
             ("graph_predict_eager", lambda: b.run_graph_predict(streams=False, compiled=False), gpu),
             ("loss_check", b.loss_check, gpu),
