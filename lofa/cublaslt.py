@@ -31,6 +31,7 @@ import glob
 import math
 import os
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -216,6 +217,24 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def _served(*tensors: Tensor) -> bool:
+    """Whether cuBLASLt's epilogue kernels take these operands: on CUDA in one of its dtypes,
+    contiguous, 16-byte aligned, with a last dimension (the leading dimension cuBLASLt sees)
+    divisible by 8. Other operands take the torch path of the same math."""
+    return all(t.is_cuda and t.dtype in _DTYPES and t.is_contiguous() and t.data_ptr() % 16 == 0
+               and t.shape[-1] % 8 == 0 for t in tensors)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(error: Exception) -> None:
+    if str(error) not in _WARNED:
+        _WARNED.add(str(error))
+        warnings.warn(f"{error}; this product runs as plain torch operations instead", RuntimeWarning,
+                      stacklevel=3)
+
+
 def _gelu_grad(h: Tensor) -> Tensor:
     """d GELU_tanh(h) / dh in fp32 (fp64 for fp64 h)."""
     h = h.to(torch.promote_types(h.dtype, torch.float32))
@@ -227,13 +246,15 @@ def _gelu_grad(h: Tensor) -> Tensor:
 @torch.library.custom_op("lofa::linear_gelu_aux", mutates_args=())
 def linear_gelu_aux(x: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """x (M, K), weight (N, K), bias (N,) -> (GELU_tanh(x W^T + b), x W^T + b), each (M, N)."""
-    if x.is_cuda:
+    if _served(x, weight, bias):
         m, k = x.shape
         n = weight.shape[0]
         g, h = x.new_empty(m, n), x.new_empty(m, n)
-        # column-major: G^T (n x m) = W (k x n, transposed) X^T (k x m)
-        _lt().matmul(_OP_T, _OP_N, n, m, k, weight, k, x, k, g, _EPILOGUE_GELU_AUX_BIAS, bias, h)
-        return g, h
+        try:  # column-major: G^T (n x m) = W (k x n, transposed) X^T (k x m)
+            _lt().matmul(_OP_T, _OP_N, n, m, k, weight, k, x, k, g, _EPILOGUE_GELU_AUX_BIAS, bias, h)
+            return g, h
+        except CublasLtError as e:
+            _warn_once(e)
     h = torch.addmm(bias, x, weight.t())
     return F.gelu(h, approximate="tanh"), h
 
@@ -247,13 +268,15 @@ def _(x: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("lofa::matmul_dgelu", mutates_args=())
 def matmul_dgelu(dy: Tensor, weight: Tensor, h: Tensor) -> Tensor:
     """dy (M, N2), weight (N2, N), h (M, N) -> dH = (dy W) * GELU_tanh'(h), (M, N)."""
-    if dy.is_cuda:
+    if _served(dy, weight, h):
         m, n2 = dy.shape
         n = weight.shape[1]
         dh = dy.new_empty(m, n)
-        # column-major: dH^T (n x m) = W^T (n x n2: W row-major as is) dY^T (n2 x m)
-        _lt().matmul(_OP_N, _OP_N, n, m, n2, weight, n, dy, n2, dh, _EPILOGUE_DGELU, None, h)
-        return dh
+        try:  # column-major: dH^T (n x m) = W^T (n x n2: W row-major as is) dY^T (n2 x m)
+            _lt().matmul(_OP_N, _OP_N, n, m, n2, weight, n, dy, n2, dh, _EPILOGUE_DGELU, None, h)
+            return dh
+        except CublasLtError as e:
+            _warn_once(e)
     grad = _gelu_grad(h)
     return ((dy @ weight).to(grad.dtype) * grad).to(dy.dtype)
 

@@ -55,11 +55,10 @@ def test_the_plain_mlp_is_used_off_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt epilogues need CUDA")
-@pytest.mark.parametrize("rows", [61680, 1000, 37])
-def test_cublaslt_mlp_matches_the_plain_mlp_on_cuda(rows):
+@pytest.mark.parametrize("rows, d", [(61680, 768), (1000, 64), (37, 36)])  # d = 36: the torch path
+def test_cublaslt_mlp_matches_the_plain_mlp_on_cuda(rows, d):
     torch.manual_seed(2)
     assert cublaslt.available(torch.device("cuda"), torch.bfloat16)
-    d = 768 if rows > 1000 else 64
     mlp = MLP(d, 4.0).cuda()
     for p in mlp.parameters():
         torch.nn.init.normal_(p, std=0.05)
@@ -77,3 +76,16 @@ def test_cublaslt_mlp_matches_the_plain_mlp_on_cuda(rows):
     # the module takes this path by itself under autograd and autocast on CUDA
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.equal(mlp(x.view(1, rows, d)).view(rows, d), fused[0])
+
+
+def test_operands_cublaslt_cannot_take_go_the_torch_way():
+    # the checks are about layout, which CPU tensors show as well; only CUDA ones pass them
+    base = torch.zeros(64, 64)
+    assert not cublaslt._served(base.bfloat16())  # not CUDA
+    if torch.cuda.is_available():
+        cuda = torch.zeros(64, 64, device="cuda", dtype=torch.bfloat16)
+        assert cublaslt._served(cuda)
+        assert not cublaslt._served(cuda.float())  # dtype
+        assert not cublaslt._served(cuda.t())  # not contiguous
+        assert not cublaslt._served(cuda.view(-1)[1:-63].view(63, 64))  # 2-byte offset: misaligned
+        assert not cublaslt._served(cuda[:, :60].contiguous())  # leading dimension not divisible by 8
