@@ -8,6 +8,8 @@ is rewritten after every section so a timeout keeps what finished):
   mlp_check        the fused no-grad MLP (cuBLASLt bias+GELU epilogue) vs the plain one
   mlp_train        one MLP's forward + backward, compiled, plain against the cuBLASLt GELU
                    epilogues (lofa.cublaslt), with errors against fp32
+  residual_epilogue  a residual add after a linear, as a pass of its own or in cuBLASLt's
+                   epilogue (C = x): what fusing the trunk's residual adds would save
   train1           one stage-I training step over all matrices (AdamW, bf16 autocast,
                    fp32 weights), without and with gradient checkpointing
   compiled_*       the same with the trunk blocks compiled (regional torch.compile; also the
@@ -523,6 +525,36 @@ class Bench:
                                               self.repeats)
         return res
 
+    def residual_epilogue(self) -> dict[str, object]:
+        """What a residual add costs at the prediction's token count: an output projection
+        (K = d) and a second MLP linear (K = 4d) with their bias, alone, followed by the add,
+        and with the residual added in cuBLASLt's epilogue (C = x, beta = 1; lofa.cublaslt)."""
+        from lofa import cublaslt
+
+        dev, d = self.device, self.cfg1.d_model
+        rows = sum(1 + -(-m.out_features // self.cfg1.patch_size) * -(-m.in_features // self.cfg1.patch_size)
+                   for m in self.vocab)
+        x = torch.randn(rows, d, device=dev, dtype=torch.bfloat16)
+        res: dict[str, object] = {"rows": rows}
+        for k in (d, round(d * self.cfg1.mlp_ratio)):
+            y = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+            w = torch.randn(d, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
+            b = torch.randn(d, device=dev, dtype=torch.bfloat16)
+            out = torch.empty_like(x)
+            r = {"linear": timeit(lambda: torch.addmm(b, y, w.t()), dev, self.warmup, self.repeats),
+                 "linear_then_add": timeit(lambda: x + torch.addmm(b, y, w.t()), dev, self.warmup, self.repeats)}
+            if cublaslt.available(dev, torch.bfloat16):
+                lt = cublaslt._lt()
+
+                def fused() -> torch.Tensor:
+                    lt.matmul(cublaslt._OP_T, cublaslt._OP_N, d, rows, k, w, k, y, k, out, cublaslt._EPILOGUE_BIAS,
+                              b, None, c=x)
+                    return out
+                r["linear_residual_epilogue"] = timeit(fused, dev, self.warmup, self.repeats)
+                r["rel_err"] = rel_err(fused(), x.float() + y.float() @ w.float().t() + b.float())
+            res[f"K{k}"] = r
+        return res
+
     def run_dit(self) -> dict[str, object]:
         from lofa.wan import WAN21_T2V_1_3B, build_dit
 
@@ -644,7 +676,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     b.setup()
     plan = [("ceiling", lambda: matmul_ceiling(b.device, 8192 if gpu else 256), True),
             ("predict", b.run_predict, True), ("mlp_check", b.mlp_check, gpu),
-            ("mlp_train", b.mlp_train, True),
+            ("mlp_train", b.mlp_train, True), ("residual_epilogue", b.residual_epilogue, gpu),
             ("train1", lambda: b.run_train(False), True),
             ("compiled_predict", lambda: b.run_compiled_predict(profile=True), gpu),
             ("compiled_predict_cached", lambda: b.run_compiled_predict(cached=True, profile=True), gpu),

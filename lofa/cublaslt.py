@@ -44,6 +44,7 @@ _OP_N, _OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8
 _DESC_AUX_POINTER, _DESC_AUX_LD = 11, 12
 _PREF_MAX_WORKSPACE = 1
+_EPILOGUE_BIAS = 4
 _EPILOGUE_GELU_AUX_BIAS = 32 | 128 | 4
 _EPILOGUE_DGELU = 64 | 128
 _USES_BIAS = 4 | 16 | 256 | 512  # the BIAS and bias-gradient bits
@@ -129,7 +130,7 @@ class _Lt:
         plan = self.plans.get(key)
         if plan is not None:
             return plan
-        trans_a, trans_b, m, n, k, lda, ldb, ldd, dtype, epilogue, device = key
+        trans_a, trans_b, m, n, k, lda, ldb, ldd, dtype, epilogue, device, _ = key
         desc = ctypes.c_void_p()
         self._check(self.lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _R_32F),
                     "cublasLtMatmulDescCreate")
@@ -162,12 +163,12 @@ class _Lt:
         return plan
 
     def matmul(self, trans_a: int, trans_b: int, m: int, n: int, k: int, a: Tensor, lda: int, b: Tensor, ldb: int,
-               d: Tensor, epilogue: int, bias: Tensor | None, aux: Tensor | None) -> None:
-        """Column-major D (m x n, ld m) = op(A) op(B) with ``epilogue``.
+               d: Tensor, epilogue: int, bias: Tensor | None, aux: Tensor | None, c: Tensor | None = None) -> None:
+        """Column-major D (m x n, ld m) = op(A) op(B) (+ C when given) with ``epilogue``.
         ``bias``: the bias (or bias gradient) vector, read only by epilogues with a bias; ``aux``: the
-        GELU input (m x n, ld m)."""
+        GELU input (m x n, ld m); ``c``: added to the product (m x n, ld m)."""
         device = d.device.index if d.device.index is not None else torch.cuda.current_device()
-        key = (trans_a, trans_b, m, n, k, lda, ldb, m, _DTYPES[d.dtype], epilogue, device)
+        key = (trans_a, trans_b, m, n, k, lda, ldb, m, _DTYPES[d.dtype], epilogue, device, c is not None)
         with self.lock:
             desc, la, lb, ld, algo = self._plan(key)
             ws = self.workspaces.get(device)
@@ -177,11 +178,12 @@ class _Lt:
                 self._set(desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
             if epilogue & _USES_AUX:
                 self._set(desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
-            one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+            one, beta = ctypes.c_float(1.0), ctypes.c_float(0.0 if c is None else 1.0)
             stream = torch.cuda.current_stream(d.device).cuda_stream
             self._check(self.lib.cublasLtMatmul(
-                self.handle, desc, ctypes.byref(one), a.data_ptr(), la, b.data_ptr(), lb, ctypes.byref(zero),
-                d.data_ptr(), ld, d.data_ptr(), ld, ctypes.byref(algo), ws.data_ptr(), _WORKSPACE_BYTES, stream),
+                self.handle, desc, ctypes.byref(one), a.data_ptr(), la, b.data_ptr(), lb, ctypes.byref(beta),
+                (d if c is None else c).data_ptr(), ld, d.data_ptr(), ld, ctypes.byref(algo), ws.data_ptr(),
+                _WORKSPACE_BYTES, stream),
                 f"cublasLtMatmul (epilogue {epilogue}, m={m} n={n} k={k})")
 
 
