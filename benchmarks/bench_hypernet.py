@@ -17,11 +17,12 @@ is rewritten after every section so a timeout keeps what finished):
                    kernel-time profile; ``_cached``: the prompt-independent matrix tokens
                    embedded once (HyperNet.embed)
   graph*_predict   the cached prediction replayed from one CUDA graph (PredictionGraph,
-                   the Predictor's GPU path), one or two streams, compiled or eager blocks
+                   the Predictor's GPU path), one or two streams, compiled or eager blocks,
+                   without the residual adds in cuBLASLt epilogues (_no_epilogues)
   loss_check       the fused Triton stage-I loss against the compiled torch loss and an
                    fp32 evaluation: time of forward + backward, loss, counts, gradients
   train1_*         compiled stage-I step variants: the MLPs without the cuBLASLt GELU epilogues
-                   (plain_mlp), torch loss, CUDA-graph trees, blocks only, whole trunk
+                   (_plain_mlp), torch loss, CUDA-graph trees, blocks only, whole trunk
   fp8              prediction with the trunk's linears in FP8 (row-wise scales,
                    torch._scaled_mm), compiled; dW error against the bf16 result
   dit              (--dit) one stage-II training step with the flow-matching loss
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import os
 import statistics
@@ -51,7 +53,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lofa.hypernet import MLP, EmbeddedGroup, HyperNet, HyperNetConfig, HyperOutput, MatrixGroup  # noqa: E402
+from lofa.hypernet import EmbeddedGroup, HyperNet, HyperNetConfig, HyperOutput, MatrixGroup  # noqa: E402
 from lofa.layers import Vocabulary  # noqa: E402
 from lofa.objectives import HyperBatch, LoraGroup, Stage1LossConfig, stage1_loss, stage2_loss  # noqa: E402
 from lofa.predict_graph import PredictionGraph  # noqa: E402
@@ -161,13 +163,16 @@ def compile_blocks(model: HyperNet, mode: str | None = None, edges: bool = True,
     return model.compile_regions(mode, edges, trunk)
 
 
-def plain_mlp(fn: Callable[[], object]) -> object:
-    """``fn()`` with the MLPs' cuBLASLt epilogue kernels off (``MLP.epilogue_kernels``)."""
-    MLP.epilogue_kernels = False
+def no_epilogues(fn: Callable[[], object]) -> object:
+    """``fn()`` with lofa.cublaslt's epilogue kernels off (the MLPs' GELU under autograd, the
+    residual adds of a prediction): the plain torch operations."""
+    from lofa import cublaslt
+
+    cublaslt.ENABLED = False
     try:
         return fn()
     finally:
-        MLP.epilogue_kernels = True
+        cublaslt.ENABLED = True
 
 
 def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]:
@@ -591,6 +596,13 @@ class Bench:
             self.report["errors"][name] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
         self.report.setdefault("section_s", {})[name] = round(time.perf_counter() - t0, 2)
+        # what a section compiled or left in reference cycles must not count in the next one's memory
+        torch._dynamo.reset()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            self.report.setdefault("allocated_after_gib", {})[name] = round(
+                torch.cuda.memory_allocated(self.device) / 2 ** 30, 3)
         self.save()
 
     def save(self) -> None:
@@ -682,11 +694,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ("compiled_predict_cached", lambda: b.run_compiled_predict(cached=True, profile=True), gpu),
             ("graphs_predict_cached", lambda: b.run_compiled_predict("reduce-overhead", cached=True), gpu),
             ("graph_predict", lambda: b.run_graph_predict(streams=False, profile=True), gpu),
+            ("graph_predict_no_epilogues", lambda: no_epilogues(lambda: b.run_graph_predict(streams=False)), gpu),
             ("graph2_predict", lambda: b.run_graph_predict(streams=True, profile=True), gpu),
             ("graph_predict_eager", lambda: b.run_graph_predict(streams=False, compiled=False), gpu),
             ("loss_check", b.loss_check, gpu),
             ("train1_compiled", lambda: b.run_train(True, (False, True) if args.ckpt else (False,), profile=True), gpu),
-            ("train1_compiled_plain_mlp", lambda: plain_mlp(lambda: b.run_train(True, (False,), profile=True)), gpu),
+            ("train1_compiled_plain_mlp", lambda: no_epilogues(lambda: b.run_train(True, (False,), profile=True)), gpu),
             ("train1_compiled_torch_loss", lambda: b.run_train(True, (False,), fused=False), gpu),
             ("train1_graphs", lambda: b.run_train(True, (False,), profile=True, mode="reduce-overhead"), gpu),
             ("train1_compiled_blocks_only", lambda: b.run_train(True, (False,), edges=False), gpu),

@@ -50,6 +50,8 @@ _EPILOGUE_DGELU = 64 | 128
 _USES_BIAS = 4 | 16 | 256 | 512  # the BIAS and bias-gradient bits
 _USES_AUX = 128
 _WORKSPACE_BYTES = 32 << 20
+#: Use the epilogue kernels where they apply (a process-wide switch, for comparisons).
+ENABLED = True
 _DTYPES = {torch.bfloat16: _R_16BF, torch.float16: _R_16F}
 
 
@@ -208,7 +210,7 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 
     While torch.compile traces, this reads what an eager call found (``HyperNet.compile_regions``
     makes that call) instead of loading the library inside the trace."""
-    if device.type != "cuda" or dtype not in _DTYPES:
+    if not ENABLED or device.type != "cuda" or dtype not in _DTYPES:
         return False
     if torch.compiler.is_compiling():
         return _LT is not None
@@ -286,6 +288,36 @@ def matmul_dgelu(dy: Tensor, weight: Tensor, h: Tensor) -> Tensor:
 @matmul_dgelu.register_fake
 def _(dy: Tensor, weight: Tensor, h: Tensor) -> Tensor:
     return dy.new_empty(dy.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("lofa::addmm_residual", mutates_args=())
+def addmm_residual(h: Tensor, weight: Tensor, bias: Tensor, residual: Tensor) -> Tensor:
+    """residual + h W^T + b: h (M, K), weight (N, K), bias (N,), residual (M, N); on CUDA the
+    residual is read by the product's epilogue (C = residual, beta = 1), and the sum rounded once."""
+    if _served(h, weight, bias, residual):
+        m, k = h.shape
+        n = weight.shape[0]
+        out = torch.empty_like(residual)
+        try:  # column-major: OUT^T (n x m) = W (k x n, transposed) H^T (k x m) + RESIDUAL^T
+            _lt().matmul(_OP_T, _OP_N, n, m, k, weight, k, h, k, out, _EPILOGUE_BIAS, bias, None, c=residual)
+            return out
+        except CublasLtError as e:
+            _warn_once(e)
+    return residual + torch.addmm(bias, h, weight.t())
+
+
+@addmm_residual.register_fake
+def _(h: Tensor, weight: Tensor, bias: Tensor, residual: Tensor) -> Tensor:
+    return torch.empty_like(residual)
+
+
+def linear_residual(h: Tensor, linear: torch.nn.Linear, residual: Tensor) -> Tensor:
+    """residual + linear(h) in the residual's dtype (h and the weights cast to it), h (..., K) and
+    residual (..., N) with the same leading shape; no autograd (inference)."""
+    dt = residual.dtype
+    out = addmm_residual(h.reshape(-1, h.shape[-1]).to(dt), linear.weight.to(dt), linear.bias.to(dt),
+                         residual.reshape(-1, residual.shape[-1]))
+    return out.view(residual.shape)
 
 
 class GeluMLPFunction(torch.autograd.Function):

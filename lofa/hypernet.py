@@ -310,7 +310,18 @@ class CrossAttention(nn.Module):
         return _heads(k, c.shape[0], self.num_heads, self.k_norm), _heads(v, c.shape[0], self.num_heads, _identity)
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """x: (n, S, d) with n = P * m; the m consecutive matrices of a prompt share its K, V (P, ...).
+        """x: (n, S, d) -> (n, S, d); see ``inner``."""
+        return self.o(self.inner(x, k, v, mask))
+
+    @property
+    def out(self) -> nn.Linear:
+        """The output projection (``_residual`` runs it with the residual add)."""
+        return self.o
+
+    def inner(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """The attention before the output projection, heads merged (n, S, d).
+
+        x: (n, S, d) with n = P * m; the m consecutive matrices of a prompt share its K, V (P, ...).
 
         Without autograd a prompt's m*S queries form one sequence. With autograd they are
         cut into chunks of about ``_BWD_QUERY_CHUNK`` rows that each get their own copy of
@@ -326,7 +337,7 @@ class CrossAttention(nn.Module):
             mask = None if mask is None else mask.repeat_interleave(chunks, dim=0)
         attn_mask = None if mask is None else mask[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.o(y.transpose(1, 2).reshape(n, s, d))
+        return y.transpose(1, 2).reshape(n, s, d)
 
 
 class SelfAttention(nn.Module):
@@ -343,11 +354,20 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (n, S, d) -> (n, S, d)."""
+        return self.o(self.inner(x))
+
+    @property
+    def out(self) -> nn.Linear:
+        """The output projection (``_residual`` runs it with the residual add)."""
+        return self.o
+
+    def inner(self, x: Tensor) -> Tensor:
+        """The attention before the output projection, heads merged: (n, S, d) -> (n, S, d)."""
         n, s, d = x.shape
         q, k, v = (_heads(t, n, self.num_heads, norm) for t, norm in
                    zip(self.qkv(x).chunk(3, dim=-1), (self.q_norm, self.k_norm, _identity)))
         y = F.scaled_dot_product_attention(q, k, v)
-        return self.o(y.transpose(1, 2).reshape(n, s, d))
+        return y.transpose(1, 2).reshape(n, s, d)
 
 
 class MLP(nn.Sequential):
@@ -355,30 +375,49 @@ class MLP(nn.Sequential):
     as here), so the hidden activations get no passes of their own:
     - under autograd in bf16 / fp16 (autocast included), ``lofa.cublaslt.gelu_mlp``: the first
       product writes GELU and its input at once, and the backward's product applies the GELU
-      gradient and sums the bias gradient (``epilogue_kernels`` = False turns this off);
+      gradient (``lofa.cublaslt.ENABLED`` = False turns this off);
     - without autograd or autocast, ``torch._addmm_activation``.
     (On CPU that op uses the exact GELU, so the CPU path stays unfused.)"""
-
-    #: Use lofa.cublaslt's epilogue kernels under autograd on CUDA (class-wide switch, for comparisons).
-    epilogue_kernels = True
 
     def __init__(self, d: int, ratio: float):
         hidden = int(round(d * ratio))
         super().__init__(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
 
+    @property
+    def out(self) -> nn.Linear:
+        """The second linear (``_residual`` runs it with the residual add)."""
+        return self[2]
+
     def forward(self, x: Tensor) -> Tensor:
         fc1, fc2 = self[0], self[2]
-        if not x.is_cuda or type(fc1) is not nn.Linear or type(fc2) is not nn.Linear:
-            return super().forward(x)
-        if torch.is_grad_enabled():
+        if x.is_cuda and torch.is_grad_enabled() and type(fc1) is nn.Linear and type(fc2) is nn.Linear:
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-            if self.epilogue_kernels and cublaslt.available(x.device, dtype):
+            if cublaslt.available(x.device, dtype):
                 return cublaslt.gelu_mlp(x, fc1, fc2)
-            return super().forward(x)
-        if torch.is_autocast_enabled("cuda"):
-            return super().forward(x)
+        return fc2(self.inner(x))
+
+    def inner(self, x: Tensor) -> Tensor:
+        """GELU(first linear): the hidden activations (..., hidden)."""
+        fc1 = self[0]
+        if (not x.is_cuda or torch.is_grad_enabled() or torch.is_autocast_enabled("cuda")
+                or type(fc1) is not nn.Linear):
+            return self[1](fc1(x))
         h = torch._addmm_activation(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t(), use_gelu=True)
-        return fc2(h).view(*x.shape[:-1], -1)
+        return h.view(*x.shape[:-1], -1)
+
+
+def _fuses_residuals(x: Tensor) -> bool:
+    """Whether ``_residual`` adds x in the output linear's epilogue: no autograd, CUDA, bf16 / fp16."""
+    return not torch.is_grad_enabled() and cublaslt.available(x.device, x.dtype)
+
+
+def _residual(x: Tensor, sublayer: nn.Module, *args: Tensor | None) -> Tensor:
+    """x + sublayer(*args). Where ``_fuses_residuals``, the sublayer's output linear adds x in its
+    cuBLASLt epilogue (``lofa.cublaslt.linear_residual``): the branch's output is never written
+    and read back, and the next norm reads one tensor, not two."""
+    if not _fuses_residuals(x) or type(sublayer.out) is not nn.Linear:  # e.g. the bench's FP8 linears
+        return x + sublayer(*args)
+    return cublaslt.linear_residual(sublayer.inner(*args), sublayer.out, x)
 
 
 def _deferred(x: Tensor, pending: Tensor | None) -> Tensor:
@@ -399,13 +438,14 @@ class TrunkBlock(nn.Module):
         self.mlp2 = MLP(d, cfg.mlp_ratio)
 
     def forward(self, x: Tensor, pending: Tensor | None, k: Tensor, v: Tensor, mask: Tensor | None,
-                skip_self: bool = False) -> tuple[Tensor, Tensor]:
+                skip_self: bool = False) -> tuple[Tensor, Tensor | None]:
         """x: (n, S, d), the stream being ``x + pending``; k, v: (P, heads, L, head_dim) with n a
         multiple of P. Returns the new stream the same way: (x, the last MLP's output).
 
         The last residual add is left to the consumer (see ``_deferred``), where it fuses with
         the next norm: a block boundary is also a compiled-region boundary, and an add there
-        would be a pass of its own over the stream.
+        would be a pass of its own over the stream. Where the adds run in the output linears'
+        epilogues (``_fuses_residuals``) there is nothing to defer: pending is None.
 
         ``skip_self``: x already went through ``self_part`` (the first block's self half
         does not depend on the prompt and is cached by ``HyperNet.embed``).
@@ -413,13 +453,15 @@ class TrunkBlock(nn.Module):
         x = _deferred(x, pending)
         if not skip_self:
             x = self.self_part(x)
-        x = x + self.cross(self.norm3(x), k, v, mask)
+        x = _residual(x, self.cross, self.norm3(x), k, v, mask)
+        if _fuses_residuals(x):
+            return _residual(x, self.mlp2, self.norm4(x)), None
         return x, self.mlp2(self.norm4(x))
 
     def self_part(self, x: Tensor) -> Tensor:
         """[self-attn, MLP]: the half of the block that does not read the prompt."""
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp1(self.norm2(x))
+        x = _residual(x, self.attn, self.norm1(x))
+        return _residual(x, self.mlp1, self.norm2(x))
 
 
 class Stage1Block(nn.Module):
@@ -432,12 +474,14 @@ class Stage1Block(nn.Module):
         self.cross = CrossAttention(d, cfg.num_heads, cfg.qk_norm, eps)
         self.mlp = MLP(d, cfg.mlp_ratio)
 
-    def forward(self, x: Tensor, pending: Tensor | None, stage1_tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, pending: Tensor | None, stage1_tokens: Tensor) -> tuple[Tensor, Tensor | None]:
         """x: (n, S, d), the stream being ``x + pending``; stage1_tokens: (n, S1, d). Returns the
         stream as (x, the MLP's output), like ``TrunkBlock``."""
         x = _deferred(x, pending)
         k, v = self.cross.context(self.norm_ctx(stage1_tokens))
-        x = x + self.cross(self.norm_x(x), k, v, None)
+        x = _residual(x, self.cross, self.norm_x(x), k, v, None)
+        if _fuses_residuals(x):
+            return _residual(x, self.mlp, self.norm_mlp(x)), None
         return x, self.mlp(self.norm_mlp(x))
 
 
