@@ -27,6 +27,11 @@ Efficiency decisions (the public release's defects, DESIGN section 1):
   matrix embedding and block 0's self-attention and MLP) for a predictor serving
   many prompts of one base model (``lofa.predict_graph`` then replays the rest as
   one CUDA graph); ``compile_regions`` compiles blocks, embedding, text K / V, heads;
+- each block's last residual add is deferred into the next norm (``_deferred``): a block
+  boundary is a compiled-region boundary, and an add there would be a pass of its own;
+- on CUDA in bf16, cuBLASLt epilogues (``lofa.cublaslt``) take the MLP's GELU under autograd
+  (forward and backward) and, without autograd, the residual adds of the output linears
+  (``_residual``);
 - matrices of one shape are batched; shapes are the only Python-level loop;
 - gradient checkpointing passes each block itself to ``checkpoint`` (no late
   binding); parameters stay in the dtype they were created in (fp32 under autocast);
