@@ -85,7 +85,7 @@ def _library_path() -> str:
 
 
 class _Lt:
-    """One process's cuBLASLt: the library, a handle, per-device workspaces, cached plans."""
+    """One process's cuBLASLt: the library, a handle, workspaces per device and stream, cached plans."""
 
     def __init__(self) -> None:
         lib = ctypes.CDLL(_library_path())
@@ -108,7 +108,7 @@ class _Lt:
         self.lib = lib
         self.handle = vp()
         self._check(lib.cublasLtCreate(ctypes.byref(self.handle)), "cublasLtCreate")
-        self.workspaces: dict[int, Tensor] = {}
+        self.workspaces: dict[tuple[int, int], Tensor] = {}
         self.plans: dict[tuple, tuple] = {}
         self.lock = threading.Lock()
 
@@ -173,15 +173,16 @@ class _Lt:
         key = (trans_a, trans_b, m, n, k, lda, ldb, m, _DTYPES[d.dtype], epilogue, device, c is not None)
         with self.lock:
             desc, la, lb, ld, algo = self._plan(key)
-            ws = self.workspaces.get(device)
+            stream = torch.cuda.current_stream(d.device).cuda_stream
+            ws = self.workspaces.get((device, stream))  # one per stream: products on two streams may overlap
             if ws is None:
-                ws = self.workspaces[device] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=d.device)
+                ws = self.workspaces[(device, stream)] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8,
+                                                                     device=d.device)
             if epilogue & _USES_BIAS:
                 self._set(desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
             if epilogue & _USES_AUX:
                 self._set(desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
             one, beta = ctypes.c_float(1.0), ctypes.c_float(0.0 if c is None else 1.0)
-            stream = torch.cuda.current_stream(d.device).cuda_stream
             self._check(self.lib.cublasLtMatmul(
                 self.handle, desc, ctypes.byref(one), a.data_ptr(), la, b.data_ptr(), lb, ctypes.byref(beta),
                 (d if c is None else c).data_ptr(), ld, d.data_ptr(), ld, ctypes.byref(algo), ws.data_ptr(),
