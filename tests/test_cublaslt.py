@@ -89,3 +89,23 @@ def test_operands_cublaslt_cannot_take_go_the_torch_way():
         assert not cublaslt._served(cuda.t())  # not contiguous
         assert not cublaslt._served(cuda.view(-1)[1:-63].view(63, 64))  # 2-byte offset: misaligned
         assert not cublaslt._served(cuda[:, :60].contiguous())  # leading dimension not divisible by 8
+
+
+def test_sublayers_split_into_inner_and_out_compute_the_module():
+    """What the residual epilogue runs, out(inner(...)), is each sublayer's own forward; and the
+    residual op's torch path is the sum it stands for."""
+    from lofa.hypernet import CrossAttention, SelfAttention
+
+    torch.manual_seed(3)
+    x = torch.randn(4, 9, 32)
+    attn, cross, mlp = SelfAttention(32, 4, True, 1e-6), CrossAttention(32, 4, True, 1e-6), MLP(32, 4.0)
+    k, v = cross.context(torch.randn(2, 5, 32))
+    with torch.no_grad():
+        for module, args in ((attn, (x,)), (cross, (x, k, v, None)), (mlp, (x,))):
+            torch.testing.assert_close(module.out(module.inner(*args)), module(*args), rtol=0, atol=0)
+        h, w, b = torch.randn(36, 16), torch.randn(32, 16), torch.randn(32)
+        r = torch.randn(36, 32)
+        torch.testing.assert_close(cublaslt.addmm_residual(h, w, b, r), r + h @ w.t() + b)
+        lin = torch.nn.Linear(16, 32)
+        torch.testing.assert_close(cublaslt.linear_residual(h.view(4, 9, 16), lin, r.view(4, 9, 32)),
+                                   r.view(4, 9, 32) + lin(h.view(4, 9, 16)))
