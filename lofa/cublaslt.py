@@ -15,13 +15,14 @@ already loaded). The two products are ``torch.library`` custom ops with CPU kern
 same math (tests, and the reference), and ``GeluMLPFunction`` is the whole MLP's autograd.
 
 Measured on an H100 at the Wan2.1-1.3B shapes (61,680 x 768 tokens, hidden 3072, bf16;
-numbers from benchmarks/bench_hypernet.py and one MLP timed alone):
-- fc1 + GELU: 0.41 + 0.25 ms as a product and a pointwise pass, 0.56 ms with GELU_AUX_BIAS;
-- one MLP's forward + backward, compiled: 3.27 -> 3.00 ms; the compiled stage-I step
-  121.96 -> 118.59 ms (train1_compiled against train1_compiled_plain_mlp).
-Not used, measured slower: ``DGELU_BGRAD`` (the bias gradient in the same epilogue) runs a
-separate epilogue kernel, 1.63 against 0.70 ms for DGELU plus a column sum; ``BGRADB`` on
-the weight-gradient products gains nothing (0.55 against 0.51 ms).
+benchmarks/bench_hypernet.py, sections mlp_train, train1_compiled, train1_compiled_plain_mlp):
+- fc1 then GELU: 0.43 + 0.26 ms as a product and a pointwise pass, 0.64 ms with GELU_AUX_BIAS;
+- one MLP's forward + backward, compiled: 3.48 -> 3.21 ms; the compiled stage-I step
+  122.7 -> 117.7 ms.
+Not used, measured slower on an H100 with a development probe (not kept, nor are the
+variants): ``DGELU_BGRAD`` (the bias gradient in the same epilogue) runs a separate epilogue
+kernel, 1.63 against 0.70 ms for DGELU plus a column sum; ``BGRADB`` on the weight-gradient
+products gains nothing (0.55 against 0.51 ms).
 """
 
 from __future__ import annotations
