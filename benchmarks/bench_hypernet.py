@@ -235,6 +235,7 @@ class Bench:
                           for m in self.vocab) * self.cfg1.patch_size ** 2 * self.cfg1.d_model
         d, s = self.cfg1.d_model, sum(1 + -(-m.out_features // self.cfg1.patch_size)
                                       * -(-m.in_features // self.cfg1.patch_size) for m in self.vocab)
+        self.tokens = s  # tokens of all matrices (CLS included): the rows of every trunk product
         hidden = round(d * self.cfg1.mlp_ratio)
         first_half = 2.0 * s * (4 * d * d + 2 * d * hidden)  # block 0's self-attn projections and MLP
         first_half += 4.0 * s * (s // len(self.vocab)) * d  # ... and its attention
@@ -495,8 +496,7 @@ class Bench:
         from lofa import cublaslt
 
         dev, d = self.device, self.cfg1.d_model
-        rows = sum(1 + -(-m.out_features // self.cfg1.patch_size) * -(-m.in_features // self.cfg1.patch_size)
-                   for m in self.vocab)
+        rows = self.tokens
         mlp = copy.deepcopy(self.s1.blocks[0].mlp1).float()
         torch.manual_seed(0)
         x = torch.randn(rows, d, device=dev)
@@ -537,8 +537,7 @@ class Bench:
         from lofa import cublaslt
 
         dev, d = self.device, self.cfg1.d_model
-        rows = sum(1 + -(-m.out_features // self.cfg1.patch_size) * -(-m.in_features // self.cfg1.patch_size)
-                   for m in self.vocab)
+        rows = self.tokens
         x = torch.randn(rows, d, device=dev, dtype=torch.bfloat16)
         res: dict[str, object] = {"rows": rows}
         for k in (d, round(d * self.cfg1.mlp_ratio)):

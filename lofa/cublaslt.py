@@ -48,8 +48,8 @@ _PREF_MAX_WORKSPACE = 1
 _EPILOGUE_BIAS = 4
 _EPILOGUE_GELU_AUX_BIAS = 32 | 128 | 4
 _EPILOGUE_DGELU = 64 | 128
-_USES_BIAS = 4 | 16 | 256 | 512  # the BIAS and bias-gradient bits
-_USES_AUX = 128
+_USES_BIAS = 4  # the epilogue bit that reads a bias pointer (of those used here)
+_USES_AUX = 128  # ... and the one that reads or writes the aux matrix
 _WORKSPACE_BYTES = 32 << 20
 #: Use the epilogue kernels where they apply (a process-wide switch, for comparisons).
 ENABLED = True
@@ -133,23 +133,22 @@ class _Lt:
         plan = self.plans.get(key)
         if plan is not None:
             return plan
-        trans_a, trans_b, m, n, k, lda, ldb, ldd, dtype, epilogue, device, _ = key
+        trans_a, trans_b, m, n, k, lda, ldb, dtype, epilogue, device, _ = key
         desc = ctypes.c_void_p()
         self._check(self.lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _R_32F),
                     "cublasLtMatmulDescCreate")
         self._set(desc, _DESC_TRANSA, ctypes.c_int32(trans_a))
         self._set(desc, _DESC_TRANSB, ctypes.c_int32(trans_b))
         self._set(desc, _DESC_EPILOGUE, ctypes.c_uint32(epilogue))
-        if epilogue & _USES_AUX:
-            self._set(desc, _DESC_AUX_LD, ctypes.c_int64(ldd))
         # the heuristic reads the pointers' alignment: any 256-byte aligned address will do
         if epilogue & _USES_BIAS:
             self._set(desc, _DESC_BIAS_POINTER, ctypes.c_void_p(256))
         if epilogue & _USES_AUX:
+            self._set(desc, _DESC_AUX_LD, ctypes.c_int64(m))
             self._set(desc, _DESC_AUX_POINTER, ctypes.c_void_p(256))
         a = self._layout(dtype, *((k, m) if trans_a == _OP_T else (m, k)), lda)
         b = self._layout(dtype, *((n, k) if trans_b == _OP_T else (k, n)), ldb)
-        d = self._layout(dtype, m, n, ldd)
+        d = self._layout(dtype, m, n, m)
         pref = ctypes.c_void_p()
         self._check(self.lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "cublasLtMatmulPreferenceCreate")
         ws = ctypes.c_uint64(_WORKSPACE_BYTES)
@@ -171,7 +170,7 @@ class _Lt:
         ``bias``: the bias (or bias gradient) vector, read only by epilogues with a bias; ``aux``: the
         GELU input (m x n, ld m); ``c``: added to the product (m x n, ld m)."""
         device = d.device.index if d.device.index is not None else torch.cuda.current_device()
-        key = (trans_a, trans_b, m, n, k, lda, ldb, m, _DTYPES[d.dtype], epilogue, device, c is not None)
+        key = (trans_a, trans_b, m, n, k, lda, ldb, _DTYPES[d.dtype], epilogue, device, c is not None)
         with self.lock:
             desc, la, lb, ld, algo = self._plan(key)
             stream = torch.cuda.current_stream(d.device).cuda_stream

@@ -425,6 +425,15 @@ def _residual(x: Tensor, sublayer: nn.Module, *args: Tensor | None) -> Tensor:
     return cublaslt.linear_residual(sublayer.inner(*args), sublayer.out, x)
 
 
+def _last_residual(x: Tensor, sublayer: nn.Module, *args: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A block's last residual sublayer as the stream (x, pending): the add runs in the output
+    linear's epilogue where ``_fuses_residuals`` (nothing pending), else it is left to the
+    consumer (``_deferred``)."""
+    if _fuses_residuals(x):
+        return _residual(x, sublayer, *args), None
+    return x, sublayer(*args)
+
+
 def _deferred(x: Tensor, pending: Tensor | None) -> Tensor:
     """The residual stream ``x + pending`` (a block's last add, deferred to its consumer)."""
     return x if pending is None else x + pending
@@ -459,9 +468,7 @@ class TrunkBlock(nn.Module):
         if not skip_self:
             x = self.self_part(x)
         x = _residual(x, self.cross, self.norm3(x), k, v, mask)
-        if _fuses_residuals(x):
-            return _residual(x, self.mlp2, self.norm4(x)), None
-        return x, self.mlp2(self.norm4(x))
+        return _last_residual(x, self.mlp2, self.norm4(x))
 
     def self_part(self, x: Tensor) -> Tensor:
         """[self-attn, MLP]: the half of the block that does not read the prompt."""
@@ -485,9 +492,7 @@ class Stage1Block(nn.Module):
         x = _deferred(x, pending)
         k, v = self.cross.context(self.norm_ctx(stage1_tokens))
         x = _residual(x, self.cross, self.norm_x(x), k, v, None)
-        if _fuses_residuals(x):
-            return _residual(x, self.mlp, self.norm_mlp(x)), None
-        return x, self.mlp(self.norm_mlp(x))
+        return _last_residual(x, self.mlp, self.norm_mlp(x))
 
 
 class LoraHead(nn.Module):
