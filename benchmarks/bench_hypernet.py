@@ -175,6 +175,18 @@ def no_epilogues(fn: Callable[[], object]) -> object:
         cublaslt.ENABLED = True
 
 
+def no_fused_attention(fn: Callable[[], object]) -> object:
+    """``fn()`` with lofa.attention's kernel off: a prediction's self-attentions run the QK norms
+    and SDPA as torch operations."""
+    from lofa import attention
+
+    attention.ENABLED = False
+    try:
+        return fn()
+    finally:
+        attention.ENABLED = True
+
+
 def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]:
     """Device time of one call of ``fn`` by kernel, and summed by kind (gemm, attention, triton, other)."""
     from torch.profiler import ProfilerActivity, profile
@@ -621,6 +633,7 @@ def table(report: dict[str, object]) -> str:
             ("predict compiled cached", r.get("compiled_predict_cached")),
             ("predict cached cudagraphs", r.get("graphs_predict_cached")),
             ("predict one graph", r.get("graph_predict")),
+            ("... attention not fused", r.get("graph_predict_sdpa")),
             ("predict one graph 2 streams", r.get("graph2_predict")),
             ("... blocks not compiled", r.get("graph_predict_eager")),
             ("predict cached max-autotune", r.get("autotune_predict")),
@@ -694,6 +707,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ("graphs_predict_cached", lambda: b.run_compiled_predict("reduce-overhead", cached=True), gpu),
             ("graph_predict", lambda: b.run_graph_predict(streams=False, profile=True), gpu),
             ("graph_predict_no_epilogues", lambda: no_epilogues(lambda: b.run_graph_predict(streams=False)), gpu),
+            ("graph_predict_sdpa", lambda: no_fused_attention(lambda: b.run_graph_predict(streams=False,
+                                                                                          profile=True)), gpu),
             ("graph2_predict", lambda: b.run_graph_predict(streams=True, profile=True), gpu),
             ("graph_predict_eager", lambda: b.run_graph_predict(streams=False, compiled=False), gpu),
             ("loss_check", b.loss_check, gpu),

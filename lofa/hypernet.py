@@ -32,6 +32,8 @@ Efficiency decisions (the public release's defects, DESIGN section 1):
 - on CUDA in bf16, cuBLASLt epilogues (``lofa.cublaslt``) take the MLP's GELU under autograd
   (forward and backward) and, without autograd, the residual adds of the output linears
   (``_residual``);
+- without autograd on CUDA every attention is ``lofa.attention``'s Triton kernel, with the q
+  norm inside and 257-token sequences costing 4 x 4 tiles of 64, not 5 x 5 (``_fused_attention``);
 - matrices of one shape are batched; shapes are the only Python-level loop;
 - gradient checkpointing passes each block itself to ``checkpoint`` (no late
   binding); parameters stay in the dtype they were created in (fp32 under autocast);
@@ -50,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lofa import cublaslt
+from lofa import attention, cublaslt
 from lofa.config import ConfigError
 from lofa.layers import ALL_MODULES, Vocabulary
 
@@ -296,6 +298,20 @@ def _heads(x: Tensor, lead: int, num_heads: int, norm: nn.Module) -> Tensor:
     return norm(x.reshape(lead, -1, num_heads, x.shape[-1] // num_heads)).transpose(1, 2)
 
 
+def _fused_attention(x: Tensor) -> bool:
+    """Whether ``lofa.attention``'s kernel (the q norm inside) serves an attention over tensors
+    like x: no autograd (it has no backward), CUDA, bf16 / fp16, Triton installed."""
+    return not torch.is_grad_enabled() and attention.available(x.device, x.dtype)
+
+
+def _q_norm(norm: nn.Module, dtype: torch.dtype) -> tuple[Tensor | None, float]:
+    """A q norm as ``lofa.attention.attention`` takes it: the gain in ``dtype`` (as ``RMSNorm``
+    applies it) or None for no norm, and its eps."""
+    if isinstance(norm, nn.Identity):
+        return None, 0.0
+    return norm.weight.to(dtype), torch.finfo(dtype).eps if norm.eps is None else norm.eps
+
+
 class CrossAttention(nn.Module):
     """Attention of x to a context whose K / V are computed separately (and shared)."""
 
@@ -335,6 +351,9 @@ class CrossAttention(nn.Module):
         """
         n, s, d = x.shape
         lead = k.shape[0]
+        if _fused_attention(k):  # the q norm inside the kernel, q read where the product wrote it
+            q = self.q(x).view(lead, -1, self.num_heads, d // self.num_heads).transpose(1, 2)
+            return attention.attention(q, k, v, mask, *_q_norm(self.q_norm, q.dtype)).view(n, s, d)
         chunks = _query_chunks(n // lead, s) if torch.is_grad_enabled() else 1
         q = _heads(self.q(x), lead * chunks, self.num_heads, self.q_norm)  # (P*c, h, m*S/c, hd)
         if chunks > 1:
@@ -367,10 +386,17 @@ class SelfAttention(nn.Module):
         return self.o
 
     def inner(self, x: Tensor) -> Tensor:
-        """The attention before the output projection, heads merged: (n, S, d) -> (n, S, d)."""
+        """The attention before the output projection, heads merged: (n, S, d) -> (n, S, d).
+        Without autograd on CUDA the q norm and the attention are one kernel (``_fused_attention``)."""
         n, s, d = x.shape
+        qkv = self.qkv(x)
+        if _fused_attention(qkv):  # q read in place, normalised in the kernel; k normalised here
+            q, k, v = (t.view(n, s, self.num_heads, -1) for t in qkv.chunk(3, dim=-1))
+            y = attention.attention(q.transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2), None,
+                                    *_q_norm(self.q_norm, q.dtype))
+            return y.view(n, s, d)
         q, k, v = (_heads(t, n, self.num_heads, norm) for t, norm in
-                   zip(self.qkv(x).chunk(3, dim=-1), (self.q_norm, self.k_norm, _identity)))
+                   zip(qkv.chunk(3, dim=-1), (self.q_norm, self.k_norm, _identity)))
         y = F.scaled_dot_product_attention(q, k, v)
         return y.transpose(1, 2).reshape(n, s, d)
 

@@ -372,6 +372,43 @@ def test_residual_adds_in_cublaslt_epilogues_give_the_plain_prediction(monkeypat
             assert ((x.float() - y.float()).norm() / y.float().norm()).item() < 2e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine)")
+def test_fused_attention_kernel_gives_the_plain_prediction(monkeypatch):
+    """Without autograd on CUDA in bf16 every attention runs lofa.attention's kernel (the q norm
+    inside; head_dim 16, the smallest it takes); the prediction is the plain one (norms and SDPA)
+    up to bf16 rounding."""
+    from lofa import attention
+
+    vocab = Vocabulary.from_dims(32, 48, 2, modules=("self_attn.q", "ffn.0", "ffn.2"))
+    w = [t.cuda() for t in _weights(vocab)]
+    torch.manual_seed(0)
+    s1 = HyperNet(_cfg(stage=1, d_model=64), vocab).cuda().eval().bfloat16()
+    s2 = HyperNet(_cfg(stage=2, d_model=64, b_init_std=0.02, cross_stage1_after=(0, 1)), vocab).cuda().eval().bfloat16()
+    ids = torch.arange(len(vocab), device="cuda")
+    groups = [MatrixGroup(torch.stack([w[j] for j in pos.tolist()]).bfloat16(), ids[pos.cuda()],
+                          torch.zeros_like(pos))
+              for _, pos in group_by_shape(vocab, ids.cpu(), torch.zeros(len(vocab), dtype=torch.long))]
+    text = torch.randn(1, 5, 24, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    calls = []
+    launch = attention.launch
+    monkeypatch.setattr(attention, "launch", lambda *a, **k: (calls.append(1), launch(*a, **k))[1])
+
+    def predict():
+        with torch.no_grad():
+            return s2(groups, text, mask, [o.tokens for o in s1(groups, text, mask)])
+    fused = predict()
+    # every attention: self and cross to the text in each trunk block, cross to the stage-I tokens
+    assert len(calls) == len(groups) * (2 * (s1.cfg.num_blocks + s2.cfg.num_blocks) + len(s2.stage1_blocks))
+    monkeypatch.setattr(attention, "ENABLED", False)
+    calls.clear()
+    plain = predict()
+    assert not calls
+    for a, b in zip(fused, plain):
+        for x, y in ((a.A, b.A), (a.B_scaled, b.B_scaled), (a.tokens, b.tokens)):
+            assert ((x.float() - y.float()).norm() / y.float().norm()).item() < 2e-2
+
+
 def test_moving_a_group_or_batch_leaves_the_host_read_metadata_on_the_host():
     """MatrixGroup.to / HyperBatch.to keep prompt ids and the text mask on the host, where the model
     reads them (which prompt's K / V, which text columns) without a GPU sync."""

@@ -1,0 +1,229 @@
+"""The hypernetwork's attention for prediction: a Triton kernel with the q norm inside.
+
+Without autograd, a trunk block's attention in torch is: a product writing q, k, v; per-head
+RMS norms over q and k, each a pass that reads and writes a (tokens x d) tensor; and cuDNN's
+attention. At the Wan2.1-1.3B shapes (240 matrices of 257 tokens: 256 tiles and a CLS token)
+cuDNN also spends a whole extra tile row and column of its 128-wide tiles on the 257th token:
+0.31 ms against 0.14 at 256 tokens.
+
+``attention`` reads q where the product wrote it (a third of the self-attention's ``qkv``
+output, or the cross-attention's query product), normalises it per head in registers, runs
+the online softmax over 64-wide key tiles, and writes the heads merged, ready for the output
+projection. A sequence that is not a whole number of tiles costs no masked tiles where that
+can be helped: the last query tile ends at the last row (it overlaps the tile before it, and
+both write the same values there), and one key past the last whole key tile is done on
+vectors before the loop. k is normalised beforehand, once (``SelfAttention.inner``): a
+development version that applied each key's norm to every score tile in the kernel was
+slower than that pass.
+
+Measured on an H100 (benchmarks/bench_attention.py; the hypernetwork's prediction with and
+without it: benchmarks/bench_hypernet.py sections graph_predict and graph_predict_sdpa):
+- self-attention, 240 x 12 heads x 257 x 64: q and k norms + cuDNN 0.46 ms, the k norm + this
+  kernel 0.30 ms (the kernel alone 0.23; without the tail handling 0.28);
+- cross-attention, the 61,680 queries of one prompt against 512 keys: the q norm + cuDNN
+  0.32 ms, this kernel 0.30 ms;
+- the whole prediction (one CUDA graph): 59.7 -> 57.8 ms.
+
+The torch path (``reference``) is the same math as the plain ``SelfAttention`` /
+``CrossAttention`` and runs wherever the kernel does not: CPU, autograd, head sizes that are
+not a power of two >= 16. The kernel also runs under Triton's interpreter
+(``TRITON_INTERPRET=1``), which is how the tests check it on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+#: Use the kernel where it applies (a process-wide switch, for comparisons).
+ENABLED = True
+_LOG2E = 1.4426950408889634
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``attention`` runs the Triton kernel for tensors of ``dtype`` on ``device``."""
+    return ENABLED and triton is not None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+
+if triton is not None:
+    @triton.jit
+    def _load_norm(ptr, mask, gain, eps, HD: tl.constexpr, NORM: tl.constexpr):
+        """A (rows, HD) tile, RMS-normalised per row with ``gain`` when NORM (fp32 math, input dtype out)."""
+        if mask is None:
+            x = tl.load(ptr)
+        else:
+            x = tl.load(ptr, mask=mask, other=0.0)
+        if NORM:
+            xf = x.to(tl.float32)
+            xf = xf * tl.rsqrt(tl.sum(xf * xf, axis=1) / HD + eps)[:, None]
+            x = (xf * gain[None, :]).to(x.dtype)
+        return x
+
+    @triton.jit
+    def _attention_kernel(Q, K, V, O, Mask, QG,
+                          sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, smb,
+                          q_rows, kv_full, kv_len, scale2, eps,
+                          HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KEY_TAIL: tl.constexpr, SHIFT_LAST: tl.constexpr,
+                          Q_NORM: tl.constexpr, HAS_MASK: tl.constexpr):
+        """One (query tile, head, batch): O = softmax(norm(Q) norm(K)^T * scale) V, online over key
+        tiles. Keys [0, kv_full) are whole BN tiles; the rest (kv_len - kv_full) are, with
+        KEY_TAIL > 0, that many single keys done on vectors, else (KEY_TAIL < 0) one masked tile.
+        ``scale2`` is the softmax scale times log2(e)."""
+        tile, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if SHIFT_LAST:  # the last tile ends at the last row: rows it shares with the one before are
+            rows = tl.minimum(tile * BM, q_rows - BM) + tl.arange(0, BM)  # written twice, the same values
+        else:
+            rows = tile * BM + tl.arange(0, BM)
+        e = tl.arange(0, HD)
+        row_ok = rows < q_rows
+        qg = tl.load(QG + e) if Q_NORM else None
+        q = _load_norm(Q + b * sqb + h * sqh + rows[:, None] * sqs + e[None, :], row_ok[:, None], qg, eps, HD, Q_NORM)
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        if KEY_TAIL == 1:  # the one key past the whole tiles (e.g. the 257th token) on vectors, first:
+            kj = tl.load(k_base + kv_full * sks + e).to(tl.float32)  # it sets the softmax's start
+            s_j = tl.sum(q.to(tl.float32) * kj[None, :], axis=1) * scale2
+            if HAS_MASK:
+                s_j = tl.where(tl.load(Mask + b * smb + kv_full) != 0, s_j, float("-inf"))
+            m_i = s_j
+            l_i = tl.where(s_j == float("-inf"), 0.0, 1.0)
+            vj = tl.load(v_base + kv_full * svs + e).to(tl.float32)
+            acc = l_i[:, None] * vj[None, :]
+        else:
+            m_i = tl.full([BM], float("-inf"), tl.float32)
+            l_i = tl.zeros([BM], tl.float32)
+            acc = tl.zeros([BM, HD], tl.float32)
+        for start in range(0, kv_full, BN):
+            cols = start + tl.arange(0, BN)
+            k = tl.load(k_base + cols[:, None] * sks + e[None, :])
+            s = tl.dot(q, tl.trans(k)) * scale2
+            if HAS_MASK:
+                s = tl.where((tl.load(Mask + b * smb + cols) != 0)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no valid key yet
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + cols[:, None] * svs + e[None, :])
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        if KEY_TAIL < 0:  # the keys past the whole tiles as one masked tile
+            cols = kv_full + tl.arange(0, BN)
+            col_ok = cols < kv_len
+            k = tl.load(k_base + cols[:, None] * sks + e[None, :], mask=col_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale2
+            if HAS_MASK:
+                col_ok = col_ok & (tl.load(Mask + b * smb + cols, mask=col_ok, other=0) != 0)
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + cols[:, None] * svs + e[None, :], mask=col_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(O + b * sob + h * soh + rows[:, None] * sos + e[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+def _head_dim_ok(hd: int) -> bool:
+    """Head sizes the kernel takes (its tiles are powers of two; the op runs others in torch)."""
+    return hd >= 16 and hd & (hd - 1) == 0
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention: q, k, v must be (batch, heads, tokens, head_dim), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree")
+    if mask is not None and mask.shape != (k.shape[0], k.shape[2]):
+        raise ValueError(f"attention: mask {tuple(mask.shape)} is not (batch, keys) = {(k.shape[0], k.shape[2])}")
+
+
+def launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_gain: Tensor | None, eps: float, out: Tensor,
+           block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
+           tails: bool = True) -> Tensor:
+    """Run the kernel: q (B, H, M, hd), k / v (B, H, L, hd), any strides with the last one 1; out
+    like q. ``q_gain``: the per-head RMS norm's weight over q (hd,), None for no norm. Returns out.
+
+    With ``tails`` (the default) a sequence that is not a whole number of tiles costs no
+    masked tiles where it can be helped: the last query tile ends at the last row (it shares
+    rows with the tile before it, which both write alike), and one key past the last whole key
+    tile is done on vectors. 257 = 4 x 64 + 1 tokens then cost 4 x 4 tiles, not 5 x 5.
+    """
+    _check(q, k, v, mask)
+    if triton is None:
+        raise RuntimeError("attention: Triton is not installed")
+    bsz, heads, rows, hd = q.shape
+    kv_len = k.shape[2]
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if t.stride(3) != 1:
+            raise ValueError(f"attention: {name}'s head_dim must be contiguous (stride {t.stride(3)})")
+    if not _head_dim_ok(hd):
+        raise ValueError(f"attention: head_dim {hd} must be a power of two >= 16")
+    if mask is not None:
+        mask = mask.to(torch.int8).contiguous()
+    key_tail = kv_len % block_n
+    key_tail = 0 if key_tail == 0 else 1 if key_tail == 1 and tails else -1
+    _attention_kernel[(triton.cdiv(rows, block_m), heads, bsz)](
+        q, k, v, out, q if mask is None else mask, q if q_gain is None else q_gain.float().contiguous(),
+        q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
+        v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1),
+        0 if mask is None else mask.stride(0),
+        rows, kv_len // block_n * block_n, kv_len, _LOG2E / math.sqrt(hd), eps,
+        HD=hd, BM=block_m, BN=block_n, KEY_TAIL=key_tail, SHIFT_LAST=tails and rows > block_m,
+        Q_NORM=q_gain is not None, HAS_MASK=mask is not None, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_gain: Tensor | None, eps: float) -> Tensor:
+    """The same math in torch: the per-head RMS norm over q (gain in q's dtype, as
+    ``hypernet.RMSNorm``) then SDPA. Shapes as ``launch``; returns (B, H, M, hd)."""
+    _check(q, k, v, mask)
+    if q_gain is not None:
+        q = F.rms_norm(q, (q.shape[-1],), q_gain.to(q.dtype), eps)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
+
+
+@torch.library.custom_op("lofa::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_gain: Tensor | None,
+                  eps: float) -> Tensor:
+    """(B, H, M, hd) queries against (B, H, L, hd) keys / values -> (B, M, H, hd), heads merged in place."""
+    bsz, heads, rows, hd = q.shape
+    out = q.new_empty(bsz, rows, heads, hd)
+    if available(q.device, q.dtype) and _head_dim_ok(hd):
+        q, k, v = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k, v))
+        return launch(q, k, v, mask, q_gain, eps, out.transpose(1, 2)).transpose(1, 2)
+    return out.copy_(reference(q, k, v, mask, q_gain, eps).transpose(1, 2))
+
+
+@_attention_op.register_fake
+def _(q, k, v, mask, q_gain, eps):
+    bsz, heads, rows, hd = q.shape
+    return q.new_empty(bsz, rows, heads, hd)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, q_gain: Tensor | None = None,
+              eps: float = 1e-6) -> Tensor:
+    """softmax(norm(q) k^T / sqrt(hd)) v for prediction (no autograd: the op has no backward).
+
+    Args:
+        q: (B, H, M, hd); k, v: (B, H, L, hd); views of the products' outputs (no copies).
+        mask: (B, L) bool, True = a key to attend to; None = all.
+        q_gain: the weight of a per-head RMS norm over q (hd,), None = no norm.
+    Returns:
+        (B, M, H, hd) contiguous: ``.reshape(B, M, H * hd)`` merges the heads as a view.
+    """
+    return _attention_op(q, k, v, mask, q_gain, eps)
