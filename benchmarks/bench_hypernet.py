@@ -195,6 +195,15 @@ def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]
         fn()
         torch.cuda.synchronize()
     rows = [(e.key, e.count, getattr(e, "self_device_time_total", 0.0) / 1e3) for e in prof.key_averages()]
+    # the kernels' timeline: from the first start to the last end, and the time no kernel ran in it
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    idle, reach = 0.0, spans[0][1] if spans else 0.0
+    for start, end in spans[1:]:
+        idle += max(0.0, start - reach)
+        reach = max(reach, end)
+    timeline = {"span_ms": round((reach - spans[0][0]) / 1e3, 3) if spans else 0.0, "idle_ms": round(idle / 1e3, 3),
+                "kernels": len(spans)}
     rows = sorted((r for r in rows if r[2] > 0), key=lambda r: -r[2])
 
     def kind(name: str) -> str:
@@ -207,7 +216,7 @@ def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]
     by_kind: dict[str, float] = {}
     for name, _, ms in rows:
         by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + ms
-    return {"total_ms": sum(r[2] for r in rows), "by_kind_ms": by_kind,
+    return {"total_ms": sum(r[2] for r in rows), "by_kind_ms": by_kind, **timeline,
             "top": [{"kernel": n[:100], "calls": c, "ms": round(ms, 3)} for n, c, ms in rows[:top]]}
 
 
@@ -662,8 +671,9 @@ def table(report: dict[str, object]) -> str:
             if prof:
                 lines.append(f"{k} kernels: total {prof['total_ms']:.1f} ms {({a: round(b, 1) for a, b in prof['by_kind_ms'].items()})}")
         if isinstance(v, dict) and "profile" in v:
-            lines.append(f"{k} kernels: total {v['profile']['total_ms']:.1f} ms "
-                         f"{({a: round(b, 1) for a, b in v['profile']['by_kind_ms'].items()})}")
+            p = v["profile"]
+            lines.append(f"{k} kernels: total {p['total_ms']:.1f} ms {({a: round(b, 1) for a, b in p['by_kind_ms'].items()})}"
+                         f"; timeline {p.get('span_ms')} ms, idle {p.get('idle_ms')} ms, {p.get('kernels')} kernels")
     if report["errors"]:
         lines.append(f"errors: {report['errors']}")
     return "\n".join(lines)

@@ -72,20 +72,23 @@ if triton is not None:
     def _attention_kernel(Q, K, V, O, Mask, QG,
                           sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, smb,
                           q_rows, kv_full, kv_len, scale2, eps,
-                          HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KEY_TAIL: tl.constexpr, SHIFT_LAST: tl.constexpr,
+                          HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KEY_TAIL: tl.constexpr,
+                          SHIFT_LAST: tl.constexpr,
                           Q_NORM: tl.constexpr, HAS_MASK: tl.constexpr):
-        """One (query tile, head, batch): O = softmax(norm(Q) norm(K)^T * scale) V, online over key
-        tiles. Keys [0, kv_full) are whole BN tiles; the rest (kv_len - kv_full) are, with
-        KEY_TAIL > 0, that many single keys done on vectors, else (KEY_TAIL < 0) one masked tile.
-        ``scale2`` is the softmax scale times log2(e)."""
+        """One (query tile, head, batch): O = softmax(norm(Q) K^T * scale) V, online over key tiles.
+        Keys [0, kv_full) are whole BN tiles; the rest (kv_len - kv_full) are, with KEY_TAIL == 1,
+        one key done on vectors before the loop, with KEY_TAIL < 0 one masked tile after it.
+        SHIFT_LAST: the last query tile ends at the last row. ``scale2``: the softmax scale times
+        log2(e)."""
         tile, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        if SHIFT_LAST:  # the last tile ends at the last row: rows it shares with the one before are
-            rows = tl.minimum(tile * BM, q_rows - BM) + tl.arange(0, BM)  # written twice, the same values
+        if SHIFT_LAST:  # rows the last tile shares with the one before are written twice, alike
+            rows = tl.minimum(tile * BM, q_rows - BM) + tl.arange(0, BM)
         else:
             rows = tile * BM + tl.arange(0, BM)
         e = tl.arange(0, HD)
         row_ok = rows < q_rows
-        qg = tl.load(QG + e) if Q_NORM else None
+        # the gain rounded to q's dtype, as RMSNorm rounds it
+        qg = tl.load(QG + e).to(Q.dtype.element_ty).to(tl.float32) if Q_NORM else None
         q = _load_norm(Q + b * sqb + h * sqh + rows[:, None] * sqs + e[None, :], row_ok[:, None], qg, eps, HD, Q_NORM)
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
@@ -156,7 +159,9 @@ def launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_gain: Tensor 
            block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
            tails: bool = True) -> Tensor:
     """Run the kernel: q (B, H, M, hd), k / v (B, H, L, hd), any strides with the last one 1; out
-    like q. ``q_gain``: the per-head RMS norm's weight over q (hd,), None for no norm. Returns out.
+    like q. ``q_gain``: the per-head RMS norm's weight over q (hd,; an fp32 one is read as it is,
+    rounded to q's dtype in the kernel as ``hypernet.RMSNorm`` rounds it), None for no norm.
+    Returns out.
 
     With ``tails`` (the default) a sequence that is not a whole number of tiles costs no
     masked tiles where it can be helped: the last query tile ends at the last row (it shares

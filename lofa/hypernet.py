@@ -305,11 +305,11 @@ def _fused_attention(x: Tensor) -> bool:
 
 
 def _q_norm(norm: nn.Module, dtype: torch.dtype) -> tuple[Tensor | None, float]:
-    """A q norm as ``lofa.attention.attention`` takes it: the gain in ``dtype`` (as ``RMSNorm``
-    applies it) or None for no norm, and its eps."""
+    """A q norm as ``lofa.attention.attention`` takes it: the gain (the kernel rounds it to q's
+    dtype, as ``RMSNorm`` does) or None for no norm, and its eps."""
     if isinstance(norm, nn.Identity):
         return None, 0.0
-    return norm.weight.to(dtype), torch.finfo(dtype).eps if norm.eps is None else norm.eps
+    return norm.weight, torch.finfo(dtype).eps if norm.eps is None else norm.eps
 
 
 class CrossAttention(nn.Module):
