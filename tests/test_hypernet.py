@@ -409,6 +409,38 @@ def test_fused_attention_kernel_gives_the_plain_prediction(monkeypatch):
             assert ((x.float() - y.float()).norm() / y.float().norm()).item() < 2e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine)")
+def test_fused_attention_under_dynamic_compile_with_text_masks():
+    """The kernel inside compiled regions with dynamic shapes (as the training stages compile, where
+    stage II runs the frozen stage I without autograd): prompts of different lengths, some keys
+    masked, batches of changing text length; each equals the eager prediction with the kernel off."""
+    from lofa import attention
+
+    vocab = Vocabulary.from_dims(32, 48, 2, modules=("self_attn.q", "ffn.0", "ffn.2"))
+    w = [t.cuda() for t in _weights(vocab)]
+    torch.manual_seed(0)
+    model = HyperNet(_cfg(stage=1, d_model=64), vocab).cuda().eval()
+    compiled = copy.deepcopy(model).compile_regions(dynamic=None)
+    ids = torch.arange(len(vocab))
+    groups = []
+    for _, pos in group_by_shape(vocab, ids, torch.zeros(len(vocab), dtype=torch.long)):
+        weight = torch.stack([w[j] for j in pos.tolist()]).repeat(2, 1, 1)
+        groups.append(MatrixGroup(weight, ids[pos].repeat(2).cuda(), torch.arange(2).repeat_interleave(len(pos))))
+    for length, valid in ((7, (7, 4)), (12, (9, 12)), (5, (2, 5))):
+        text = torch.randn(2, length, 24, device="cuda")
+        mask = torch.arange(length)[None, :] < torch.tensor(valid)[:, None]
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            fused = compiled(groups, text, mask)
+            attention.ENABLED = False
+            try:
+                plain = model(groups, text, mask)
+            finally:
+                attention.ENABLED = True
+        for a, b in zip(fused, plain):
+            for x, y in ((a.A, b.A), (a.B_scaled, b.B_scaled), (a.tokens, b.tokens)):
+                assert ((x.float() - y.float()).norm() / y.float().norm()).item() < 2e-2, length
+
+
 def test_moving_a_group_or_batch_leaves_the_host_read_metadata_on_the_host():
     """MatrixGroup.to / HyperBatch.to keep prompt ids and the text mask on the host, where the model
     reads them (which prompt's K / V, which text columns) without a GPU sync."""
