@@ -80,7 +80,8 @@ if triton is not None:
         one key done on vectors before the loop, with KEY_TAIL < 0 one masked tile after it.
         SHIFT_LAST: the last query tile ends at the last row. ``scale2``: the softmax scale times
         log2(e)."""
-        tile, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        tile, h = tl.program_id(0), tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)  # batch offsets may pass 2**31 elements
         if SHIFT_LAST:  # rows the last tile shares with the one before are written twice, alike
             rows = tl.minimum(tile * BM, q_rows - BM) + tl.arange(0, BM)
         else:
