@@ -18,7 +18,8 @@ is rewritten after every section so a timeout keeps what finished):
                    embedded once (HyperNet.embed)
   graph*_predict   the cached prediction replayed from one CUDA graph (PredictionGraph,
                    the Predictor's GPU path), one or two streams, compiled or eager blocks,
-                   without the residual adds in cuBLASLt epilogues (_no_epilogues)
+                   without the residual adds in cuBLASLt epilogues (_no_epilogues), with QK
+                   norms + SDPA instead of lofa.attention's kernel (_sdpa)
   loss_check       the fused Triton stage-I loss against the compiled torch loss and an
                    fp32 evaluation: time of forward + backward, loss, counts, gradients
   train1_*         compiled stage-I step variants: the MLPs without the cuBLASLt GELU epilogues
@@ -163,28 +164,18 @@ def compile_blocks(model: HyperNet, mode: str | None = None, edges: bool = True,
     return model.compile_regions(mode, edges, trunk)
 
 
-def no_epilogues(fn: Callable[[], object]) -> object:
-    """``fn()`` with lofa.cublaslt's epilogue kernels off (the MLPs' GELU under autograd, the
-    residual adds of a prediction): the plain torch operations."""
-    from lofa import cublaslt
+def switched_off(module: str, fn: Callable[[], object]) -> object:
+    """``fn()`` with ``lofa.<module>.ENABLED`` off: "cublaslt", the epilogue kernels (the MLPs' GELU
+    under autograd, the residual adds of a prediction); "attention", the prediction attention
+    kernel (QK norms and SDPA as torch operations instead)."""
+    import importlib
 
-    cublaslt.ENABLED = False
+    mod = importlib.import_module(f"lofa.{module}")
+    mod.ENABLED = False
     try:
         return fn()
     finally:
-        cublaslt.ENABLED = True
-
-
-def no_fused_attention(fn: Callable[[], object]) -> object:
-    """``fn()`` with lofa.attention's kernel off: a prediction's self-attentions run the QK norms
-    and SDPA as torch operations."""
-    from lofa import attention
-
-    attention.ENABLED = False
-    try:
-        return fn()
-    finally:
-        attention.ENABLED = True
+        mod.ENABLED = True
 
 
 def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]:
@@ -571,7 +562,7 @@ class Bench:
             if cublaslt.available(dev, torch.bfloat16):
                 lt = cublaslt._lt()
 
-                def fused() -> torch.Tensor:
+                def fused() -> torch.Tensor:  # the product alone, into a kept output: not the op's checks
                     lt.matmul(cublaslt._OP_T, cublaslt._OP_N, d, rows, k, w, k, y, k, out, cublaslt._EPILOGUE_BIAS,
                               b, None, c=x)
                     return out
@@ -716,14 +707,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ("compiled_predict_cached", lambda: b.run_compiled_predict(cached=True, profile=True), gpu),
             ("graphs_predict_cached", lambda: b.run_compiled_predict("reduce-overhead", cached=True), gpu),
             ("graph_predict", lambda: b.run_graph_predict(streams=False, profile=True), gpu),
-            ("graph_predict_no_epilogues", lambda: no_epilogues(lambda: b.run_graph_predict(streams=False)), gpu),
-            ("graph_predict_sdpa", lambda: no_fused_attention(lambda: b.run_graph_predict(streams=False,
-                                                                                          profile=True)), gpu),
+            ("graph_predict_no_epilogues", lambda: switched_off("cublaslt", lambda: b.run_graph_predict(
+                streams=False)), gpu),
+            ("graph_predict_sdpa", lambda: switched_off("attention", lambda: b.run_graph_predict(
+                streams=False, profile=True)), gpu),
             ("graph2_predict", lambda: b.run_graph_predict(streams=True, profile=True), gpu),
             ("graph_predict_eager", lambda: b.run_graph_predict(streams=False, compiled=False), gpu),
             ("loss_check", b.loss_check, gpu),
             ("train1_compiled", lambda: b.run_train(True, (False, True) if args.ckpt else (False,), profile=True), gpu),
-            ("train1_compiled_plain_mlp", lambda: no_epilogues(lambda: b.run_train(True, (False,), profile=True)), gpu),
+            ("train1_compiled_plain_mlp", lambda: switched_off("cublaslt", lambda: b.run_train(
+                True, (False,), profile=True)), gpu),
             ("train1_compiled_torch_loss", lambda: b.run_train(True, (False,), fused=False), gpu),
             ("train1_graphs", lambda: b.run_train(True, (False,), profile=True, mode="reduce-overhead"), gpu),
             ("train1_compiled_blocks_only", lambda: b.run_train(True, (False,), edges=False), gpu),

@@ -58,15 +58,27 @@ if triton is not None:
     @triton.jit
     def _load_norm(ptr, mask, gain, eps, HD: tl.constexpr, NORM: tl.constexpr):
         """A (rows, HD) tile, RMS-normalised per row with ``gain`` when NORM (fp32 math, input dtype out)."""
-        if mask is None:
-            x = tl.load(ptr)
-        else:
-            x = tl.load(ptr, mask=mask, other=0.0)
+        x = tl.load(ptr, mask=mask, other=0.0)
         if NORM:
             xf = x.to(tl.float32)
             xf = xf * tl.rsqrt(tl.sum(xf * xf, axis=1) / HD + eps)[:, None]
             x = (xf * gain[None, :]).to(x.dtype)
         return x
+
+    @triton.jit
+    def _attend(q, k, v, col_ok, m_i, l_i, acc, scale2):
+        """One key tile of the online softmax: (m_i, l_i, acc) updated with the scores q k^T of the
+        keys where ``col_ok`` (None: all)."""
+        s = tl.dot(q, tl.trans(k)) * scale2
+        if col_ok is not None:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no valid key yet
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
 
     @triton.jit
     def _attention_kernel(Q, K, V, O, Mask, QG,
@@ -109,33 +121,17 @@ if triton is not None:
         for start in range(0, kv_full, BN):
             cols = start + tl.arange(0, BN)
             k = tl.load(k_base + cols[:, None] * sks + e[None, :])
-            s = tl.dot(q, tl.trans(k)) * scale2
-            if HAS_MASK:
-                s = tl.where((tl.load(Mask + b * smb + cols) != 0)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no valid key yet
-            p = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_base + cols[:, None] * svs + e[None, :])
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            col_ok = (tl.load(Mask + b * smb + cols) != 0) if HAS_MASK else None
+            m_i, l_i, acc = _attend(q, k, v, col_ok, m_i, l_i, acc, scale2)
         if KEY_TAIL < 0:  # the keys past the whole tiles as one masked tile
             cols = kv_full + tl.arange(0, BN)
             col_ok = cols < kv_len
             k = tl.load(k_base + cols[:, None] * sks + e[None, :], mask=col_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale2
+            v = tl.load(v_base + cols[:, None] * svs + e[None, :], mask=col_ok[:, None], other=0.0)
             if HAS_MASK:
                 col_ok = col_ok & (tl.load(Mask + b * smb + cols, mask=col_ok, other=0) != 0)
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + cols[:, None] * svs + e[None, :], mask=col_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _attend(q, k, v, col_ok, m_i, l_i, acc, scale2)
         out = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + rows[:, None] * sos + e[None, :], out.to(O.dtype.element_ty),
                  mask=row_ok[:, None])
@@ -180,7 +176,7 @@ def launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_gain: Tensor 
     if not _head_dim_ok(hd):
         raise ValueError(f"attention: head_dim {hd} must be a power of two >= 16")
     if mask is not None:
-        mask = mask.to(torch.int8).contiguous()
+        mask = mask.contiguous()  # bool, read as is
     key_tail = kv_len % block_n
     key_tail = 0 if key_tail == 0 else 1 if key_tail == 1 and tails else -1
     _attention_kernel[(triton.cdiv(rows, block_m), heads, bsz)](

@@ -335,25 +335,43 @@ def test_prediction_graph_replays_on_cuda_like_the_models(autocast):
             torch.testing.assert_close(a.B_scaled.float(), b.B_scaled.float(), **tol)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine)")
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA device (run on the lent GPU machine)")
+
+
+def _cuda_world(d_model: int, prompts: int) -> tuple[HyperNet, HyperNet, list[MatrixGroup]]:
+    """Stage-I and stage-II models (fp32) on CUDA, and their matrices grouped by shape, every
+    matrix once per prompt (consecutive per prompt; prompt ids on the host)."""
+    vocab = Vocabulary.from_dims(32, 48, 2, modules=("self_attn.q", "ffn.0", "ffn.2"))
+    w = [t.cuda() for t in _weights(vocab)]
+    torch.manual_seed(0)
+    s1 = HyperNet(_cfg(stage=1, d_model=d_model), vocab).cuda().eval()
+    s2 = HyperNet(_cfg(stage=2, d_model=d_model, b_init_std=0.02, cross_stage1_after=(0, 1)), vocab).cuda().eval()
+    ids = torch.arange(len(vocab))
+    groups = [MatrixGroup(torch.stack([w[j] for j in pos.tolist()]).repeat(prompts, 1, 1),
+                          ids[pos].repeat(prompts).cuda(), torch.arange(prompts).repeat_interleave(len(pos)))
+              for _, pos in group_by_shape(vocab, ids, torch.zeros(len(vocab), dtype=torch.long))]
+    return s1, s2, groups
+
+
+def _assert_same_prediction(fused: list, plain: list, what: object = None) -> None:
+    """A, B and the tokens of each output agree to bf16 rounding (2% relative)."""
+    for a, b in zip(fused, plain):
+        for x, y in ((a.A, b.A), (a.B_scaled, b.B_scaled), (a.tokens, b.tokens)):
+            assert ((x.float() - y.float()).norm() / y.float().norm()).item() < 2e-2, what
+
+
+@_needs_cuda
 def test_residual_adds_in_cublaslt_epilogues_give_the_plain_prediction(monkeypatch):
     """Without autograd on CUDA in bf16 the output linears add the residual in their epilogue;
     the prediction is the plain one up to bf16 rounding, and the epilogue path did run."""
     from lofa import cublaslt
 
-    vocab = Vocabulary.from_dims(32, 48, 2, modules=("self_attn.q", "ffn.0", "ffn.2"))
-    w = [t.cuda() for t in _weights(vocab)]
-    torch.manual_seed(0)
-    s1 = HyperNet(_cfg(stage=1), vocab).cuda().eval().bfloat16()
-    s2 = HyperNet(_cfg(stage=2, b_init_std=0.02, cross_stage1_after=(0, 1)), vocab).cuda().eval().bfloat16()
-    ids = torch.arange(len(vocab), device="cuda")
-    groups = [MatrixGroup(torch.stack([w[j] for j in pos.tolist()]).bfloat16(), ids[pos.cuda()],
-                          torch.zeros_like(pos))
-              for _, pos in group_by_shape(vocab, ids.cpu(), torch.zeros(len(vocab), dtype=torch.long))]
+    s1, s2, groups = _cuda_world(d_model=32, prompts=2)
+    s1, s2 = s1.bfloat16(), s2.bfloat16()
+    groups = [MatrixGroup(g.weight.bfloat16(), g.matrix_ids, g.prompt_ids) for g in groups]
     text = torch.randn(2, 5, 24, device="cuda", dtype=torch.bfloat16)
     mask = torch.ones(2, 5, dtype=torch.bool)
-    groups = [MatrixGroup(g.weight.repeat(2, 1, 1), g.matrix_ids.repeat(2),
-                          torch.arange(2).repeat_interleave(len(g.matrix_ids))) for g in groups]
     lt, calls = cublaslt._lt(), []
     matmul = lt.matmul
     monkeypatch.setattr(lt, "matmul", lambda *a, **k: (calls.append(k.get("c") is not None), matmul(*a, **k))[1])
@@ -367,27 +385,19 @@ def test_residual_adds_in_cublaslt_epilogues_give_the_plain_prediction(monkeypat
     calls.clear()
     plain = predict()
     assert not calls
-    for a, b in zip(fused, plain):
-        for x, y in ((a.A, b.A), (a.B_scaled, b.B_scaled), (a.tokens, b.tokens)):
-            assert ((x.float() - y.float()).norm() / y.float().norm()).item() < 2e-2
+    _assert_same_prediction(fused, plain)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine)")
+@_needs_cuda
 def test_fused_attention_kernel_gives_the_plain_prediction(monkeypatch):
     """Without autograd on CUDA in bf16 every attention runs lofa.attention's kernel (the q norm
     inside; head_dim 16, the smallest it takes); the prediction is the plain one (norms and SDPA)
     up to bf16 rounding."""
     from lofa import attention
 
-    vocab = Vocabulary.from_dims(32, 48, 2, modules=("self_attn.q", "ffn.0", "ffn.2"))
-    w = [t.cuda() for t in _weights(vocab)]
-    torch.manual_seed(0)
-    s1 = HyperNet(_cfg(stage=1, d_model=64), vocab).cuda().eval().bfloat16()
-    s2 = HyperNet(_cfg(stage=2, d_model=64, b_init_std=0.02, cross_stage1_after=(0, 1)), vocab).cuda().eval().bfloat16()
-    ids = torch.arange(len(vocab), device="cuda")
-    groups = [MatrixGroup(torch.stack([w[j] for j in pos.tolist()]).bfloat16(), ids[pos.cuda()],
-                          torch.zeros_like(pos))
-              for _, pos in group_by_shape(vocab, ids.cpu(), torch.zeros(len(vocab), dtype=torch.long))]
+    s1, s2, groups = _cuda_world(d_model=64, prompts=1)
+    s1, s2 = s1.bfloat16(), s2.bfloat16()
+    groups = [MatrixGroup(g.weight.bfloat16(), g.matrix_ids, g.prompt_ids) for g in groups]
     text = torch.randn(1, 5, 24, device="cuda", dtype=torch.bfloat16)
     mask = torch.ones(1, 5, dtype=torch.bool)
     calls = []
@@ -404,41 +414,27 @@ def test_fused_attention_kernel_gives_the_plain_prediction(monkeypatch):
     calls.clear()
     plain = predict()
     assert not calls
-    for a, b in zip(fused, plain):
-        for x, y in ((a.A, b.A), (a.B_scaled, b.B_scaled), (a.tokens, b.tokens)):
-            assert ((x.float() - y.float()).norm() / y.float().norm()).item() < 2e-2
+    _assert_same_prediction(fused, plain)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine)")
-def test_fused_attention_under_dynamic_compile_with_text_masks():
+@_needs_cuda
+def test_fused_attention_under_dynamic_compile_with_text_masks(monkeypatch):
     """The kernel inside compiled regions with dynamic shapes (as the training stages compile, where
     stage II runs the frozen stage I without autograd): prompts of different lengths, some keys
     masked, batches of changing text length; each equals the eager prediction with the kernel off."""
     from lofa import attention
 
-    vocab = Vocabulary.from_dims(32, 48, 2, modules=("self_attn.q", "ffn.0", "ffn.2"))
-    w = [t.cuda() for t in _weights(vocab)]
-    torch.manual_seed(0)
-    model = HyperNet(_cfg(stage=1, d_model=64), vocab).cuda().eval()
+    model, _, groups = _cuda_world(d_model=64, prompts=2)
     compiled = copy.deepcopy(model).compile_regions(dynamic=None)
-    ids = torch.arange(len(vocab))
-    groups = []
-    for _, pos in group_by_shape(vocab, ids, torch.zeros(len(vocab), dtype=torch.long)):
-        weight = torch.stack([w[j] for j in pos.tolist()]).repeat(2, 1, 1)
-        groups.append(MatrixGroup(weight, ids[pos].repeat(2).cuda(), torch.arange(2).repeat_interleave(len(pos))))
     for length, valid in ((7, (7, 4)), (12, (9, 12)), (5, (2, 5))):
         text = torch.randn(2, length, 24, device="cuda")
         mask = torch.arange(length)[None, :] < torch.tensor(valid)[:, None]
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             fused = compiled(groups, text, mask)
-            attention.ENABLED = False
-            try:
+            with monkeypatch.context() as m:
+                m.setattr(attention, "ENABLED", False)
                 plain = model(groups, text, mask)
-            finally:
-                attention.ENABLED = True
-        for a, b in zip(fused, plain):
-            for x, y in ((a.A, b.A), (a.B_scaled, b.B_scaled), (a.tokens, b.tokens)):
-                assert ((x.float() - y.float()).norm() / y.float().norm()).item() < 2e-2, length
+        _assert_same_prediction(fused, plain, length)
 
 
 def test_moving_a_group_or_batch_leaves_the_host_read_metadata_on_the_host():
