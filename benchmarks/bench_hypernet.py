@@ -18,6 +18,8 @@ is rewritten after every section so a timeout keeps what finished):
                    embedded once (HyperNet.embed)
   graph*_predict   the cached prediction replayed from one CUDA graph (PredictionGraph,
                    the Predictor's GPU path), one or two streams, compiled or eager blocks,
+                   (graph_predict) also one call at a time after idle, and the card's clock and
+                   power while it runs back to back,
                    without the residual adds in cuBLASLt epilogues (_no_epilogues), with QK
                    norms + SDPA instead of lofa.attention's kernel (_sdpa)
   loss_check       the fused Triton stage-I loss against the compiled torch loss and an
@@ -107,6 +109,69 @@ def timeit(fn: Callable[[], object], device: torch.device, warmup: int, repeats:
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": repeats}
+
+
+def latency_after_idle(fn: Callable[[], object], repeats: int, idle_s: float = 0.5) -> dict[str, float]:
+    """Milliseconds of single calls of ``fn``, each after ``idle_s`` with the GPU idle (CUDA events).
+
+    A prediction served on demand starts on an idle card at its full clock. Calls back to back
+    (``timeit``) are a different regime: a card that runs matrix products for seconds reaches
+    its power limit (700 W on an H100 SXM) and lowers its clock (``gpu_state``).
+    """
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        time.sleep(idle_s)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": repeats,
+            "idle_s": idle_s}
+
+
+def gpu_state(fn: Callable[[], object], seconds: float = 4.0) -> dict[str, object]:
+    """SM clock (MHz), power (W) and the clock-event reasons nvidia-smi reports while ``fn`` runs
+    back to back for ``seconds`` (after a first second to settle); {} without nvidia-smi."""
+    import shutil
+    import subprocess
+    import threading
+
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    query = ["nvidia-smi", f"--id={torch.cuda.current_device()}", "--format=csv,noheader,nounits",
+             "--query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,clocks_event_reasons.active"]
+    samples: list[list[str]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        time.sleep(1.0)
+        while not done.is_set():
+            out = subprocess.run(query, capture_output=True, text=True).stdout.strip()
+            if out:
+                samples.append([f.strip() for f in out.split(",")])
+            time.sleep(0.1)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        torch.cuda.synchronize()
+    done.set()
+    thread.join()
+    try:
+        clocks = [int(s[0]) for s in samples]
+        power = [float(s[2]) for s in samples]
+    except (ValueError, IndexError):
+        return {"raw": samples[:3]}
+    if not clocks:
+        return {}
+    return {"sm_clock_mhz_median": statistics.median(clocks), "sm_clock_mhz_min": min(clocks),
+            "sm_clock_mhz_max_rated": samples[0][1], "power_w_median": statistics.median(power),
+            "power_limit_w": samples[0][3], "clock_event_reasons": sorted({s[4] for s in samples}),
+            "samples": len(samples)}
 
 
 def first_call_s(fn: Callable[[], object], device: torch.device) -> float:
@@ -405,9 +470,11 @@ class Bench:
         return self.time_prediction(lambda: run, cached, profile, ref)
 
     def time_prediction(self, make_run: Callable[[], Callable[[], HyperOutput]], cached: bool,
-                        profile: bool = False, ref: torch.Tensor | None = None) -> dict[str, object]:
+                        profile: bool = False, ref: torch.Tensor | None = None,
+                        latency: bool = False) -> dict[str, object]:
         """Run ``make_run()`` (a compile, a capture: in ``first_call_s``) and time what it returns, with
-        W off the card when ``cached``; peak memory, dW error against ``ref`` (default eager bf16)."""
+        W off the card when ``cached``; peak memory, dW error against ``ref`` (default eager bf16).
+        With ``latency`` also single calls after idle and the card's clock and power back to back."""
         with self.offloaded(keep_w=not cached):
             self.reset_peak()
             static = torch.cuda.memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else 0.0
@@ -416,6 +483,10 @@ class Bench:
             first = first_call_s(run, self.device) + time.perf_counter() - t0
             t = timeit(run, self.device, self.warmup, self.repeats)
             res = {**t, "first_call_s": first, **self.peak(), "static_gib": static}
+            if latency and self.device.type == "cuda":
+                res["after_idle"] = latency_after_idle(run, self.repeats)
+                res["gpu_back_to_back"] = gpu_state(run)
+                res["gpu_back_to_back"]["median_ms"] = timeit(run, self.device, 0, self.repeats)["median_ms"]
             out = run()  # errors after the peak: dW of 240 matrices is 1 GiB per copy
             res["dW_err_vs_eager_bf16"] = rel_err(out.delta(), self.bf16_delta() if ref is None else ref)
             del out
@@ -433,7 +504,7 @@ class Bench:
         return self.measure_predict(b1, b2, cached, profile, graphs=mode == "reduce-overhead")
 
     def run_graph_predict(self, streams: bool, compiled: bool = True, profile: bool = False,
-                          trunk: bool = False) -> dict[str, object]:
+                          trunk: bool = False, latency: bool = False) -> dict[str, object]:
         """The Predictor's GPU path: W embedded once, then stage I + II replayed from one CUDA graph
         (``PredictionGraph``), with stage II's first blocks on a second stream when ``streams``."""
         torch._dynamo.reset()
@@ -445,7 +516,7 @@ class Bench:
         def make_run() -> Callable[[], HyperOutput]:
             graph = PredictionGraph(b1, b2, [e1], [e2], self.text_len, streams=streams)
             return lambda: graph(self.text)[0]
-        return self.time_prediction(make_run, cached=True, profile=profile)
+        return self.time_prediction(make_run, cached=True, profile=profile, latency=latency)
 
     def loss_check(self) -> dict[str, object]:
         """The fused stage-I loss (Triton) against the compiled torch loss at full shapes, bf16 autocast:
@@ -652,6 +723,11 @@ def table(report: dict[str, object]) -> str:
             tf = v.get("tflops", v.get("tflops_equiv", float("nan")))
             lines.append(f"{name:24s} {v['median_ms']:9.2f} {tf:8.0f} {v.get('peak_gib', float('nan')):9.2f} "
                          f"{v.get('first_call_s', float('nan')):9.1f}")
+            if "after_idle" in v:
+                gs = v.get("gpu_back_to_back") or {}
+                lines.append(f"{'  ... one call after idle':24s} {v['after_idle']['median_ms']:9.2f}   "
+                             f"(back to back: SM clock {gs.get('sm_clock_mhz_median')} MHz, "
+                             f"{gs.get('power_w_median')} W of {gs.get('power_limit_w')})")
     if "predict" in r:
         lines.append(f"bf16 vs fp32 rel. error: {r['predict']['vs_fp32']}")
     for k, v in r.items():
@@ -706,7 +782,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ("compiled_predict", lambda: b.run_compiled_predict(profile=True), gpu),
             ("compiled_predict_cached", lambda: b.run_compiled_predict(cached=True, profile=True), gpu),
             ("graphs_predict_cached", lambda: b.run_compiled_predict("reduce-overhead", cached=True), gpu),
-            ("graph_predict", lambda: b.run_graph_predict(streams=False, profile=True), gpu),
+            ("graph_predict", lambda: b.run_graph_predict(streams=False, profile=True, latency=True), gpu),
             ("graph_predict_no_epilogues", lambda: switched_off("cublaslt", lambda: b.run_graph_predict(
                 streams=False)), gpu),
             ("graph_predict_sdpa", lambda: switched_off("attention", lambda: b.run_graph_predict(

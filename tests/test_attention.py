@@ -105,3 +105,21 @@ def test_kernel_at_the_wan_shapes_in_bf16():
     err = ((out.double() - ref).norm() / ref.norm()).item()
     err_sdpa = ((sdpa - ref).norm() / ref.norm()).item()
     assert err < 1.5 * err_sdpa + 1e-3, (err, err_sdpa)
+
+
+@cuda
+def test_kernel_at_the_text_cross_attention_shape_in_bf16():
+    """One prompt's queries (a slice of the 61,680) against 512 text keys: whole key tiles, where the
+    softmax scale rides on the q norm's gain; as close to fp64 as SDPA."""
+    torch.manual_seed(0)
+    rows, keys, h, hd = 8 * 257, 512, 12, 64
+    q = torch.randn(1, rows, h, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2) * 3
+    kv = torch.randn(1, keys, 2 * h * hd, device="cuda", dtype=torch.bfloat16)
+    k, v = (t.view(1, keys, h, hd).transpose(1, 2) for t in kv.chunk(2, dim=-1))
+    qg = (torch.rand(hd, device="cuda") + 0.5).bfloat16()
+    out = attention.attention(q, k, v, None, qg, 1e-6)
+    ref = attention.reference(q.double(), k.double(), v.double(), None, qg.double(), 1e-6).transpose(1, 2)
+    sdpa = attention.reference(q, k, v, None, qg, 1e-6).transpose(1, 2).double()
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    err_sdpa = ((sdpa - ref).norm() / ref.norm()).item()
+    assert err < 1.5 * err_sdpa + 1e-3, (err, err_sdpa)
