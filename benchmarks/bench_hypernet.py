@@ -787,7 +787,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 streams=False)), gpu),
             ("graph_predict_sdpa", lambda: switched_off("attention", lambda: b.run_graph_predict(
                 streams=False, profile=True)), gpu),
-            ("graph2_predict", lambda: b.run_graph_predict(streams=True, profile=True), gpu),
+            ("graph2_predict", lambda: b.run_graph_predict(streams=True, profile=True, latency=True), gpu),
             ("graph_predict_eager", lambda: b.run_graph_predict(streams=False, compiled=False), gpu),
             ("loss_check", b.loss_check, gpu),
             ("train1_compiled", lambda: b.run_train(True, (False, True) if args.ckpt else (False,), profile=True), gpu),
