@@ -1,4 +1,4 @@
-"""The hypernetwork's attention for prediction: a Triton kernel with the q norm inside.
+"""The hypernetwork's attention for prediction: Triton kernels with the QK norms inside.
 
 Without autograd, a trunk block's attention in torch is: a product writing q, k, v; per-head
 RMS norms over q and k, each a pass that reads and writes a (tokens x d) tensor; and cuDNN's
@@ -12,17 +12,24 @@ the online softmax over 64-wide key tiles, and writes the heads merged, ready fo
 projection. A sequence that is not a whole number of tiles costs no masked tiles where that
 can be helped: the last query tile ends at the last row (it overlaps the tile before it, and
 both write the same values there), and one key past the last whole key tile is done on
-vectors before the loop. k is normalised beforehand, once (``SelfAttention.inner``): a
-development version that applied each key's norm to every score tile in the kernel was
-slower than that pass.
+vectors before the loop.
+
+k's norm: for the text's keys it runs once per prompt, outside (``CrossAttention.context``).
+Keys of at most one whole tile of 256 (+1), as the 257 tokens of a matrix that its own
+self-attention and stage II's attention to the stage-I tokens read, go to a second kernel
+(``launch_short``): one program per (head, batch) normalises them once in registers and runs
+every query tile against all of them with a plain softmax. That replaces a pass over k
+(0.068 ms) and costs 0.042 ms more kernel time at 240 x 12 x 257 x 64. A development version of
+the general kernel that applied each key's norm to every score tile was slower than the pass.
 
 Measured on an H100 (benchmarks/bench_attention.py; the hypernetwork's prediction with and
 without it: benchmarks/bench_hypernet.py sections graph_predict and graph_predict_sdpa):
-- self-attention, 240 x 12 heads x 257 x 64: q and k norms + cuDNN 0.46 ms, the k norm + this
-  kernel 0.30 ms (the kernel alone 0.23; without the tail handling 0.28);
+- self-attention, 240 x 12 heads x 257 x 64: q and k norms + cuDNN 0.45 ms, the k norm + the
+  general kernel 0.30 ms (the kernel alone 0.23; without the tail handling 0.25), the short
+  kernel with both norms inside 0.27 ms;
 - cross-attention, the 61,680 queries of one prompt against 512 keys: the q norm + cuDNN
-  0.32 ms, this kernel 0.30 ms;
-- the whole prediction (one CUDA graph): 59.7 -> 57.8 ms.
+  0.32 ms, this kernel 0.28 ms;
+- the whole prediction (one CUDA graph): 59.7 -> 57.8 ms with the general kernel.
 
 The torch path (``reference``) is the same math as the plain ``SelfAttention`` /
 ``CrossAttention`` and runs wherever the kernel does not: CPU, autograd, head sizes that are
@@ -59,7 +66,7 @@ if triton is not None:
     def _load_norm(ptr, mask, gain, eps, HD: tl.constexpr, NORM: tl.constexpr):
         """A (rows, HD) tile, RMS-normalised per row with ``gain`` when NORM (fp32 math, input dtype out);
         ``gain`` may carry the softmax scale (PRESCALE)."""
-        x = tl.load(ptr, mask=mask, other=0.0)
+        x = tl.load(ptr) if mask is None else tl.load(ptr, mask=mask, other=0.0)
         if NORM:
             xf = x.to(tl.float32)
             xf = xf * tl.rsqrt(tl.sum(xf * xf, axis=1) / HD + eps)[:, None]
@@ -144,6 +151,58 @@ if triton is not None:
                  mask=row_ok[:, None])
 
 
+    @triton.jit
+    def _short_attention_kernel(Q, K, V, O, QG, KG, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
+                      q_rows, scale2, eps, HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      KEY_TAIL: tl.constexpr, SHIFT_LAST: tl.constexpr, Q_NORM: tl.constexpr):
+        """One (head, batch) whose keys are one whole BN tile (+ one on vectors with KEY_TAIL): K is
+        RMS-normalised (gain KG) once, in registers, and every query tile gets a plain softmax over
+        all keys (no online rescaling)."""
+        h = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)  # batch offsets may pass 2**31 elements
+        e = tl.arange(0, HD)
+        j = tl.arange(0, BN)
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        kg = tl.load(KG + e).to(K.dtype.element_ty).to(tl.float32)  # rounded as RMSNorm rounds it
+        k = _load_norm(k_base + j[:, None] * sks + e[None, :], None, kg, eps, HD, True)
+        v = tl.load(v_base + j[:, None] * svs + e[None, :])
+        if KEY_TAIL:  # the key past the whole tile, normalised and rounded like the others
+            kt = tl.load(k_base + BN * sks + e).to(tl.float32)
+            kt = (kt * tl.rsqrt(tl.sum(kt * kt, axis=0) / HD + eps) * kg).to(K.dtype.element_ty).to(tl.float32)
+            vt = tl.load(v_base + BN * svs + e).to(tl.float32)
+        qg = tl.load(QG + e).to(Q.dtype.element_ty).to(tl.float32) if Q_NORM else None
+        q_base = Q + b * sqb + h * sqh
+        o_base = O + b * sob + h * soh
+        for t in range(0, tl.cdiv(q_rows, BM)):
+            if SHIFT_LAST:  # rows the last tile shares with the one before are written twice, alike
+                rows = tl.minimum(t * BM, q_rows - BM) + tl.arange(0, BM)
+            else:
+                rows = t * BM + tl.arange(0, BM)
+            row_ok = rows < q_rows
+            q = _load_norm(q_base + rows[:, None] * sqs + e[None, :], row_ok[:, None], qg, eps, HD, Q_NORM)
+            s = tl.dot(q, tl.trans(k)) * scale2
+            m = tl.max(s, axis=1)
+            if KEY_TAIL:
+                s_t = tl.sum(q.to(tl.float32) * kt[None, :], axis=1) * scale2
+                m = tl.maximum(m, s_t)
+            p = tl.exp2(s - m[:, None])
+            l_i = tl.sum(p, axis=1)
+            acc = tl.dot(p.to(v.dtype), v)
+            if KEY_TAIL:
+                p_t = tl.exp2(s_t - m)
+                l_i += p_t
+                acc += p_t[:, None] * vt[None, :]
+            tl.store(o_base + rows[:, None] * sos + e[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
+                     mask=row_ok[:, None])
+
+
+def _gain(g: Tensor) -> Tensor:
+    """A norm's gain as the kernels read it: in its own dtype (they round it to the input's, as
+    ``RMSNorm`` does), contiguous; a conversion here would be a kernel of its own on every call."""
+    return g if g.is_contiguous() else g.contiguous()
+
+
 def _head_dim_ok(hd: int) -> bool:
     """Head sizes the kernel takes (its tiles are powers of two; the op runs others in torch)."""
     return hd >= 16 and hd & (hd - 1) == 0
@@ -163,14 +222,15 @@ def launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_gain: Tensor 
            block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
            tails: bool = True) -> Tensor:
     """Run the kernel: q (B, H, M, hd), k / v (B, H, L, hd), any strides with the last one 1; out
-    like q. ``q_gain``: the per-head RMS norm's weight over q (hd,; an fp32 one is read as it is,
-    rounded to q's dtype in the kernel as ``hypernet.RMSNorm`` rounds it), None for no norm.
+    like q. ``q_gain``: the per-head RMS norm's weight over q (hd,; read in its own dtype and
+    rounded to q's in the kernel, as ``hypernet.RMSNorm`` rounds it), None for no norm.
     Returns out.
 
     With ``tails`` (the default) a sequence that is not a whole number of tiles costs no
     masked tiles where it can be helped: the last query tile ends at the last row (it shares
     rows with the tile before it, which both write alike), and one key past the last whole key
-    tile is done on vectors. 257 = 4 x 64 + 1 tokens then cost 4 x 4 tiles, not 5 x 5.
+    tile is done on vectors. 257 = 4 x 64 + 1 tokens then cost 5 x 4 tiles (the fifth query tile
+    overlapping the fourth) and a key on vectors, not 5 x 5 tiles.
     """
     _check(q, k, v, mask)
     if triton is None:
@@ -191,7 +251,7 @@ def launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_gain: Tensor 
     # on an H100 (development probe): Triton schedules the two loops differently, so only there
     prescale = q_gain is not None and key_tail != 1
     _attention_kernel[(triton.cdiv(rows, block_m), heads, bsz)](
-        q, k, v, out, q if mask is None else mask, q if q_gain is None else q_gain.float().contiguous(),
+        q, k, v, out, q if mask is None else mask, q if q_gain is None else _gain(q_gain),
         q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
         v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1),
         0 if mask is None else mask.stride(0),
@@ -202,42 +262,90 @@ def launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_gain: Tensor 
     return out
 
 
-def reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_gain: Tensor | None, eps: float) -> Tensor:
-    """The same math in torch: the per-head RMS norm over q (gain in q's dtype, as
-    ``hypernet.RMSNorm``) then SDPA. Shapes as ``launch``; returns (B, H, M, hd)."""
+def short_applies(kv_len: int, mask: Tensor | None, k_gain: Tensor | None, block_n_max: int = 256) -> bool:
+    """Whether ``launch_short`` serves keys of ``kv_len``: k normalised in the kernel (``k_gain``), no
+    key mask, and the keys one whole power-of-two tile of 16 to ``block_n_max``, or that plus one."""
+    tile = kv_len if kv_len & (kv_len - 1) == 0 else kv_len - 1
+    return mask is None and k_gain is not None and 16 <= tile <= block_n_max and tile & (tile - 1) == 0
+
+
+def launch_short(q: Tensor, k: Tensor, v: Tensor, q_gain: Tensor | None, k_gain: Tensor, eps: float, out: Tensor,
+                 block_m: int = 64, num_warps: int = 4, num_stages: int = 2) -> Tensor:
+    """The kernel for short key sequences (``short_applies``): one program per (head, batch) that
+    RMS-normalises its keys once (gain ``k_gain``) and runs every query tile against all of them.
+    Shapes and strides as ``launch``; the q norm as there (``q_gain`` None: none). Returns out.
+
+    It replaces the k norm's own pass: at 240 x 12 x 257 x 64 on an H100 (development probe),
+    0.274 ms against 0.068 (k norm) + 0.232 (``launch``); at 256 tokens 0.234 against 0.257.
+    Splitting a sequence's query tiles over several programs (each normalising the keys again) or
+    doing a 257th query row on vectors were slower there (0.35 and 0.57 ms).
+    """
+    _check(q, k, v, None)
+    if triton is None:
+        raise RuntimeError("attention: Triton is not installed")
+    bsz, heads, rows, hd = q.shape
+    kv_len = k.shape[2]
+    if not short_applies(kv_len, None, k_gain) or not _head_dim_ok(hd):
+        raise ValueError(f"attention: launch_short takes 16..256 keys (a power of two, or one more) and a "
+                         f"power-of-two head_dim, got {kv_len} keys, head_dim {hd}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if t.stride(3) != 1:
+            raise ValueError(f"attention: {name}'s head_dim must be contiguous (stride {t.stride(3)})")
+    tile = kv_len if kv_len & (kv_len - 1) == 0 else kv_len - 1
+    _short_attention_kernel[(heads, bsz)](
+        q, k, v, out, q if q_gain is None else _gain(q_gain), _gain(k_gain),
+        q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
+        v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1),
+        rows, _LOG2E / math.sqrt(hd), eps, HD=hd, BM=block_m, BN=tile, KEY_TAIL=kv_len != tile,
+        SHIFT_LAST=rows > block_m, Q_NORM=q_gain is not None, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_gain: Tensor | None, eps: float,
+              k_gain: Tensor | None = None) -> Tensor:
+    """The same math in torch: the per-head RMS norms over q and k (gains in their dtype, as
+    ``hypernet.RMSNorm``; None: no norm) then SDPA. Shapes as ``launch``; returns (B, H, M, hd)."""
     _check(q, k, v, mask)
     if q_gain is not None:
         q = F.rms_norm(q, (q.shape[-1],), q_gain.to(q.dtype), eps)
+    if k_gain is not None:
+        k = F.rms_norm(k, (k.shape[-1],), k_gain.to(k.dtype), eps)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
 
 
 @torch.library.custom_op("lofa::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_gain: Tensor | None,
-                  eps: float) -> Tensor:
+                  eps: float, k_gain: Tensor | None) -> Tensor:
     """(B, H, M, hd) queries against (B, H, L, hd) keys / values -> (B, M, H, hd), heads merged in place."""
     bsz, heads, rows, hd = q.shape
     out = q.new_empty(bsz, rows, heads, hd)
     if available(q.device, q.dtype) and _head_dim_ok(hd):
         q, k, v = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k, v))
+        if short_applies(k.shape[2], mask, k_gain):
+            return launch_short(q, k, v, q_gain, k_gain, eps, out.transpose(1, 2)).transpose(1, 2)
+        if k_gain is not None:  # a pass of its own over k, then the general kernel
+            k = F.rms_norm(k, (hd,), k_gain.to(k.dtype), eps)
         return launch(q, k, v, mask, q_gain, eps, out.transpose(1, 2)).transpose(1, 2)
-    return out.copy_(reference(q, k, v, mask, q_gain, eps).transpose(1, 2))
+    return out.copy_(reference(q, k, v, mask, q_gain, eps, k_gain).transpose(1, 2))
 
 
 @_attention_op.register_fake
-def _(q, k, v, mask, q_gain, eps):
+def _(q, k, v, mask, q_gain, eps, k_gain):
     bsz, heads, rows, hd = q.shape
     return q.new_empty(bsz, rows, heads, hd)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, q_gain: Tensor | None = None,
-              eps: float = 1e-6) -> Tensor:
-    """softmax(norm(q) k^T / sqrt(hd)) v for prediction (no autograd: the op has no backward).
+              eps: float = 1e-6, k_gain: Tensor | None = None) -> Tensor:
+    """softmax(norm(q) norm(k)^T / sqrt(hd)) v for prediction (no autograd: the op has no backward).
 
     Args:
         q: (B, H, M, hd); k, v: (B, H, L, hd); views of the products' outputs (no copies).
         mask: (B, L) bool, True = a key to attend to; None = all.
-        q_gain: the weight of a per-head RMS norm over q (hd,), None = no norm.
+        q_gain, k_gain: the weights of per-head RMS norms over q and k (hd,), both with ``eps``;
+            None = no norm. With ``k_gain``, no key mask and at most 256 (+1) keys the norm runs
+            inside the kernel (``launch_short``), else as a pass before it.
     Returns:
         (B, M, H, hd) contiguous: ``.reshape(B, M, H * hd)`` merges the heads as a view.
     """
-    return _attention_op(q, k, v, mask, q_gain, eps)
+    return _attention_op(q, k, v, mask, q_gain, eps, k_gain)

@@ -32,8 +32,9 @@ Efficiency decisions (the public release's defects, DESIGN section 1):
 - on CUDA in bf16, cuBLASLt epilogues (``lofa.cublaslt``) take the MLP's GELU under autograd
   (forward and backward) and, without autograd, the residual adds of the output linears
   (``_residual``);
-- without autograd on CUDA every attention is ``lofa.attention``'s Triton kernel, with the q
-  norm inside and 257-token sequences costing 4 x 4 tiles of 64, not 5 x 5 (``_fused_attention``);
+- without autograd on CUDA every attention is one of ``lofa.attention``'s Triton kernels, with the q
+  norm inside, and for a matrix's own 257 tokens as keys (its self-attention, stage II's attention
+  to its stage-I tokens) the k norm too (``_fused_attention``);
 - matrices of one shape are batched; shapes are the only Python-level loop;
 - gradient checkpointing passes each block itself to ``checkpoint`` (no late
   binding); parameters stay in the dtype they were created in (fp32 under autocast);
@@ -304,9 +305,10 @@ def _fused_attention(x: Tensor) -> bool:
     return not torch.is_grad_enabled() and attention.available(x.device, x.dtype)
 
 
-def _q_norm(norm: nn.Module, dtype: torch.dtype) -> tuple[Tensor | None, float]:
-    """A q norm as ``lofa.attention.attention`` takes it: the gain (the kernel rounds it to q's
-    dtype, as ``RMSNorm`` does) or None for no norm, and its eps."""
+def _norm_gain(norm: nn.Module, dtype: torch.dtype) -> tuple[Tensor | None, float]:
+    """A q or k norm as ``lofa.attention.attention`` takes it: the gain (the kernel rounds it to the
+    input's dtype, as ``RMSNorm`` does) or None for no norm, and its eps (the q and k norms of one
+    attention are made with the same)."""
     if isinstance(norm, nn.Identity):
         return None, 0.0
     return norm.weight, torch.finfo(dtype).eps if norm.eps is None else norm.eps
@@ -325,24 +327,28 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(hd, eps=eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(hd, eps=eps) if qk_norm else nn.Identity()
 
-    def context(self, c: Tensor) -> tuple[Tensor, Tensor]:
-        """c: (P, L, d) -> K, V each (P, heads, L, head_dim), K normalised."""
+    def context(self, c: Tensor, norm_k: bool = True) -> tuple[Tensor, Tensor]:
+        """c: (P, L, d) -> K, V each (P, heads, L, head_dim), K normalised unless ``norm_k`` is False
+        (then pass ``k_normed=False`` to ``forward`` / ``inner``, which normalise it)."""
         k, v = self.kv(c).chunk(2, dim=-1)
-        return _heads(k, c.shape[0], self.num_heads, self.k_norm), _heads(v, c.shape[0], self.num_heads, _identity)
+        k_norm = self.k_norm if norm_k else _identity
+        return _heads(k, c.shape[0], self.num_heads, k_norm), _heads(v, c.shape[0], self.num_heads, _identity)
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, k_normed: bool = True) -> Tensor:
         """x: (n, S, d) -> (n, S, d); see ``inner``."""
-        return self.o(self.inner(x, k, v, mask))
+        return self.o(self.inner(x, k, v, mask, k_normed))
 
     @property
     def out(self) -> nn.Linear:
         """The output projection (``_residual`` runs it with the residual add)."""
         return self.o
 
-    def inner(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    def inner(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, k_normed: bool = True) -> Tensor:
         """The attention before the output projection, heads merged (n, S, d).
 
         x: (n, S, d) with n = P * m; the m consecutive matrices of a prompt share its K, V (P, ...).
+        ``k_normed`` False: K comes from ``context(..., norm_k=False)`` and is normalised here (inside
+        the attention kernel where ``_fused_attention``).
 
         Without autograd a prompt's m*S queries form one sequence. With autograd they are
         cut into chunks of about ``_BWD_QUERY_CHUNK`` rows that each get their own copy of
@@ -353,7 +359,10 @@ class CrossAttention(nn.Module):
         lead = k.shape[0]
         if _fused_attention(k):  # the q norm inside the kernel, q read where the product wrote it
             q = self.q(x).view(lead, -1, self.num_heads, d // self.num_heads).transpose(1, 2)
-            return attention.attention(q, k, v, mask, *_q_norm(self.q_norm, q.dtype)).view(n, s, d)
+            k_gain = None if k_normed else _norm_gain(self.k_norm, k.dtype)[0]
+            return attention.attention(q, k, v, mask, *_norm_gain(self.q_norm, q.dtype), k_gain).view(n, s, d)
+        if not k_normed:
+            k = self.k_norm(k)
         chunks = _query_chunks(n // lead, s) if torch.is_grad_enabled() else 1
         q = _heads(self.q(x), lead * chunks, self.num_heads, self.q_norm)  # (P*c, h, m*S/c, hd)
         if chunks > 1:
@@ -390,11 +399,10 @@ class SelfAttention(nn.Module):
         Without autograd on CUDA the q norm and the attention are one kernel (``_fused_attention``)."""
         n, s, d = x.shape
         qkv = self.qkv(x)
-        if _fused_attention(qkv):  # q read in place, normalised in the kernel; k normalised here
-            q, k, v = (t.view(n, s, self.num_heads, -1) for t in qkv.chunk(3, dim=-1))
-            y = attention.attention(q.transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2), None,
-                                    *_q_norm(self.q_norm, q.dtype))
-            return y.view(n, s, d)
+        if _fused_attention(qkv):  # q and k read where the product wrote them, both normalised in the kernel
+            q, k, v = (t.view(n, s, self.num_heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+            q_gain, eps = _norm_gain(self.q_norm, q.dtype)
+            return attention.attention(q, k, v, None, q_gain, eps, _norm_gain(self.k_norm, k.dtype)[0]).view(n, s, d)
         q, k, v = (_heads(t, n, self.num_heads, norm) for t, norm in
                    zip(qkv.chunk(3, dim=-1), (self.q_norm, self.k_norm, _identity)))
         y = F.scaled_dot_product_attention(q, k, v)
@@ -516,8 +524,9 @@ class Stage1Block(nn.Module):
         """x: (n, S, d), the stream being ``x + pending``; stage1_tokens: (n, S1, d). Returns the
         stream as (x, the MLP's output), like ``TrunkBlock``."""
         x = _deferred(x, pending)
-        k, v = self.cross.context(self.norm_ctx(stage1_tokens))
-        x = _residual(x, self.cross, self.norm_x(x), k, v, None)
+        fused = _fused_attention(x)  # the attention kernel normalises K itself: no pass over it here
+        k, v = self.cross.context(self.norm_ctx(stage1_tokens), norm_k=not fused)
+        x = _residual(x, self.cross, self.norm_x(x), k, v, None, not fused)
         return _last_residual(x, self.mlp, self.norm_mlp(x))
 
 

@@ -49,6 +49,23 @@ _INTERPRETED = textwrap.dedent("""
                     err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
                     key = str(dtype)
                     worst[key] = max(worst.get(key, 0.0), err if err == err else float("inf"))
+    # the short-sequence kernel: keys one whole tile (+1), both norms inside, every query tile
+    for dtype in (torch.float32, torch.float16):
+        for rows, keys in [(70, 33), (65, 65), (33, 16), (5, 17), (129, 64), (257, 65)]:
+            B, H, hd = 2, 2, 32
+            q = torch.randn(B, rows, 3, H, hd, dtype=dtype)[:, :, 0].transpose(1, 2)
+            k = (3 * torch.randn(B, keys, 2, H, hd, dtype=dtype))[:, :, 1].transpose(1, 2)
+            v = torch.randn(B, keys, H, hd, dtype=dtype).transpose(1, 2)
+            kg = torch.rand(hd) + 0.5
+            for q_gain in (torch.rand(hd) + 0.5, None):
+                ref = A.reference(q.double(), k.double(), v.double(), None,
+                                  None if q_gain is None else q_gain.double(), 1e-6, kg.double()).transpose(1, 2)
+                for bm in (16, 32):
+                    out = torch.full((B, rows, H, hd), float("nan"), dtype=dtype)
+                    A.launch_short(q, k, v, q_gain, kg, 1e-6, out.transpose(1, 2), block_m=bm)
+                    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+                    key = "short " + str(dtype)
+                    worst[key] = max(worst.get(key, 0.0), err if err == err else float("inf"))
     print(json.dumps(worst))
 """)
 
@@ -60,14 +77,16 @@ _OLD_INTERPRETER = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3
                                                "argument under numpy 2 (int() of a 1-element array)")
 def test_kernel_matches_the_torch_math_under_the_interpreter():
     """Every tiling path: whole tiles, a masked last tile, the shifted last query tile, one key
-    on vectors, a key mask, with and without the q norm; fp32 to 1e-6 and fp16 to its rounding."""
+    on vectors, a key mask, with and without the q norm; fp32 to 1e-6 and fp16 to its rounding.
+    And the short-sequence kernel (k normalised inside, one program per head): whole key tiles
+    and one more key, query rows under, at and over a tile, the last tile shifted."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     worst = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert worst["torch.float32"] < 1e-6, worst
-    assert worst["torch.float16"] < 3e-3, worst
+    assert worst["torch.float32"] < 1e-6 and worst["short torch.float32"] < 1e-6, worst
+    assert worst["torch.float16"] < 3e-3 and worst["short torch.float16"] < 3e-3, worst
 
 
 def test_torch_path_equals_the_hypernet_attention_math():
@@ -80,6 +99,24 @@ def test_torch_path_equals_the_hypernet_attention_math():
     ref = torch.softmax(qn @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
     assert out.shape == (3, 9, 2, 16) and out.is_contiguous()
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-10, atol=1e-10)
+    kg = torch.rand(16, dtype=torch.float64)
+    out = attention.attention(q, k, v, None, qg, 1e-6, kg)
+    kn = torch.nn.functional.rms_norm(k, (16,), kg, 1e-6)
+    ref = torch.softmax(qn @ kn.transpose(-1, -2) / 4.0, dim=-1) @ v
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-10, atol=1e-10)
+
+
+def test_short_kernel_takes_only_what_it_can():
+    """One whole power-of-two tile of 16..256 keys, or one more; k normalised; no key mask."""
+    gain = torch.ones(16)
+    assert all(attention.short_applies(n, None, gain) for n in (16, 17, 64, 65, 256, 257))
+    assert not any(attention.short_applies(n, None, gain) for n in (15, 18, 100, 258, 512, 513))
+    assert not attention.short_applies(257, torch.ones(1, 257, dtype=torch.bool), gain)
+    assert not attention.short_applies(257, None, None)
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="launch_short takes"):
+        attention.launch_short(q, torch.randn(1, 1, 100, 16), torch.randn(1, 1, 100, 16), None, gain, 1e-6,
+                               torch.empty(1, 1, 8, 16))
 
 
 def test_bad_shapes_are_refused():
@@ -104,6 +141,14 @@ def test_kernel_at_the_wan_shapes_in_bf16():
     sdpa = attention.reference(q, k, v, None, qg, 1e-6).transpose(1, 2).double()
     err = ((out.double() - ref).norm() / ref.norm()).item()
     err_sdpa = ((sdpa - ref).norm() / ref.norm()).item()
+    assert err < 1.5 * err_sdpa + 1e-3, (err, err_sdpa)
+    # k normalised too: the short-sequence kernel (k read raw, where the product wrote it)
+    kg = (torch.rand(hd, device="cuda") + 0.5).bfloat16()
+    out = attention.attention(q, 3 * k, v, None, qg, 1e-6, kg)
+    ref = attention.reference(q.double(), 3 * k.double(), v.double(), None, qg.double(), 1e-6, kg.double())
+    sdpa = attention.reference(q, 3 * k, v, None, qg, 1e-6, kg).transpose(1, 2).double()
+    err = ((out.double() - ref.transpose(1, 2)).norm() / ref.norm()).item()
+    err_sdpa = ((sdpa - ref.transpose(1, 2)).norm() / ref.norm()).item()
     assert err < 1.5 * err_sdpa + 1e-3, (err, err_sdpa)
 
 

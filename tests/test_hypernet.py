@@ -390,9 +390,11 @@ def test_residual_adds_in_cublaslt_epilogues_give_the_plain_prediction(monkeypat
 
 @_needs_cuda
 def test_fused_attention_kernel_gives_the_plain_prediction(monkeypatch):
-    """Without autograd on CUDA in bf16 every attention runs lofa.attention's kernel (the q norm
-    inside; head_dim 16, the smallest it takes); the prediction is the plain one (norms and SDPA)
-    up to bf16 rounding."""
+    """Without autograd on CUDA in bf16 every attention runs one of lofa.attention's kernels (the q
+    norm inside; head_dim 16, the smallest they take). Attention to a matrix's own tokens (self,
+    and stage II's to the stage-I tokens) runs the short-sequence kernel with the k norm inside
+    where the tokens are a whole tile + CLS (32x32 matrices: 16 + 1), else the general one. The
+    prediction is the plain one (norms and SDPA) up to bf16 rounding."""
     from lofa import attention
 
     s1, s2, groups = _cuda_world(d_model=64, prompts=1)
@@ -401,15 +403,20 @@ def test_fused_attention_kernel_gives_the_plain_prediction(monkeypatch):
     text = torch.randn(1, 5, 24, device="cuda", dtype=torch.bfloat16)
     mask = torch.ones(1, 5, dtype=torch.bool)
     calls = []
-    launch = attention.launch
-    monkeypatch.setattr(attention, "launch", lambda *a, **k: (calls.append(1), launch(*a, **k))[1])
+    for name in ("launch", "launch_short"):
+        fn = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, fn=fn, name=name, **k: (calls.append(name), fn(*a, **k))[1])
 
     def predict():
         with torch.no_grad():
             return s2(groups, text, mask, [o.tokens for o in s1(groups, text, mask)])
     fused = predict()
     # every attention: self and cross to the text in each trunk block, cross to the stage-I tokens
-    assert len(calls) == len(groups) * (2 * (s1.cfg.num_blocks + s2.cfg.num_blocks) + len(s2.stage1_blocks))
+    own = s1.cfg.num_blocks + s2.cfg.num_blocks + len(s2.stage1_blocks)  # attentions to a matrix's own tokens
+    assert len(calls) == len(groups) * (own + s1.cfg.num_blocks + s2.cfg.num_blocks)
+    tokens = [1 + -(-g.shape[0] // 8) * -(-g.shape[1] // 8) for g in groups]
+    assert 17 in tokens and 25 in tokens  # both kernels are exercised
+    assert calls.count("launch_short") == own * sum(t == 17 for t in tokens)
     monkeypatch.setattr(attention, "ENABLED", False)
     calls.clear()
     plain = predict()
