@@ -275,10 +275,11 @@ def launch_short(q: Tensor, k: Tensor, v: Tensor, q_gain: Tensor | None, k_gain:
     RMS-normalises its keys once (gain ``k_gain``) and runs every query tile against all of them.
     Shapes and strides as ``launch``; the q norm as there (``q_gain`` None: none). Returns out.
 
-    It replaces the k norm's own pass: at 240 x 12 x 257 x 64 on an H100 (development probe),
-    0.274 ms against 0.068 (k norm) + 0.232 (``launch``); at 256 tokens 0.234 against 0.257.
-    Splitting a sequence's query tiles over several programs (each normalising the keys again) or
-    doing a 257th query row on vectors were slower there (0.35 and 0.57 ms).
+    It replaces the k norm's own pass: at 240 x 12 x 257 x 64 on an H100
+    (benchmarks/bench_attention.py), 0.269 ms against 0.072 (k norm) + 0.225 (``launch``); at 256
+    tokens 0.223 against 0.072 + 0.182. Splitting a sequence's query tiles over several programs
+    (each normalising the keys again) or doing a 257th query row on vectors were slower in a
+    development probe (0.31 to 0.36 and 0.57 ms).
     """
     _check(q, k, v, None)
     if triton is None:
