@@ -150,11 +150,10 @@ if triton is not None:
         tl.store(O + b * sob + h * soh + rows[:, None] * sos + e[None, :], out.to(O.dtype.element_ty),
                  mask=row_ok[:, None])
 
-
     @triton.jit
     def _short_attention_kernel(Q, K, V, O, QG, KG, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
-                      q_rows, scale2, eps, HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      KEY_TAIL: tl.constexpr, SHIFT_LAST: tl.constexpr, Q_NORM: tl.constexpr):
+                                q_rows, scale2, eps, HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                KEY_TAIL: tl.constexpr, SHIFT_LAST: tl.constexpr, Q_NORM: tl.constexpr):
         """One (head, batch) whose keys are one whole BN tile (+ one on vectors with KEY_TAIL): K is
         RMS-normalised (gain KG) once, in registers, and every query tile gets a plain softmax over
         all keys (no online rescaling)."""
