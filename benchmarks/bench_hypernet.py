@@ -90,25 +90,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of ``fn`` (CUDA events on GPU)."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": len(times)}
+
+
 def timeit(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
     """Median / min / max milliseconds of ``fn`` after ``warmup`` calls (CUDA events on GPU)."""
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": repeats}
+    return summary([call_ms(fn, device) for _ in range(repeats)])
 
 
 def latency_after_idle(fn: Callable[[], object], repeats: int, idle_s: float = 0.5) -> dict[str, float]:
@@ -118,18 +123,13 @@ def latency_after_idle(fn: Callable[[], object], repeats: int, idle_s: float = 0
     (``timeit``) are a different regime: a card that runs matrix products for seconds reaches
     its power limit (700 W on an H100 SXM) and lowers its clock (``gpu_state``).
     """
+    device = torch.device("cuda")
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync(device)
         time.sleep(idle_s)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": repeats,
-            "idle_s": idle_s}
+        times.append(call_ms(fn, device))
+    return {**summary(times), "idle_s": idle_s}
 
 
 def gpu_state(fn: Callable[[], object], seconds: float = 4.0) -> dict[str, object]:

@@ -261,10 +261,16 @@ def launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_gain: Tensor 
     return out
 
 
+def _whole_tile(kv_len: int) -> int:
+    """The keys of ``kv_len`` that ``launch_short`` takes as one tile: all of them when a power of two,
+    else all but the last (done on vectors); ``short_applies`` checks the result."""
+    return kv_len if kv_len & (kv_len - 1) == 0 else kv_len - 1
+
+
 def short_applies(kv_len: int, mask: Tensor | None, k_gain: Tensor | None, block_n_max: int = 256) -> bool:
     """Whether ``launch_short`` serves keys of ``kv_len``: k normalised in the kernel (``k_gain``), no
     key mask, and the keys one whole power-of-two tile of 16 to ``block_n_max``, or that plus one."""
-    tile = kv_len if kv_len & (kv_len - 1) == 0 else kv_len - 1
+    tile = _whole_tile(kv_len)
     return mask is None and k_gain is not None and 16 <= tile <= block_n_max and tile & (tile - 1) == 0
 
 
@@ -291,7 +297,7 @@ def launch_short(q: Tensor, k: Tensor, v: Tensor, q_gain: Tensor | None, k_gain:
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         if t.stride(3) != 1:
             raise ValueError(f"attention: {name}'s head_dim must be contiguous (stride {t.stride(3)})")
-    tile = kv_len if kv_len & (kv_len - 1) == 0 else kv_len - 1
+    tile = _whole_tile(kv_len)
     _short_attention_kernel[(heads, bsz)](
         q, k, v, out, q if q_gain is None else _gain(q_gain), _gain(k_gain),
         q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),

@@ -127,6 +127,17 @@ def test_bad_shapes_are_refused():
         attention.reference(q, q, q, torch.ones(2, 4, dtype=torch.bool), None, 1e-6)
 
 
+def _assert_as_close_as_sdpa(q, k, v, q_gain, k_gain=None):
+    """The op's output is within bf16 rounding of an fp64 reference, about as close as SDPA's."""
+    out = attention.attention(q, k, v, None, q_gain, 1e-6, k_gain)
+    ref = attention.reference(q.double(), k.double(), v.double(), None, q_gain.double(), 1e-6,
+                              None if k_gain is None else k_gain.double()).transpose(1, 2)
+    sdpa = attention.reference(q, k, v, None, q_gain, 1e-6, k_gain).transpose(1, 2).double()
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    err_sdpa = ((sdpa - ref).norm() / ref.norm()).item()
+    assert err < 1.5 * err_sdpa + 1e-3, (err, err_sdpa)
+
+
 @cuda
 def test_kernel_at_the_wan_shapes_in_bf16():
     """240 matrices x 257 tokens x 12 heads x 64 (the self-attention of a prediction), q strided in a
@@ -136,20 +147,9 @@ def test_kernel_at_the_wan_shapes_in_bf16():
     qkv = torch.randn(n, s, 3 * h * hd, device="cuda", dtype=torch.bfloat16)
     q, k, v = (t.view(n, s, h, hd).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
     qg = (torch.rand(hd, device="cuda") + 0.5).bfloat16()
-    out = attention.attention(q, k, v, None, qg, 1e-6)
-    ref = attention.reference(q.double(), k.double(), v.double(), None, qg.double(), 1e-6).transpose(1, 2)
-    sdpa = attention.reference(q, k, v, None, qg, 1e-6).transpose(1, 2).double()
-    err = ((out.double() - ref).norm() / ref.norm()).item()
-    err_sdpa = ((sdpa - ref).norm() / ref.norm()).item()
-    assert err < 1.5 * err_sdpa + 1e-3, (err, err_sdpa)
+    _assert_as_close_as_sdpa(q, k, v, qg)
     # k normalised too: the short-sequence kernel (k read raw, where the product wrote it)
-    kg = (torch.rand(hd, device="cuda") + 0.5).bfloat16()
-    out = attention.attention(q, 3 * k, v, None, qg, 1e-6, kg)
-    ref = attention.reference(q.double(), 3 * k.double(), v.double(), None, qg.double(), 1e-6, kg.double())
-    sdpa = attention.reference(q, 3 * k, v, None, qg, 1e-6, kg).transpose(1, 2).double()
-    err = ((out.double() - ref.transpose(1, 2)).norm() / ref.norm()).item()
-    err_sdpa = ((sdpa - ref.transpose(1, 2)).norm() / ref.norm()).item()
-    assert err < 1.5 * err_sdpa + 1e-3, (err, err_sdpa)
+    _assert_as_close_as_sdpa(q, 3 * k, v, qg, (torch.rand(hd, device="cuda") + 0.5).bfloat16())
 
 
 @cuda
@@ -161,10 +161,4 @@ def test_kernel_at_the_text_cross_attention_shape_in_bf16():
     q = torch.randn(1, rows, h, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2) * 3
     kv = torch.randn(1, keys, 2 * h * hd, device="cuda", dtype=torch.bfloat16)
     k, v = (t.view(1, keys, h, hd).transpose(1, 2) for t in kv.chunk(2, dim=-1))
-    qg = (torch.rand(hd, device="cuda") + 0.5).bfloat16()
-    out = attention.attention(q, k, v, None, qg, 1e-6)
-    ref = attention.reference(q.double(), k.double(), v.double(), None, qg.double(), 1e-6).transpose(1, 2)
-    sdpa = attention.reference(q, k, v, None, qg, 1e-6).transpose(1, 2).double()
-    err = ((out.double() - ref).norm() / ref.norm()).item()
-    err_sdpa = ((sdpa - ref).norm() / ref.norm()).item()
-    assert err < 1.5 * err_sdpa + 1e-3, (err, err_sdpa)
+    _assert_as_close_as_sdpa(q, k, v, (torch.rand(hd, device="cuda") + 0.5).bfloat16())

@@ -354,6 +354,12 @@ def _cuda_world(d_model: int, prompts: int) -> tuple[HyperNet, HyperNet, list[Ma
     return s1, s2, groups
 
 
+def _predict(s1: HyperNet, s2: HyperNet, groups: list, text: torch.Tensor, mask: torch.Tensor) -> list:
+    """Stage I then stage II (on stage I's tokens) without autograd."""
+    with torch.no_grad():
+        return s2(groups, text, mask, [o.tokens for o in s1(groups, text, mask)])
+
+
 def _assert_same_prediction(fused: list, plain: list, what: object = None) -> None:
     """A, B and the tokens of each output agree to bf16 rounding (2% relative)."""
     for a, b in zip(fused, plain):
@@ -377,8 +383,7 @@ def test_residual_adds_in_cublaslt_epilogues_give_the_plain_prediction(monkeypat
     monkeypatch.setattr(lt, "matmul", lambda *a, **k: (calls.append(k.get("c") is not None), matmul(*a, **k))[1])
 
     def predict():
-        with torch.no_grad():
-            return s2(groups, text, mask, [o.tokens for o in s1(groups, text, mask)])
+        return _predict(s1, s2, groups, text, mask)
     fused = predict()
     assert sum(calls) > 0
     monkeypatch.setattr(cublaslt, "ENABLED", False)
@@ -408,8 +413,7 @@ def test_fused_attention_kernel_gives_the_plain_prediction(monkeypatch):
         monkeypatch.setattr(attention, name, lambda *a, fn=fn, name=name, **k: (calls.append(name), fn(*a, **k))[1])
 
     def predict():
-        with torch.no_grad():
-            return s2(groups, text, mask, [o.tokens for o in s1(groups, text, mask)])
+        return _predict(s1, s2, groups, text, mask)
     fused = predict()
     # every attention: self and cross to the text in each trunk block, cross to the stage-I tokens
     own = s1.cfg.num_blocks + s2.cfg.num_blocks + len(s2.stage1_blocks)  # attentions to a matrix's own tokens
