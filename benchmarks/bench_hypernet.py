@@ -22,6 +22,8 @@ is rewritten after every section so a timeout keeps what finished):
                    power while it runs back to back,
                    without the residual adds in cuBLASLt epilogues (_no_epilogues), with QK
                    norms + SDPA instead of lofa.attention's kernel (_sdpa)
+  predictor        the user's API, Predictor(dtype="bfloat16", compile=True).predict(prompt), with
+                   a base DiT of these shapes (random weights): back to back and after idle
   loss_check       the fused Triton stage-I loss against the compiled torch loss and an
                    fp32 evaluation: time of forward + backward, loss, counts, gradients
   train1_*         compiled stage-I step variants: the MLPs without the cuBLASLt GELU epilogues
@@ -518,6 +520,55 @@ class Bench:
             return lambda: graph(self.text)[0]
         return self.time_prediction(make_run, cached=True, profile=profile, latency=latency)
 
+    def run_predictor(self) -> dict[str, object]:
+        """The user's API: ``Predictor(dtype="bfloat16", compile=True).predict(prompt)`` (on CPU not
+        compiled, no graph) with a base DiT of the vocabulary's shape (diffsynth's WanModel, random
+        weights) and a text encoder that gives the bench's text for any prompt (umT5-XXL has no weights
+        here; the bench times the hypernetworks). One call: the prompt's encoding, stage I + II
+        replayed from the Predictor's CUDA graph, the factors as fp32 on the card. The peak leaves out
+        the DiT's weights, which the Predictor keeps only to generate videos."""
+        from lofa.encoders.text import TextEmbedding
+        from lofa.predict import BaseModel, Predictor
+        from lofa.wan import WAN21_T2V_1_3B, WanDiTConfig, build_dit
+
+        dev, (dim, ffn, layers) = self.device, (FULL if self.device.type == "cuda" else TINY)["dims"]
+        cfg = WAN21_T2V_1_3B if (dim, ffn, layers) == FULL["dims"] else WanDiTConfig(
+            dim=dim, ffn_dim=ffn, num_heads=2, num_layers=layers, text_dim=self.cfg1.text_dim)
+
+        class BenchText:  # lofa.encoders.text.TextEncoder
+            dim = self.cfg1.text_dim
+
+            def __init__(self, tokens: torch.Tensor):
+                self.tokens = tokens.float()
+
+            def encode(self, captions) -> TextEmbedding:
+                n, length = len(captions), self.tokens.shape[1]
+                return TextEmbedding(self.tokens.expand(n, -1, -1), torch.ones(n, length, dtype=torch.bool,
+                                                                             device=self.tokens.device))
+
+        with self.offloaded(keep_w=False):
+            dit = build_dit(cfg, device=dev, dtype=torch.bfloat16).eval().requires_grad_(False)
+            dit_gib = sum(p.numel() * p.element_size() for p in dit.parameters()) / 2 ** 30
+            t0 = time.perf_counter()
+            predictor = Predictor(BaseModel(dit, cfg, "bench", Path(".")), copy.deepcopy(self.s2),
+                                  copy.deepcopy(self.s1), BenchText(self.text), dtype="bfloat16",
+                                  compile=dev.type == "cuda")
+            build = time.perf_counter() - t0
+            self.reset_peak()
+            run = lambda: predictor.predict("a small red figure waves")  # noqa: E731
+            first = first_call_s(run, dev)
+            res = {**timeit(run, dev, self.warmup, self.repeats), "construct_s": build, "first_call_s": first,
+                   "dit_gib": dit_gib}
+            if dev.type == "cuda":
+                res["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30 - dit_gib
+                res["after_idle"] = latency_after_idle(run, self.repeats)
+                res["profile"] = kernel_profile(run)
+            pred = run()
+            res["factors"] = {"dtype": str(pred.A[0].dtype), "matrices": len(pred.A), "device": str(pred.A[0].device)}
+            del predictor, dit, pred
+        res["tflops"] = self.tflops(self.flops["predict"] - self.flops["cacheable"], res["median_ms"])
+        return res
+
     def loss_check(self) -> dict[str, object]:
         """The fused stage-I loss (Triton) against the compiled torch loss at full shapes, bf16 autocast:
         time of forward + backward, and the differences in loss, counts and gradients."""
@@ -704,6 +755,7 @@ def table(report: dict[str, object]) -> str:
             ("predict compiled cached", r.get("compiled_predict_cached")),
             ("predict cached cudagraphs", r.get("graphs_predict_cached")),
             ("predict one graph", r.get("graph_predict")),
+            ("Predictor.predict", r.get("predictor")),
             ("... attention not fused", r.get("graph_predict_sdpa")),
             ("predict one graph 2 streams", r.get("graph2_predict")),
             ("... blocks not compiled", r.get("graph_predict_eager")),
@@ -783,6 +835,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ("compiled_predict_cached", lambda: b.run_compiled_predict(cached=True, profile=True), gpu),
             ("graphs_predict_cached", lambda: b.run_compiled_predict("reduce-overhead", cached=True), gpu),
             ("graph_predict", lambda: b.run_graph_predict(streams=False, profile=True, latency=True), gpu),
+            ("predictor", b.run_predictor, True),
             ("graph_predict_no_epilogues", lambda: switched_off("cublaslt", lambda: b.run_graph_predict(
                 streams=False)), gpu),
             ("graph_predict_sdpa", lambda: switched_off("attention", lambda: b.run_graph_predict(

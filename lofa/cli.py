@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA file (one prompt) or directory (several; lora_000.safetensors, ...)")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="hypernetwork compute dtype (bfloat16: autocast)")
+                   help="hypernetwork weights and compute dtype (bfloat16: the GPU fast path)")
     _add_models(p)
     p.set_defaults(func=cmd_predict)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,7 +188,10 @@ class Predictor:
             one-stage ablation, ``use_stage1: false``).
         encoder: the text encoder the hypernetworks were trained with.
         hypernet_hash: recorded in every file's header (stage II's weights hash).
-        dtype: "float32", or "bfloat16" to run the hypernetworks under autocast.
+        dtype: "float32", or "bfloat16": the hypernetworks are cast to it once (in place, as
+            ``nn.Module.to`` does) and run in it, the path benchmarks/bench_hypernet.py times
+            (sections ``graph_predict`` and ``predictor``). Under autocast instead, every call
+            would cast every weight again and the MLPs' GELU would run as passes of their own.
         cuda_graph: on a GPU, a one-prompt prediction replays one captured CUDA graph per
             text length (``lofa.predict_graph``; captured on first use, up to
             ``MAX_GRAPHS`` lengths kept); elsewhere the same schedule runs uncaptured.
@@ -217,8 +219,9 @@ class Predictor:
             _check_vocab(stage1.vocab, self.vocab, "stage I", base)
         self.base, self.encoder, self.hypernet_hash, self.dtype = base, encoder, hypernet_hash, _DTYPES[dtype]
         self.device = next(base.dit.parameters()).device
-        self.stage2 = stage2.to(self.device).eval().requires_grad_(False)
-        self.stage1 = stage1.to(self.device).eval().requires_grad_(False) if stage2.cfg.uses_stage1 else None
+        self.stage2 = stage2.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.stage1 = (stage1.to(self.device, self.dtype).eval().requires_grad_(False) if stage2.cfg.uses_stage1
+                       else None)
         if compile:
             for m in (self.stage2, self.stage1):
                 if m is not None:
@@ -233,18 +236,13 @@ class Predictor:
         W = [w.detach().float() for w in base_weights(self.base.dit, self.vocab)]
         mids = torch.arange(len(self.vocab))
         out = []
-        with self._autocast():
-            for _, pos in group_by_shape(self.vocab, mids, torch.zeros_like(mids)):
-                ids = mids[pos].to(self.device)
-                e = model.embed(MatrixGroup(torch.stack([W[j] for j in pos.tolist()]), ids, torch.zeros_like(ids)))
-                out.append(_tile(e, 1, drop_weight=True))
+        for _, pos in group_by_shape(self.vocab, mids, torch.zeros_like(mids)):
+            ids = mids[pos].to(self.device)
+            e = model.embed(MatrixGroup(torch.stack([W[j] for j in pos.tolist()]), ids, torch.zeros_like(ids)))
+            # later reads of the ids (predicted_lora) are on the host, where they need no GPU sync
+            host = MatrixGroup(e.group.weight, mids[pos], torch.zeros_like(mids[pos]))
+            out.append(_tile(EmbeddedGroup(host, e.tokens, e.rms, e.model_id), 1, drop_weight=True))
         return out
-
-    def _autocast(self) -> torch.autocast | nullcontext:
-        if self.dtype == torch.float32:
-            return nullcontext()
-        # no weight-cast cache: a captured graph must cast the (in-place updatable) weights itself
-        return torch.autocast(self.device.type, self.dtype, cache_enabled=False)
 
     def _graph(self, text_len: int) -> PredictionGraph:
         """The one-prompt PredictionGraph for texts of ``text_len`` tokens (made on first use)."""
@@ -254,7 +252,7 @@ class Predictor:
                 self._graphs.pop(next(iter(self._graphs)))
             pool = next(iter(self._graphs.values())).pool if self._graphs else None
             graph = PredictionGraph(self.stage1, self.stage2, self._embedded.get(id(self.stage1)),
-                                    self._embedded[id(self.stage2)], text_len, context=self._autocast,
+                                    self._embedded[id(self.stage2)], text_len,
                                     graph=self.cuda_graph, pool=pool)
         self._graphs[text_len] = graph  # most recently used last
         return graph
@@ -292,28 +290,30 @@ class Predictor:
         if len(prompts) == 1:  # the serving path: W's tokens are cached, the text trimmed, one graph
             text, _ = trim_text(emb.tokens, emb.mask, self.stage2.cfg.text_dim)
             groups = self._embedded[id(self.stage2)]
-            outs = self._graph(text.shape[1])(text.to(self.device))
+            outs = self._graph(text.shape[1]).replay(text.to(self.device))  # read at once by _finish
             return self._finish(prompts, groups, outs, t0)
         text, mask = emb.tokens.to(self.device), emb.mask.to(self.device)
-        with self._autocast():
-            groups = [_tile(e, len(prompts)) for e in self._embedded[id(self.stage2)]]
-            tokens = None
-            if self.stage1 is not None:
-                s1_groups = [_tile(e, len(prompts)) for e in self._embedded[id(self.stage1)]]
-                tokens = [o.tokens for o in self.stage1(s1_groups, text, mask)]
-            outs = self.stage2(groups, text, mask, tokens)
+        groups = [_tile(e, len(prompts)) for e in self._embedded[id(self.stage2)]]
+        tokens = None
+        if self.stage1 is not None:
+            s1_groups = [_tile(e, len(prompts)) for e in self._embedded[id(self.stage1)]]
+            tokens = [o.tokens for o in self.stage1(s1_groups, text, mask)]
+        outs = self.stage2(groups, text, mask, tokens)
         return self._finish(prompts, groups, outs, t0)
 
     def _finish(self, prompts: list[str], groups: Sequence[EmbeddedGroup], outs: Sequence[HyperOutput],
                 t0: float) -> list[PredictedLoRA]:
+        # fp32 per group, then per-matrix views: one conversion per group, not one per matrix (480
+        # small kernels and their launches at the Wan2.1-1.3B shapes)
+        outs = [HyperOutput(o.A.float(), o.B.float(), None if o.alpha is None else o.alpha.float(), o.tokens)
+                for o in outs]
         lora = predicted_lora(self.vocab, [g.group for g in groups], outs, len(prompts))
-        A = [a.float() for a in lora.A]
-        B = [b.float() for b in lora.B]
+        # each prompt's per-matrix views are made while the GPU still runs the prediction
+        factors = [(tuple(a[k] for a in lora.A), tuple(b[k] for b in lora.B)) for k in range(len(prompts))]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
-        return [PredictedLoRA(p, self.vocab, tuple(a[k] for a in A), tuple(b[k] for b in B), seconds)
-                for k, p in enumerate(prompts)]
+        return [PredictedLoRA(p, self.vocab, A, B, seconds) for p, (A, B) in zip(prompts, factors)]
 
     def metadata(self, pred: PredictedLoRA) -> dict[str, str]:
         """The safetensors header of ``pred``'s file (``save_lora`` adds rank, producer, format)."""

@@ -120,6 +120,17 @@ class PredictionGraph:
 
         Returns new tensors (the graph's own outputs are overwritten by the next call).
         """
+        outs = self.replay(text)
+        if self.graph is None:
+            return outs
+        return [HyperOutput(o.A.clone(), o.B.clone(), None if o.alpha is None else o.alpha.clone(),
+                            o.tokens.clone()) for o in outs]
+
+    @torch.no_grad()
+    def replay(self, text: Tensor) -> list[HyperOutput]:
+        """As ``__call__``, but a captured graph returns its own output tensors, which the next call
+        overwrites: for a caller that reads them at once (``Predictor`` converts A and B to fp32),
+        with no copies (stage II's tokens alone are 95 MB at the Wan2.1-1.3B shapes)."""
         if text.shape != self.text.shape:
             raise ValueError(f"PredictionGraph: captured for text {tuple(self.text.shape)}, got {tuple(text.shape)}")
         if self.graph is None:
@@ -127,5 +138,4 @@ class PredictionGraph:
                 return self._forward(text.to(self.text.dtype))
         self.text.copy_(text)
         self.graph.replay()
-        return [HyperOutput(o.A.clone(), o.B.clone(), None if o.alpha is None else o.alpha.clone(),
-                            o.tokens.clone()) for o in self.outputs]
+        return self.outputs

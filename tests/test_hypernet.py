@@ -214,6 +214,8 @@ def test_benchmark_tiny_smoke(tmp_path, monkeypatch):
     report = bench.main(["--tiny", "--out", str(tmp_path / "b.json")])
     assert report["errors"] == {} and {"ceiling", "predict", "train1"} <= set(report["results"])
     assert report["results"]["predict"]["vs_fp32"]["dW"] < 3e-2
+    # the user's API (Predictor, bf16 weights) over a real tiny Wan DiT's matrices
+    assert report["results"]["predictor"]["factors"] == {"dtype": "torch.float32", "matrices": 16, "device": "cpu"}
     assert (tmp_path / "b.json").is_file()
     # the FLOP count at the Wan2.1-1.3B shapes: about 31 TFLOP for stage I + stage II
     vocab = Vocabulary.from_dims(1536, 8960, 30)
@@ -292,6 +294,7 @@ def test_prediction_graph_schedule_matches_the_model(use_stage1):
     assert graph.graph is None and graph.side is None  # CPU: the same schedule, not captured
     got = graph(text)
     assert len(got) == len(want) == 3
+    torch.testing.assert_close(graph.replay(text)[0].A, got[0].A)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.A, b.A, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.B_scaled, b.B_scaled, rtol=1e-5, atol=1e-7)
@@ -333,6 +336,10 @@ def test_prediction_graph_replays_on_cuda_like_the_models(autocast):
         for a, b in zip(got, want):
             torch.testing.assert_close(a.A.float(), b.A.float(), **tol)
             torch.testing.assert_close(a.B_scaled.float(), b.B_scaled.float(), **tol)
+    # replay: the graph's own outputs (the same buffers every call, no copies); a call copies them
+    own = graph.replay(text)
+    assert own[0].A.data_ptr() == graph.replay(text)[0].A.data_ptr() != graph(text)[0].A.data_ptr()
+    torch.testing.assert_close(own[0].A, got[0].A)
 
 
 _needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),

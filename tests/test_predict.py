@@ -158,6 +158,22 @@ def test_cache_and_batching_match_an_uncached_forward(predictor):
     assert not torch.equal(batch[0].B[0], batch[1].B[0])  # the prompt matters
 
 
+def test_bfloat16_predictor_runs_bf16_weights_close_to_float32(art, predictor):
+    """dtype="bfloat16" casts the hypernetworks once (no autocast: no per-call weight casts) and
+    predicts what the fp32 predictor does, to bf16's precision, one prompt or several."""
+    p16 = Predictor.from_dirs(art["base"], art["stage1"], art["stage2"], art["params"], dtype="bfloat16")
+    assert {p.dtype for m in (p16.stage1, p16.stage2) for p in m.parameters()} == {torch.bfloat16}
+    assert {e.tokens.dtype for es in p16._embedded.values() for e in es} == {torch.bfloat16}
+    single, batch = p16.predict(PROMPTS[1]), p16.predict_batch(PROMPTS[:2])[1]
+    ref = predictor.predict(PROMPTS[1])
+    for got in (single, batch):
+        assert all(a.dtype == torch.float32 for a in (*got.A, *got.B))
+        d = torch.stack([b @ a for a, b in zip(got.A, got.B)])
+        d_ref = torch.stack([b @ a for a, b in zip(ref.A, ref.B)])
+        err = float((d - d_ref).norm() / d_ref.norm())
+        assert 0 < err < 0.03, err  # bf16 rounding, not another computation
+
+
 def test_prompt_checks_truncation_and_non_ascii(predictor):
     for bad, pattern in (("", "the prompt is empty"), ("  \n", "the prompt is empty"),
                          ([PROMPTS[0], " "], "prompt 2 of 2 is empty"), ([], "no prompt given")):
