@@ -24,12 +24,12 @@ the general kernel that applied each key's norm to every score tile was slower t
 
 Measured on an H100 (benchmarks/bench_attention.py; the hypernetwork's prediction with and
 without it: benchmarks/bench_hypernet.py sections graph_predict and graph_predict_sdpa):
-- self-attention, 240 x 12 heads x 257 x 64: q and k norms + cuDNN 0.45 ms, the k norm + the
-  general kernel 0.30 ms (the kernel alone 0.23; without the tail handling 0.25), the short
-  kernel with both norms inside 0.27 ms;
+- self-attention, 240 x 12 heads x 257 x 64: q and k norms + cuDNN 0.47 ms, the k norm + the
+  general kernel 0.29 ms (the kernel alone 0.23; without the tail handling 0.25), the short
+  kernel with both norms inside 0.26 ms;
 - cross-attention, the 61,680 queries of one prompt against 512 keys: the q norm + cuDNN
-  0.32 ms, this kernel 0.28 ms;
-- the whole prediction (one CUDA graph): 59.7 -> 57.8 ms with the general kernel.
+  0.31 ms, this kernel 0.28 ms;
+- the whole prediction (one CUDA graph): 59.8 ms with QK norms + cuDNN, 56.8 ms with these kernels.
 
 The torch path (``reference``) is the same math as the plain ``SelfAttention`` /
 ``CrossAttention`` and runs wherever the kernel does not: CPU, autograd, head sizes that are
@@ -281,8 +281,8 @@ def launch_short(q: Tensor, k: Tensor, v: Tensor, q_gain: Tensor | None, k_gain:
     Shapes and strides as ``launch``; the q norm as there (``q_gain`` None: none). Returns out.
 
     It replaces the k norm's own pass: at 240 x 12 x 257 x 64 on an H100
-    (benchmarks/bench_attention.py), 0.269 ms against 0.072 (k norm) + 0.225 (``launch``); at 256
-    tokens 0.223 against 0.072 + 0.182. Splitting a sequence's query tiles over several programs
+    (benchmarks/bench_attention.py), 0.258 ms against 0.068 (k norm) + 0.226 (``launch``); at 256
+    tokens 0.213 against 0.068 + 0.182. Splitting a sequence's query tiles over several programs
     (each normalising the keys again) or doing a 257th query row on vectors were slower in a
     development probe (0.31 to 0.36 and 0.57 ms). Three pipeline stages, not two: 0.254 against
     0.270 ms (development probe, H100, the two alternated six times in one process); a sweep of

@@ -196,9 +196,10 @@ class Predictor:
             text length (``lofa.predict_graph``; captured on first use, up to
             ``MAX_GRAPHS`` lengths kept); elsewhere the same schedule runs uncaptured.
         compile: compile the hypernetworks' regions (``HyperNet.compile_regions``): on an
-            H100 at the Wan2.1-1.3B shapes a graphed prediction takes 63 ms compiled and
-            87 ms not (benchmarks/bench_hypernet.py), for ~20 s of compiling on first use;
-            worth it for a process serving many prompts.
+            H100 at the Wan2.1-1.3B shapes in bf16, ``predict`` takes 57.8 ms compiled
+            (benchmarks/bench_hypernet.py, section ``predictor``) and a graphed prediction 70 ms
+            with nothing compiled (``graph_predict_eager``), for up to ~20 s of compiling on first
+            use; worth it for a process serving many prompts.
     """
 
     MAX_GRAPHS = 4
