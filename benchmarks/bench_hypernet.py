@@ -23,7 +23,8 @@ is rewritten after every section so a timeout keeps what finished):
                    without the residual adds in cuBLASLt epilogues (_no_epilogues), with QK
                    norms + SDPA instead of lofa.attention's kernel (_sdpa)
   predictor        the user's API, Predictor(dtype="bfloat16", compile=True).predict(prompt), with
-                   a base DiT of these shapes (random weights): back to back and after idle
+                   a base DiT of these shapes (random weights): back to back and after idle; also
+                   prompts of other lengths (padded to their bucket, one graph per bucket)
   loss_check       the fused Triton stage-I loss against the compiled torch loss and an
                    fp32 evaluation: time of forward + backward, loss, counts, gradients
   train1_*         compiled stage-I step variants: the MLPs without the cuBLASLt GELU epilogues
@@ -536,6 +537,7 @@ class Bench:
             dim=dim, ffn_dim=ffn, num_heads=2, num_layers=layers, text_dim=self.cfg1.text_dim)
 
         class BenchText:  # lofa.encoders.text.TextEncoder
+            """The bench's text for any prompt; a prompt "<n> tokens" keeps only its first n valid."""
             dim = self.cfg1.text_dim
 
             def __init__(self, tokens: torch.Tensor):
@@ -543,8 +545,10 @@ class Bench:
 
             def encode(self, captions) -> TextEmbedding:
                 n, length = len(captions), self.tokens.shape[1]
-                return TextEmbedding(self.tokens.expand(n, -1, -1), torch.ones(n, length, dtype=torch.bool,
-                                                                             device=self.tokens.device))
+                first = [c.split()[0] for c in captions]
+                valid = torch.tensor([int(f) if f.isdigit() else length for f in first], device=self.tokens.device)
+                mask = torch.arange(length, device=self.tokens.device)[None] < valid[:, None]
+                return TextEmbedding(self.tokens.expand(n, -1, -1) * mask[..., None], mask)
 
         with self.offloaded(keep_w=False):
             dit = build_dit(cfg, device=dev, dtype=torch.bfloat16).eval().requires_grad_(False)
@@ -565,6 +569,16 @@ class Bench:
                 res["profile"] = kernel_profile(run)
             pred = run()
             res["factors"] = {"dtype": str(pred.A[0].dtype), "matrices": len(pred.A), "device": str(pred.A[0].device)}
+            # prompts of other lengths: padded to their bucket (lofa.predict.text_bucket), one graph per bucket
+            length = self.text.shape[1]
+            for name, sizes in (("short_prompts", (max(1, length // 25), length // 14 + 1, length // 10 + 2)),
+                                ("long_prompts", (length * 3 // 5, length * 4 // 5, length - 12))):
+                prompts = [f"{k} tokens" for k in sizes]
+                first_call_s(lambda: [predictor.predict(q) for q in prompts], dev)
+                cycle = iter(prompts * (self.warmup + self.repeats))
+                res[name] = {**timeit(lambda: predictor.predict(next(cycle)), dev, self.warmup, self.repeats),
+                             "text_tokens": list(sizes)}
+            res["graphs"] = [list(k) for k in predictor._graphs]
             del predictor, dit, pred
         res["tflops"] = self.tflops(self.flops["predict"] - self.flops["cacheable"], res["median_ms"])
         return res

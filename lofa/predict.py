@@ -163,6 +163,20 @@ class PredictedLoRA:
         return LoRAWeights.from_factors(self.vocab, [a.to(device) for a in self.A], [b.to(device) for b in self.B])
 
 
+#: Lengths a one-prompt text is padded to (the keys past the prompt masked): one captured graph,
+#: and with ``compile`` one compile, per bucket, not per prompt length.
+TEXT_BUCKETS = (64, 128, 256, 512)
+
+
+def text_bucket(length: int, max_length: int) -> int:
+    """The padded length of a trimmed text of ``length`` tokens from an encoder of ``max_length``:
+    the smallest of ``TEXT_BUCKETS`` that holds it, at most ``max_length`` (past the last
+    bucket, the length itself)."""
+    if not 0 < length <= max_length:
+        raise ValueError(f"text_bucket: length {length} not in 1..{max_length}")
+    return next((min(b, max_length) for b in TEXT_BUCKETS if length <= b), length)
+
+
 def _tile(e: EmbeddedGroup, num_prompts: int, drop_weight: bool = False) -> EmbeddedGroup:
     """The embedded matrices of one prompt repeated for ``num_prompts`` prompts (prompt-major).
 
@@ -193,8 +207,10 @@ class Predictor:
             (sections ``graph_predict`` and ``predictor``). Under autocast instead, every call
             would cast every weight again and the MLPs' GELU would run as passes of their own.
         cuda_graph: on a GPU, a one-prompt prediction replays one captured CUDA graph per
-            text length (``lofa.predict_graph``; captured on first use, up to
-            ``MAX_GRAPHS`` lengths kept); elsewhere the same schedule runs uncaptured.
+            text length bucket (``lofa.predict_graph``; the trimmed text is padded to
+            ``text_bucket`` with the padding masked, so prompts of 20 and 50 tokens share a
+            graph; captured on first use, up to ``MAX_GRAPHS`` kept); elsewhere the same
+            schedule runs uncaptured.
         compile: compile the hypernetworks' regions (``HyperNet.compile_regions``): on an
             H100 at the Wan2.1-1.3B shapes in bf16, ``predict`` takes 57.8 ms compiled
             (benchmarks/bench_hypernet.py, section ``predictor``) and a graphed prediction 70 ms
@@ -202,7 +218,7 @@ class Predictor:
             use; worth it for a process serving many prompts.
     """
 
-    MAX_GRAPHS = 4
+    MAX_GRAPHS = 8
 
     def __init__(self, base: BaseModel, stage2: HyperNet, stage1: HyperNet | None, encoder: TextEncoder, *,
                  hypernet_hash: str = "", dtype: str = "float32", cuda_graph: bool = True,
@@ -245,17 +261,19 @@ class Predictor:
             out.append(_tile(EmbeddedGroup(host, e.tokens, e.rms, e.model_id), 1, drop_weight=True))
         return out
 
-    def _graph(self, text_len: int) -> PredictionGraph:
-        """The one-prompt PredictionGraph for texts of ``text_len`` tokens (made on first use)."""
-        graph = self._graphs.pop(text_len, None)
+    def _graph(self, text_len: int, masked: bool) -> PredictionGraph:
+        """The one-prompt PredictionGraph for texts of ``text_len`` tokens, with a key mask or all
+        valid (made on first use)."""
+        key = (text_len, masked)
+        graph = self._graphs.pop(key, None)
         if graph is None:
             if len(self._graphs) >= self.MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))
             pool = next(iter(self._graphs.values())).pool if self._graphs else None
             graph = PredictionGraph(self.stage1, self.stage2, self._embedded.get(id(self.stage1)),
-                                    self._embedded[id(self.stage2)], text_len,
+                                    self._embedded[id(self.stage2)], text_len, masked=masked,
                                     graph=self.cuda_graph, pool=pool)
-        self._graphs[text_len] = graph  # most recently used last
+        self._graphs[key] = graph  # most recently used last
         return graph
 
     @classmethod
@@ -289,9 +307,16 @@ class Predictor:
         t0 = time.perf_counter()
         emb = self.encoder.encode(prompts)
         if len(prompts) == 1:  # the serving path: W's tokens are cached, the text trimmed, one graph
-            text, _ = trim_text(emb.tokens, emb.mask, self.stage2.cfg.text_dim)
+            text, mask = trim_text(emb.tokens, emb.mask, self.stage2.cfg.text_dim)
+            text, mask = text.to(self.device), None if mask is None else mask.to(self.device)
+            length = text.shape[1]
+            size = text_bucket(length, emb.tokens.shape[1])
+            if size > length:  # padded to its bucket, the padding masked
+                valid = torch.ones(1, length, dtype=torch.bool, device=self.device) if mask is None else mask
+                text = torch.cat([text, text.new_zeros(1, size - length, text.shape[2])], dim=1)
+                mask = torch.cat([valid, valid.new_zeros(1, size - length)], dim=1)
             groups = self._embedded[id(self.stage2)]
-            outs = self._graph(text.shape[1]).replay(text.to(self.device))  # read at once by _finish
+            outs = self._graph(size, mask is not None).replay(text, mask)  # read at once by _finish
             return self._finish(prompts, groups, outs, t0)
         text, mask = emb.tokens.to(self.device), emb.mask.to(self.device)
         groups = [_tile(e, len(prompts)) for e in self._embedded[id(self.stage2)]]

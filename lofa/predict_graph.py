@@ -15,8 +15,10 @@ against 2.99 GiB peak), so it is off by default.
 
 What a replay needs is fixed at capture: the embedded matrices (``HyperNet.embed``,
 one prompt), the models' weights (read in place: later in-place updates are seen,
-replaced tensors are not), the text length, and a text whose every kept token is
-valid (``trim_text`` gives that for one prompt).
+replaced tensors are not), the text length, and whether the text comes with a key mask
+(``masked``): without one every token must be valid (``trim_text`` gives that for one
+prompt); with one, a text padded to a fixed length (``lofa.predict.text_bucket``) serves
+prompts of any length up to it from one graph.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class PredictionGraph:
         stage1: the stage-I model, or None for a stage-II model without stage-I features.
         stage2: the stage-II model.
         groups1, groups2: each model's embedded matrices for one prompt (same order).
-        text_len: tokens of the (trimmed, all-valid) text every call passes.
+        text_len: tokens of the text every call passes.
+        masked: calls pass a (1, text_len) key mask with the text (False: every token is valid).
         streams: run stage II's first blocks on a second stream beside stage I (off: no gain
             measured, more memory).
         context: a factory of the context to trace in (e.g. autocast with its cache off).
@@ -46,7 +49,7 @@ class PredictionGraph:
     """
 
     def __init__(self, stage1: HyperNet | None, stage2: HyperNet, groups1: Sequence[EmbeddedGroup] | None,
-                 groups2: Sequence[EmbeddedGroup], text_len: int, *, streams: bool = False,
+                 groups2: Sequence[EmbeddedGroup], text_len: int, *, masked: bool = False, streams: bool = False,
                  context: type[AbstractContextManager] | None = None, graph: bool = True,
                  pool: object | None = None, warmup: int = 2) -> None:
         if stage2.cfg.uses_stage1 != (stage1 is not None and groups1 is not None):
@@ -67,6 +70,7 @@ class PredictionGraph:
         self.side = torch.cuda.Stream(self.device) if streams and self.device.type == "cuda" else None
         self.text = torch.zeros(1, text_len, stage2.cfg.text_dim, device=self.device,
                                 dtype=groups2[0].tokens.dtype)
+        self.mask = torch.ones(1, text_len, dtype=torch.bool, device=self.device) if masked else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: list[HyperOutput] = []
         if self.use_graph:
@@ -82,15 +86,15 @@ class PredictionGraph:
         warm.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(warm), torch.no_grad(), self.context():
             for _ in range(warmup):  # compiled blocks compile and cuBLAS picks its kernels here
-                self._forward(self.text)
+                self._forward(self.text, self.mask)
         torch.cuda.current_stream(self.device).wait_stream(warm)
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), self.context(), torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = self._forward(self.text)
+            self.outputs = self._forward(self.text, self.mask)
 
-    def _forward(self, text: Tensor) -> list[HyperOutput]:
+    def _forward(self, text: Tensor, mask: Tensor | None) -> list[HyperOutput]:
         s1, s2 = self.stage1, self.stage2
-        ctx2 = s2.text_context(text, None)
+        ctx2 = s2.text_context(text, mask)
         split = min(s2.cfg.cross_stage1_after) if s2.cfg.uses_stage1 else s2.cfg.num_blocks - 1
         x2: list[tuple[Tensor, Tensor | None]] = []
         main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
@@ -98,11 +102,12 @@ class PredictionGraph:
             self.side.wait_stream(main)
         with torch.cuda.stream(self.side) if self.side is not None else nullcontext():
             for e in self.groups2:  # stage II up to (not into) its first stage-I block: no stage-I input
-                x2.append(s2.run_blocks(e.tokens, ctx2, 0, split + 1, first_cached=True))
+                x2.append(s2.run_blocks(e.tokens, ctx2, 0, split + 1, mask=mask, first_cached=True))
         tokens1: list[Tensor | None] = [None] * len(self.groups2)
         if s1 is not None:
-            ctx1 = s1.text_context(text, None)
-            tokens1 = [s1.final_tokens(*s1.run_blocks(e.tokens, ctx1, 0, s1.cfg.num_blocks, first_cached=True))
+            ctx1 = s1.text_context(text, mask)
+            tokens1 = [s1.final_tokens(*s1.run_blocks(e.tokens, ctx1, 0, s1.cfg.num_blocks, mask=mask,
+                                                      first_cached=True))
                        for e in self.groups1]
         if self.side is not None:
             main.wait_stream(self.side)
@@ -110,32 +115,41 @@ class PredictionGraph:
         for e, (x, pending), t1 in zip(self.groups2, x2, tokens1):
             if t1 is not None:
                 x, pending = s2.stage1_blocks[str(split)](x, pending, t1)
-            x, pending = s2.run_blocks(x, ctx2, split + 1, s2.cfg.num_blocks, pending=pending, stage1_tokens=t1)
+            x, pending = s2.run_blocks(x, ctx2, split + 1, s2.cfg.num_blocks, pending=pending, mask=mask,
+                                       stage1_tokens=t1)
             outs.append(s2.finish(x, e.group.shape, e.rms, pending))
         return outs
 
     @torch.no_grad()
-    def __call__(self, text: Tensor) -> list[HyperOutput]:
-        """One prediction per stage-II group for ``text`` (1, text_len, text_dim), every token valid.
+    def __call__(self, text: Tensor, mask: Tensor | None = None) -> list[HyperOutput]:
+        """One prediction per stage-II group for ``text`` (1, text_len, text_dim) and, for a graph
+        made ``masked``, its key mask (1, text_len) bool, True = token (else every token is valid).
 
         Returns new tensors (the graph's own outputs are overwritten by the next call).
         """
-        outs = self.replay(text)
+        outs = self.replay(text, mask)
         if self.graph is None:
             return outs
         return [HyperOutput(o.A.clone(), o.B.clone(), None if o.alpha is None else o.alpha.clone(),
                             o.tokens.clone()) for o in outs]
 
     @torch.no_grad()
-    def replay(self, text: Tensor) -> list[HyperOutput]:
+    def replay(self, text: Tensor, mask: Tensor | None = None) -> list[HyperOutput]:
         """As ``__call__``, but a captured graph returns its own output tensors, which the next call
         overwrites: for a caller that reads them at once (``Predictor`` converts A and B to fp32),
         with no copies (stage II's tokens alone are 95 MB at the Wan2.1-1.3B shapes)."""
         if text.shape != self.text.shape:
             raise ValueError(f"PredictionGraph: captured for text {tuple(self.text.shape)}, got {tuple(text.shape)}")
+        if (mask is None) != (self.mask is None):
+            raise ValueError("PredictionGraph: a key mask is needed exactly when the graph was made masked")
+        if mask is not None and (mask.shape != self.mask.shape or mask.dtype != torch.bool):
+            raise ValueError(f"PredictionGraph: mask must be bool {tuple(self.mask.shape)}, got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
         if self.graph is None:
             with self.context():
-                return self._forward(text.to(self.text.dtype))
+                return self._forward(text.to(self.text.dtype), None if mask is None else mask.to(self.device))
         self.text.copy_(text)
+        if mask is not None:
+            self.mask.copy_(mask)
         self.graph.replay()
         return self.outputs

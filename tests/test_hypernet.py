@@ -215,7 +215,10 @@ def test_benchmark_tiny_smoke(tmp_path, monkeypatch):
     assert report["errors"] == {} and {"ceiling", "predict", "train1"} <= set(report["results"])
     assert report["results"]["predict"]["vs_fp32"]["dW"] < 3e-2
     # the user's API (Predictor, bf16 weights) over a real tiny Wan DiT's matrices
-    assert report["results"]["predictor"]["factors"] == {"dtype": "torch.float32", "matrices": 16, "device": "cpu"}
+    pr = report["results"]["predictor"]
+    assert pr["factors"] == {"dtype": "torch.float32", "matrices": 16, "device": "cpu"}
+    # 16 text tokens: the full text, and shorter prompts all padded to 16 with a mask
+    assert pr["graphs"] == [[16, False], [16, True]] and pr["short_prompts"]["text_tokens"] == [1, 2, 3]
     assert (tmp_path / "b.json").is_file()
     # the FLOP count at the Wan2.1-1.3B shapes: about 31 TFLOP for stage I + stage II
     vocab = Vocabulary.from_dims(1536, 8960, 30)
@@ -295,6 +298,18 @@ def test_prediction_graph_schedule_matches_the_model(use_stage1):
     got = graph(text)
     assert len(got) == len(want) == 3
     torch.testing.assert_close(graph.replay(text)[0].A, got[0].A)
+    # padded with garbage and the padding masked: the same prediction
+    padded = PredictionGraph(s1 if use_stage1 else None, s2, e1 if use_stage1 else None, e2, text.shape[1] + 3,
+                             masked=True)
+    pad_text = torch.cat([text, 5 * torch.randn(1, 3, text.shape[2])], dim=1)
+    pad_mask = torch.arange(text.shape[1] + 3)[None] < text.shape[1]
+    for a, b in zip(padded(pad_text, pad_mask), got):
+        torch.testing.assert_close(a.A, b.A, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.B_scaled, b.B_scaled, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="key mask"):
+        padded(pad_text)
+    with pytest.raises(ValueError, match="key mask"):
+        graph(text, torch.ones(1, text.shape[1], dtype=torch.bool))
     for a, b in zip(got, want):
         torch.testing.assert_close(a.A, b.A, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.B_scaled, b.B_scaled, rtol=1e-5, atol=1e-7)
@@ -326,6 +341,7 @@ def test_prediction_graph_replays_on_cuda_like_the_models(autocast):
         e1, e2 = [s1.embed(g) for g in groups], [s2.embed(g) for g in groups]
     graph = PredictionGraph(s1, s2, e1, e2, 5, context=ctx, streams=True)
     assert graph.graph is not None and graph.side is not None
+    padded = PredictionGraph(s1, s2, e1, e2, 8, masked=True, context=ctx, pool=graph.pool)  # 3 keys masked
     tol = dict(rtol=2e-2, atol=1e-4) if autocast else dict(rtol=1e-4, atol=1e-6)
     for seed in (1, 2, 3):
         text = torch.randn(1, 5, 24, generator=torch.Generator().manual_seed(seed)).cuda()
@@ -333,9 +349,12 @@ def test_prediction_graph_replays_on_cuda_like_the_models(autocast):
         with torch.no_grad(), ctx():
             want = s2(groups, text, mask, [o.tokens for o in s1(groups, text, mask)])
         got = graph(text)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a.A.float(), b.A.float(), **tol)
-            torch.testing.assert_close(a.B_scaled.float(), b.B_scaled.float(), **tol)
+        pad_text = torch.cat([text, 5 * torch.randn(1, 3, 24, device="cuda")], dim=1)
+        pad_mask = torch.arange(8, device="cuda")[None] < 5
+        for outs in (got, padded(pad_text, pad_mask)):
+            for a, b in zip(outs, want):
+                torch.testing.assert_close(a.A.float(), b.A.float(), **tol)
+                torch.testing.assert_close(a.B_scaled.float(), b.B_scaled.float(), **tol)
     # replay: the graph's own outputs (the same buffers every call, no copies); a call copies them
     own = graph.replay(text)
     assert own[0].A.data_ptr() == graph.replay(text)[0].A.data_ptr() != graph(text)[0].A.data_ptr()

@@ -19,7 +19,7 @@ from lofa.io import load_tensors, read_metadata, save_tensors
 from lofa.lora import LoRAFormatError, base_weights
 from lofa.objectives import predicted_lora
 from lofa.predict import (PredictError, Predictor, codec_for, generate_video, load_preprocess, load_user_lora,
-                          write_videos)
+                          text_bucket, write_videos)
 from lofa.wan import dit_forward
 from tiny_artifacts import DIT, RANK, hypernet_config, write_artifacts, write_base, write_clip, write_hypernet
 
@@ -172,6 +172,33 @@ def test_bfloat16_predictor_runs_bf16_weights_close_to_float32(art, predictor):
         d_ref = torch.stack([b @ a for a, b in zip(ref.A, ref.B)])
         err = float((d - d_ref).norm() / d_ref.norm())
         assert 0 < err < 0.03, err  # bf16 rounding, not another computation
+
+
+def test_text_buckets():
+    assert [text_bucket(n, 512) for n in (1, 20, 64, 65, 128, 129, 300, 512)] == [64, 64, 64, 128, 128, 256, 512, 512]
+    assert text_bucket(10, 16) == text_bucket(16, 16) == 16 and text_bucket(600, 1024) == 600
+    for n, m in ((0, 16), (17, 16)):
+        with pytest.raises(ValueError, match="not in"):
+            text_bucket(n, m)
+
+
+def test_prompts_of_any_length_share_the_graph_of_their_bucket(art, predictor):
+    """One-prompt predictions pad the trimmed text to its bucket and mask the padding: prompts of
+    different lengths share one graph (and one compile), and each predicts what the model's own
+    forward does on its unpadded text (test_cache_and_batching_match_an_uncached_forward)."""
+    p = Predictor.from_dirs(art["base"], art["stage1"], art["stage2"], art["params"])
+    short = ["a figure waves", "a small red figure waves quickly", "the tall figure jumps high"]
+    lengths = [int(p.encoder.encode([q]).mask.sum()) for q in short]
+    assert len(set(lengths)) == 3 and max(lengths) < 16  # the encoder's max_length: every one padded
+    got = [p.predict(q) for q in short]
+    assert list(p._graphs) == [(16, True)]
+    ref = predictor.predict(short[1])  # a predictor whose graphs saw other lengths first
+    for a, b in zip(got[1].B, ref.B):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    long = "the large figure in yellow claps both hands above its head, then turns around slowly and bows"
+    assert int(p.encoder.encode([long]).mask.sum()) == 16
+    p.predict(long)  # truncated to the full 16 tokens: no padding, no mask
+    assert list(p._graphs) == [(16, True), (16, False)]
 
 
 def test_prompt_checks_truncation_and_non_ascii(predictor):
