@@ -316,8 +316,8 @@ class Predictor:
                 text = torch.cat([text, text.new_zeros(1, size - length, text.shape[2])], dim=1)
                 mask = torch.cat([valid, valid.new_zeros(1, size - length)], dim=1)
             groups = self._embedded[id(self.stage2)]
-            outs = self._graph(size, mask is not None).replay(text, mask)  # read at once by _finish
-            return self._finish(prompts, groups, outs, t0)
+            outs = self._graph(size, mask is not None).replay(text, mask)  # the graph's own: _finish copies
+            return self._finish(prompts, groups, outs, t0, copy=True)
         text, mask = emb.tokens.to(self.device), emb.mask.to(self.device)
         groups = [_tile(e, len(prompts)) for e in self._embedded[id(self.stage2)]]
         tokens = None
@@ -328,11 +328,13 @@ class Predictor:
         return self._finish(prompts, groups, outs, t0)
 
     def _finish(self, prompts: list[str], groups: Sequence[EmbeddedGroup], outs: Sequence[HyperOutput],
-                t0: float) -> list[PredictedLoRA]:
+                t0: float, copy: bool = False) -> list[PredictedLoRA]:
+        """The predictions as fp32 factors; ``copy``: outs are a graph's own buffers (the next replay
+        overwrites them), copied even where they are fp32 already."""
         # fp32 per group, then per-matrix views: one conversion per group, not one per matrix (480
         # small kernels and their launches at the Wan2.1-1.3B shapes)
-        outs = [HyperOutput(o.A.float(), o.B.float(), None if o.alpha is None else o.alpha.float(), o.tokens)
-                for o in outs]
+        fp32 = lambda t: None if t is None else t.to(torch.float32, copy=copy)  # noqa: E731
+        outs = [HyperOutput(fp32(o.A), fp32(o.B), fp32(o.alpha), o.tokens) for o in outs]
         lora = predicted_lora(self.vocab, [g.group for g in groups], outs, len(prompts))
         # each prompt's per-matrix views are made while the GPU still runs the prediction
         factors = [(tuple(a[k] for a in lora.A), tuple(b[k] for b in lora.B)) for k in range(len(prompts))]

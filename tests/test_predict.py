@@ -174,6 +174,23 @@ def test_bfloat16_predictor_runs_bf16_weights_close_to_float32(art, predictor):
         assert 0 < err < 0.03, err  # bf16 rounding, not another computation
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_predictions_are_the_callers_own(art, predictor, dtype):
+    """On a GPU the one-prompt path replays a captured graph whose outputs the next call overwrites:
+    a returned prediction must not change with later calls, and matches the CPU predictor."""
+    p = Predictor.from_dirs(art["base"], art["stage1"], art["stage2"], art["params"], device="cuda", dtype=dtype)
+    first = p.predict(PROMPTS[0])
+    kept = [b.clone() for b in first.B]
+    p.predict(PROMPTS[2])
+    p.predict(PROMPTS[0][:9])
+    assert all(torch.equal(a, b) for a, b in zip(first.B, kept))
+    assert p._graphs and all(g.graph is not None for g in p._graphs.values())
+    ref = predictor.predict(PROMPTS[0])
+    got, want = torch.cat([b.cpu().flatten() for b in first.B]), torch.cat([b.flatten() for b in ref.B])
+    assert float((got - want).norm() / want.norm()) < (1e-3 if dtype == "float32" else 3e-2)
+
+
 def test_text_buckets():
     assert [text_bucket(n, 512) for n in (1, 20, 64, 65, 128, 129, 300, 512)] == [64, 64, 64, 128, 128, 256, 512, 512]
     assert text_bucket(10, 16) == text_bucket(16, 16) == 16 and text_bucket(600, 1024) == 600
