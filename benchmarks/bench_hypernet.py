@@ -532,9 +532,9 @@ class Bench:
         from lofa.predict import BaseModel, Predictor
         from lofa.wan import WAN21_T2V_1_3B, WanDiTConfig, build_dit
 
-        dev, (dim, ffn, layers) = self.device, (FULL if self.device.type == "cuda" else TINY)["dims"]
-        cfg = WAN21_T2V_1_3B if (dim, ffn, layers) == FULL["dims"] else WanDiTConfig(
-            dim=dim, ffn_dim=ffn, num_heads=2, num_layers=layers, text_dim=self.cfg1.text_dim)
+        dev, (dim, ffn, layers) = self.device, TINY["dims"]
+        cfg = WanDiTConfig(dim=dim, ffn_dim=ffn, num_heads=2, num_layers=layers,
+                           text_dim=self.cfg1.text_dim) if self.args.tiny else WAN21_T2V_1_3B
 
         class BenchText:  # lofa.encoders.text.TextEncoder
             """The bench's text for any prompt; a prompt "<n> tokens" keeps only its first n valid."""
@@ -790,10 +790,10 @@ def table(report: dict[str, object]) -> str:
             lines.append(f"{name:24s} {v['median_ms']:9.2f} {tf:8.0f} {v.get('peak_gib', float('nan')):9.2f} "
                          f"{v.get('first_call_s', float('nan')):9.1f}")
             if "after_idle" in v:
-                gs = v.get("gpu_back_to_back") or {}
-                lines.append(f"{'  ... one call after idle':24s} {v['after_idle']['median_ms']:9.2f}   "
-                             f"(back to back: SM clock {gs.get('sm_clock_mhz_median')} MHz, "
-                             f"{gs.get('power_w_median')} W of {gs.get('power_limit_w')})")
+                gs = v.get("gpu_back_to_back")
+                state = (f"   (back to back: SM clock {gs.get('sm_clock_mhz_median')} MHz, "
+                         f"{gs.get('power_w_median')} W of {gs.get('power_limit_w')})") if gs else ""
+                lines.append(f"{'  ... one call after idle':24s} {v['after_idle']['median_ms']:9.2f}{state}")
     if "predict" in r:
         lines.append(f"bf16 vs fp32 rel. error: {r['predict']['vs_fp32']}")
     for k, v in r.items():

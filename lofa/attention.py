@@ -217,6 +217,16 @@ def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
         raise ValueError(f"attention: mask {tuple(mask.shape)} is not (batch, keys) = {(k.shape[0], k.shape[2])}")
 
 
+def _check_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, out: Tensor) -> None:
+    """What both kernels need: the shapes ``_check`` takes, Triton, and a contiguous head_dim."""
+    _check(q, k, v, mask)
+    if triton is None:
+        raise RuntimeError("attention: Triton is not installed")
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if t.stride(3) != 1:
+            raise ValueError(f"attention: {name}'s head_dim must be contiguous (stride {t.stride(3)})")
+
+
 def launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_gain: Tensor | None, eps: float, out: Tensor,
            block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
            tails: bool = True) -> Tensor:
@@ -231,14 +241,9 @@ def launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_gain: Tensor 
     tile is done on vectors. 257 = 4 x 64 + 1 tokens then cost 5 x 4 tiles (the fifth query tile
     overlapping the fourth) and a key on vectors, not 5 x 5 tiles.
     """
-    _check(q, k, v, mask)
-    if triton is None:
-        raise RuntimeError("attention: Triton is not installed")
+    _check_launch(q, k, v, mask, out)
     bsz, heads, rows, hd = q.shape
     kv_len = k.shape[2]
-    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
-        if t.stride(3) != 1:
-            raise ValueError(f"attention: {name}'s head_dim must be contiguous (stride {t.stride(3)})")
     if not _head_dim_ok(hd):
         raise ValueError(f"attention: head_dim {hd} must be a power of two >= 16")
     if mask is not None:
@@ -288,17 +293,12 @@ def launch_short(q: Tensor, k: Tensor, v: Tensor, q_gain: Tensor | None, k_gain:
     0.270 ms (development probe, H100, the two alternated six times in one process); a sweep of
     block_m 32 / 64 / 128 and 4 / 8 warps found none faster than 64 rows and 4 warps.
     """
-    _check(q, k, v, None)
-    if triton is None:
-        raise RuntimeError("attention: Triton is not installed")
+    _check_launch(q, k, v, None, out)
     bsz, heads, rows, hd = q.shape
     kv_len = k.shape[2]
     if not short_applies(kv_len, None, k_gain) or not _head_dim_ok(hd):
         raise ValueError(f"attention: launch_short takes 16..256 keys (a power of two, or one more) and a "
                          f"power-of-two head_dim, got {kv_len} keys, head_dim {hd}")
-    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
-        if t.stride(3) != 1:
-            raise ValueError(f"attention: {name}'s head_dim must be contiguous (stride {t.stride(3)})")
     tile = _whole_tile(kv_len)
     _short_attention_kernel[(heads, bsz)](
         q, k, v, out, q if q_gain is None else _gain(q_gain), _gain(k_gain),

@@ -182,12 +182,13 @@ def _tile(e: EmbeddedGroup, num_prompts: int, drop_weight: bool = False) -> Embe
 
     The hypernetwork reads only the shape and ids of an embedded group's matrices (the
     tokens carry W), so the tiled group's weight is a meta-device placeholder: W is
-    never copied per prompt (nor kept at all with ``drop_weight``).
+    never copied per prompt (nor kept at all with ``drop_weight``). Its ids are on the host,
+    where reading them (``predicted_lora``) needs no GPU sync.
     """
     if num_prompts == 1 and not drop_weight:
         return e
     n, (out_f, in_f) = e.tokens.shape[0], e.group.shape
-    ids = e.group.matrix_ids
+    ids = e.group.matrix_ids.cpu()
     group = MatrixGroup(torch.empty((n * num_prompts, out_f, in_f), device="meta"), ids.repeat(num_prompts),
                         torch.arange(num_prompts, device=ids.device).repeat_interleave(n))
     return EmbeddedGroup(group, e.tokens.repeat(num_prompts, 1, 1), e.rms.repeat(num_prompts), e.model_id)
@@ -256,9 +257,7 @@ class Predictor:
         for _, pos in group_by_shape(self.vocab, mids, torch.zeros_like(mids)):
             ids = mids[pos].to(self.device)
             e = model.embed(MatrixGroup(torch.stack([W[j] for j in pos.tolist()]), ids, torch.zeros_like(ids)))
-            # later reads of the ids (predicted_lora) are on the host, where they need no GPU sync
-            host = MatrixGroup(e.group.weight, mids[pos], torch.zeros_like(mids[pos]))
-            out.append(_tile(EmbeddedGroup(host, e.tokens, e.rms, e.model_id), 1, drop_weight=True))
+            out.append(_tile(e, 1, drop_weight=True))
         return out
 
     def _graph(self, text_len: int, masked: bool) -> PredictionGraph:
