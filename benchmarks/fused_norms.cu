@@ -95,7 +95,8 @@ template <class Tile> using RowVecB = Sm90RowBroadcast<0, Tile, bf16, float, Str
 template <class Tile, template <class> class F>
 using FoldTree = Sm90EVT<Sm90Compute<F, bf16, float, kRound>, Sm90AccFetch, ColVec<Tile>, ColVec<Tile>,
                          RowVec<Tile>, RowVec<Tile>>;
-// stats: x = acc + bias + r (rounded to bf16, stored), sum += x, sumsq += x^2 per row
+// stats: x = acc + bias + r (rounded to bf16, stored), sum += x, sumsq += x^2 per row. A tree cannot feed one
+// node to two parents (and a reduction passes its input on), so each branch evaluates x itself: a few adds.
 template <class Tile>
 using XNode = Sm90EVT<Sm90Compute<Add3, bf16, float, kRound>, Sm90AccFetch, RowVecB<Tile>, Sm90SrcFetch<bf16>>;
 template <class Tile>

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_hypernet import gpu_state  # noqa: E402
+from bench_hypernet import call_ms, gpu_state, rel_err, timeit  # noqa: E402
 from lofa import cublaslt  # noqa: E402
 
 SOURCE = Path(__file__).with_suffix(".cu")
@@ -137,23 +137,18 @@ class Block:
 
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return round(((x.double() - ref.double()).norm() / ref.double().norm()).item(), 6)
+    return round(rel_err(x, ref), 6)
 
 
-def timed(fn: Callable[[], object], repeats: int = 20) -> float:
-    """Median ms of single calls after warm-up (CUDA events)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return round(statistics.median(times), 4)
+def timed(fn: Callable[[], object]) -> float:
+    """Median ms of 20 single calls after 3 warm-up calls (CUDA events)."""
+    return round(timeit(fn, torch.device("cuda"), warmup=3, repeats=20)["median_ms"], 4)
+
+
+def row_stats(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(2, M) fp32: each row's sum and sum of squares, as the residual products add them."""
+    xf = x.float()
+    return torch.stack([xf.sum(1), xf.pow(2).sum(1)], out=out)
 
 
 def compiled_norm() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -171,7 +166,7 @@ def product(linear: torch.nn.Linear, x: torch.Tensor, gelu: bool) -> torch.Tenso
 def check_products(k: Kernels, blk: Block, x: torch.Tensor, attn: torch.Tensor) -> dict[str, object]:
     """Each fused product against fp32 and the bf16 cuBLAS path, and its time alone."""
     res: dict[str, object] = {}
-    stats = torch.stack([x.float().sum(1), x.float().pow(2).sum(1)])
+    stats = row_stats(x)
     for j, name in ((0, "qkv"), (1, "fc1_gelu"), (2, "cross_q")):
         li, norm, gelu = blk.inp[j], blk.norms[j], j == 1
         ln = norm(x)
@@ -222,9 +217,7 @@ def chains(k: Kernels, blocks: list[Block], attn: torch.Tensor) -> dict[str, Cal
     hidden = {n: torch.empty(M, n, device="cuda", dtype=torch.bfloat16) for n in (D, 3 * D, H)}
 
     def fused(x: torch.Tensor) -> torch.Tensor:
-        s = stats[0]
-        s[0].copy_(x.float().sum(1))
-        s[1].copy_(x.float().pow(2).sum(1))
+        s = row_stats(x, out=stats[0])
         i = 0
         for blk in blocks:
             for j in range(4):
@@ -281,12 +274,7 @@ def main() -> dict[str, object]:
         times: dict[str, list[float]] = {name: [] for name in graphs}
         for _ in range(2 + args.repeats):  # each round replays every chain once, back to back
             for name, (g, _) in graphs.items():
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                g.replay()
-                stop.record()
-                stop.synchronize()
-                times[name].append(start.elapsed_time(stop))
+                times[name].append(call_ms(g.replay, torch.device("cuda")))
         res["chain_ms_back_to_back"] = {name: round(statistics.median(t[2:]), 3) for name, t in times.items()}
         res["gpu_state_cublas_ln"] = gpu_state(graphs["cublas_ln"][0].replay)
         res["gpu_state_fused"] = gpu_state(graphs["fused"][0].replay)
