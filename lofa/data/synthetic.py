@@ -21,6 +21,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import imageio_ffmpeg
@@ -194,6 +195,33 @@ def plan(cfg: SynthConfig) -> list[Clip]:
         template = int(rng.choice(held_tmpl if heldout == "template" else seen_tmpl))
         clips.append(Clip(f"synth/{action}/{index:06d}", spec, split, template, heldout, caption(spec, template)))
     return clips
+
+
+#: The meta.csv columns that captions state (every attribute the renderer takes except the seed).
+STATED: tuple[str, ...] = ("action", "colour", "direction", "speed", "size", "background")
+
+
+def spec_from_labels(labels: Mapping[str, str], seed: int = 0) -> ClipSpec:
+    """The :class:`ClipSpec` of a meta.csv row (its ``STATED`` columns) with nuisance ``seed``."""
+    missing = [k for k in STATED if k not in labels]
+    if missing:
+        raise KeyError(f"spec_from_labels: labels lack {missing} (have {sorted(labels)})")
+    return ClipSpec(**{k: str(labels[k]) for k in STATED}, seed=int(seed))
+
+
+def render_like(labels: Mapping[str, str], n: int, seed: int, cfg: SynthConfig) -> list[np.ndarray]:
+    """``n`` fresh clips sharing every stated attribute of ``labels`` (a meta.csv row), new nuisance each.
+
+    The nuisance seeds are drawn from ``seed`` (and the labels), never equal to a planned clip's
+    seed in practice (63-bit draws), so the result is a sample of "what this caption looks like".
+
+    Returns:
+        ``n`` uint8 videos ``(cfg.frames, cfg.height, cfg.width, 3)``, RGB.
+    """
+    key = [int(seed), 3] + [ord(ch) for k in STATED for ch in str(labels.get(k, ""))]
+    seeds = np.random.default_rng(key).integers(2**31, size=n)
+    return [render_clip(spec_from_labels(labels, int(s)), cfg.frames, cfg.height, cfg.width, cfg.fps)
+            for s in seeds]
 
 
 def video_path(root: Path, clip_id: str) -> Path:
