@@ -289,19 +289,42 @@ def _draw_capsule(img: np.ndarray, cap: np.ndarray, rgb: np.ndarray) -> None:
     sub += (rgb - sub) * a
 
 
-def render_clip(spec: ClipSpec, frames: int, height: int, width: int, fps: float) -> np.ndarray:
+@dataclass(frozen=True)
+class Nuisance:
+    """What no caption states: start phase (cycles), horizontal offset and ground shift
+    (fractions of the frame), tempo factor."""
+
+    phase: float = 0.0
+    x_offset: float = 0.0
+    ground: float = 0.0
+    tempo: float = 1.0
+
+
+NUISANCE_FACTORS: tuple[str, ...] = ("phase", "x_offset", "ground", "tempo")
+
+
+def draw_nuisance(seed: int) -> Nuisance:
+    """The nuisance of a clip with ``ClipSpec.seed == seed``."""
+    rng = np.random.default_rng([seed, 7919])
+    phase, x_jit = rng.random(), rng.uniform(-0.08, 0.08)
+    g_jit, freq_jit = rng.uniform(-0.02, 0.02), rng.uniform(0.92, 1.08)
+    return Nuisance(phase, x_jit, g_jit, freq_jit)
+
+
+def render_clip(spec: ClipSpec, frames: int, height: int, width: int, fps: float,
+                nuisance: Nuisance | None = None) -> np.ndarray:
     """Render one clip of ``spec`` as video frames (a pure function of its arguments).
 
     Args:
-        spec: action and attributes; ``spec.seed`` sets the start phase, position and tempo jitter.
+        spec: action and attributes; ``spec.seed`` sets the nuisance (:func:`draw_nuisance`)
+            unless ``nuisance`` is given.
         frames, height, width: output shape; fps: frame rate that converts ``SPEEDS`` (Hz) to frames.
 
     Returns:
         uint8 array ``(frames, height, width, 3)``, RGB.
     """
-    rng = np.random.default_rng([spec.seed, 7919])
-    phase, x_jit = rng.random(), rng.uniform(-0.08, 0.08)
-    g_jit, freq_jit = rng.uniform(-0.02, 0.02), rng.uniform(0.92, 1.08)
+    nz = draw_nuisance(spec.seed) if nuisance is None else nuisance
+    phase, x_jit, g_jit, freq_jit = nz.phase, nz.x_offset, nz.ground, nz.tempo
     facing = 1.0 if spec.direction == "right" else -1.0
     scale = SIZES[spec.size] * height  # pixels per body unit
     ground = (_GROUND + g_jit) * height
