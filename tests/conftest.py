@@ -34,3 +34,14 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fault-seed-offset", type=int, default=int(os.environ.get("LOFA_FAULT_SEED_OFFSET", "0")),
+                     help="added to every seed of the fault-injection tests (where and when they kill), "
+                          "to try other kill points: e.g. --fault-seed-offset 100 (env LOFA_FAULT_SEED_OFFSET)")
+
+
+@pytest.fixture
+def fault_seed_offset(request: pytest.FixtureRequest) -> int:
+    return int(request.config.getoption("--fault-seed-offset"))

@@ -4,7 +4,8 @@ A small synthetic world is prepared once (in this process, through the same libr
 calls the stage commands make), with uninterrupted reference runs of ``fit_loras``,
 ``train_stage1`` and ``train_stage2``. Each fault test starts the real stage command
 (``python -m pipelines.<stage>``) in its own process group and SIGKILLs it, either a
-seeded random delay after a seeded point of its progress, or from inside its n-th
+seeded number of units of its own measured pace after a seeded point of its progress
+(tests/killing.py: never a fixed delay, which assumes a host's speed), or from inside its n-th
 tensor write (n seeded; the file half on disk under its temporary name). It checks what
 the killed run left on disk, reruns the command to completion and compares with the
 reference. Then two ``dvc repro`` race in one repository.
@@ -43,6 +44,7 @@ import yaml
 from lofa.config import from_dict
 from lofa.io import ArtifactError, load_tensors, read_json, read_metadata, sha256_file, tensors_hash
 from lofa.lora import LORA_FORMAT, load_lora
+from killing import Kill, kill_at_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -131,27 +133,31 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
-def kill_run(cmd: list[str], run_id: str, log: Path, *, ready: Callable[[], bool] | None = None,
-             delay: float = 0.0, at_write: int | None = None, timeout: float = 300.0) -> None:
-    """Run ``cmd`` in a new process group and SIGKILL it: ``delay`` s after ``ready()`` turns true,
-    or (``at_write``) from inside its ``at_write``-th tensor write."""
+def start_run(cmd: list[str], run_id: str, log: Path, at_write: int | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in a new process group (``at_write``: it SIGKILLs itself inside that tensor write)."""
     env = stage_env(run_id)
     if at_write is not None:
         env["LOFA_TEST_KILL_AT_WRITE"] = str(at_write)
         cmd = [cmd[0], "-c", WRITE_KILLER, *cmd[2:]]  # python -m pipelines.x ... -> python -c KILLER pipelines.x ...
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while ready is not None and not ready() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(delay)
-        finished = at_write is None and proc.poll() is not None
-        if ready is not None and not finished:
-            os.killpg(proc.pid, signal.SIGKILL)
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_run(cmd: list[str], run_id: str, log: Path, *, progress: Callable[[], int] | None = None,
+             target: int = 0, extra_units: float = 0.0, at_write: int | None = None,
+             timeout: float = 300.0) -> Kill:
+    """Run ``cmd`` and SIGKILL it: ``extra_units`` of its measured pace after ``progress() >= target``
+    (see tests/killing.py), or (``at_write``) from inside its ``at_write``-th tensor write. A run that
+    ends on its own first is returned as such (``killed`` False) unless it was meant to die in a write."""
+    proc = start_run(cmd, run_id, log, at_write)
+    if at_write is not None:
         code = proc.wait(timeout=timeout)
-    assert not finished and code == -signal.SIGKILL, \
-        f"the run ended on its own (code {code}) before the kill:\n{log.read_text()[-3000:]}"
+        assert code == -signal.SIGKILL, f"the run ended (code {code}) before write {at_write}:\n{log.read_text()[-3000:]}"
+        return Kill(True, code, at_write, 0.0, 0.0)
+    assert progress is not None
+    kill = kill_at_progress(proc, progress, target, extra_units, timeout=timeout)
+    assert kill.killed or kill.code == 0, f"the run failed (code {kill.code}):\n{log.read_text()[-3000:]}"
+    return kill
 
 
 def run_to_completion(cmd: list[str], run_id: str) -> None:
@@ -200,27 +206,56 @@ def loss_steps(run) -> list[int]:
 
 # --------------------------------------------------------------------------- fit_loras
 
-@pytest.mark.parametrize(("seed", "mode"), [(0, "delay"), (1, "delay"), (2, "write")])
-def test_kill_fit_loras_then_rerun(world: dict, seed: int, mode: str, tmp_path: Path) -> None:
-    rng = random.Random(seed)
+#: A clip's LoRA does not depend on its batch mathematically (own seed, own init, independent
+#: losses), but a resumed run refits the missing clips in other batches, and a batched product
+#: may sum in another order for another batch size. benchmarks/batch_invariance.py measured,
+#: single-threaded on this project's CPU machine type (30 Adam steps, 12 clips, batches of 1, 3
+#: and shifted 4s against 4s): dW = B A relative Frobenius error <= 1.0e-4 and final-loss
+#: relative error <= 1.6e-7 (single entries differ by up to 5e-4 of the entries' scale: Adam
+#: moves entries whose gradient is near zero by ~lr whatever its rounding). The bounds below are
+#: 10x (dW) and ~60x (loss) those figures; a real fault (another clip's seed, data or init) gives
+#: errors of order 1.
+DW_REL_TOL, LOSS_REL_TOL = 1e-3, 1e-5
+
+
+def lora_dw_rel_error(lora, want) -> float:
+    """Largest relative Frobenius error of dW = B A over the adapted matrices."""
+    worst = 0.0
+    for a, b, a0, b0 in zip(lora.A, lora.B, want.A, want.B):
+        dw, dw0 = b.float() @ a.float(), b0.float() @ a0.float()
+        worst = max(worst, float((dw - dw0).norm() / dw0.norm().clamp_min(1e-30)))
+    return worst
+
+
+@pytest.mark.parametrize(("seed", "mode"), [(0, "pace"), (1, "pace"), (2, "write")])
+def test_kill_fit_loras_then_rerun(world: dict, seed: int, mode: str, tmp_path: Path,
+                                   fault_seed_offset: int) -> None:
+    rng = random.Random(seed + fault_seed_offset)
     n_clips, per_batch = len(world["records"]), SMALL["fit_loras"]["clips_per_batch"]
-    target, delay = rng.randint(1, n_clips - 2 * per_batch), rng.uniform(0.0, 0.4)
+    # the kill lands up to one batch (in units of its own pace) after `target` LoRAs were written
+    target, extra = rng.randint(1, n_clips - 2 * per_batch), rng.uniform(0.0, per_batch)
     out = tmp_path / "loras"
     cmd = stage_cmd(world, "fit_loras", out, data="pre", base="base")
     killed_id, rerun_id = f"kill-fit-{seed}-{uuid.uuid4().hex[:6]}", f"rerun-fit-{seed}-{uuid.uuid4().hex[:6]}"
-    if mode == "delay":
-        kill_run(cmd, killed_id, tmp_path / "killed.log", ready=lambda: lora_count(out) >= target, delay=delay)
+    if mode == "pace":
+        kill = kill_run(cmd, killed_id, tmp_path / "killed.log", progress=lambda: lora_count(out), target=target,
+                        extra_units=extra)
     else:  # each LoRA is one tensor write: die inside the write of LoRA number `target`
-        kill_run(cmd, killed_id, tmp_path / "killed.log", at_write=target)
+        kill = kill_run(cmd, killed_id, tmp_path / "killed.log", at_write=target)
 
     vocab, ref = world["vocab"], world["dirs"]["loras"]
     survivors = {p: p.stat().st_mtime_ns for p in (out / "loras").glob("*.safetensors")}
-    assert target <= len(survivors) < n_clips if mode == "delay" else len(survivors) == target - 1
+    if mode == "write":
+        assert len(survivors) == target - 1
+    elif kill.killed:
+        assert target <= len(survivors) < n_clips
+    else:  # the run ended before the kill (it sped up): everything is there and the rerun fits nothing
+        assert len(survivors) == n_clips
     for p in survivors:  # every final name holds a complete, valid LoRA, and its curve came first
         load_lora(p, vocab)
         assert read_json(out / "curves" / f"{p.stem}.json")["clip_id"] == read_metadata(p)["clip_id"]
     left_by_kill = temp_leftovers(out)
-    assert mode == "delay" or [p.parent.name for p in left_by_kill] == ["loras"]  # the half-written one
+    assert mode == "pace" or [p.parent.name for p in left_by_kill] == ["loras"]  # the half-written one
 
     run_to_completion(cmd, rerun_id)
     metrics = read_json(out.parent / "loras.metrics.json")
@@ -230,25 +265,30 @@ def test_kill_fit_loras_then_rerun(world: dict, seed: int, mode: str, tmp_path: 
     assert names == sorted(p.name for p in (ref / "loras").glob("*.safetensors")) and len(names) == n_clips
     assert sorted(p.name for p in (out / "curves").glob("*.json")) == sorted(
         p.name for p in (ref / "curves").glob("*.json"))
-    worst = 0.0
+    worst_dw = worst_loss = 0.0
     for name in names:
         lora, want = load_lora(out / "loras" / name, vocab), load_lora(ref / "loras" / name, vocab)
         assert lora.metadata["format"] == LORA_FORMAT and lora.metadata["clip_id"] == want.metadata["clip_id"]
         curve = read_json(out / "curves" / name.replace(".safetensors", ".json"))
         assert curve["final_loss"] == pytest.approx(float(lora.metadata["fit_final_loss"]), rel=1e-6)
-        worst = max(worst, *(float((a - b).abs().max()) for a, b in zip(lora.A + lora.B, want.A + want.B)))
-    assert worst <= 1e-5, worst  # a clip's LoRA does not depend on its batch (measured: bit-equal)
+        worst_dw = max(worst_dw, lora_dw_rel_error(lora, want))
+        loss, loss0 = float(lora.metadata["fit_final_loss"]), float(want.metadata["fit_final_loss"])
+        worst_loss = max(worst_loss, abs(loss - loss0) / abs(loss0))
+    assert worst_dw <= DW_REL_TOL and worst_loss <= LOSS_REL_TOL, (worst_dw, worst_loss)
     left = temp_leftovers(out)
-    when = f"+{delay:.2f} s" if mode == "delay" else "inside its write"
-    print(f"fit_loras seed {seed} ({mode}): killed at >= {target} LoRAs ({when}), {len(survivors)} "
-          f"survived, temp leftovers {[p.name for p in left_by_kill]} (after rerun {len(left)}), max |diff| {worst:.1e}")
+    when = (f"+{kill.waited_s:.2f} s ({extra:.2f} LoRAs at {kill.pace_s:.3f} s each)" if mode == "pace"
+            else "inside its write")
+    print(f"fit_loras seed {seed + fault_seed_offset} ({mode}): {'killed' if kill.killed else 'ended before the kill'}"
+          f" at >= {target} LoRAs ({when}), {len(survivors)} survived, temp leftovers "
+          f"{[p.name for p in left_by_kill]} (after rerun {len(left)}), dW rel err {worst_dw:.1e}, "
+          f"loss rel err {worst_loss:.1e}")
 
 
 # --------------------------------------------------------------------------- training
 
-def _check_killed_training(out: Path) -> int:
-    """What a killed training run leaves: no export, a pointer to a complete checkpoint; its step."""
-    assert not (out / "model.safetensors").exists() and not (out / "model.json").exists()
+def _check_killed_training(out: Path, last: int) -> int:
+    """What a killed training run leaves: a pointer to a complete checkpoint, and no export unless
+    training had reached its last step (the kill may land in the held-out evaluation); its step."""
     pointer = read_json(out / "ckpt" / "latest.json")
     for name in pointer["history"]:
         ckpt = out / "ckpt" / name
@@ -258,6 +298,10 @@ def _check_killed_training(out: Path) -> int:
     latest = out / "ckpt" / pointer["latest"]
     step = read_json(latest / "checkpoint.json")["step"]
     assert step == pointer["step"] > 0
+    if step < last:
+        assert not (out / "model.safetensors").exists() and not (out / "model.json").exists()
+    elif (out / "model.json").exists():  # the export finished: its sidecar names its tensors
+        assert read_json(out / "model.json")["tensors_hash"] == tensors_hash(load_tensors(out / "model.safetensors"))
     return step
 
 
@@ -266,23 +310,29 @@ def _kill_train(world: dict, stage: str, seed: int, mode: str, tmp_path: Path, *
     rng = random.Random(1000 + seed)
     every, last = train["ckpt_every"], train["max_steps"]
     target = rng.randrange(every, last - 4 * every + 1, every)
-    delay = rng.uniform(0.0, 1.0)  # up to two checkpoint intervals: it may land inside a checkpoint write
+    # up to two checkpoint intervals (in units of its own pace) after checkpoint `target`: the kill
+    # may land inside a checkpoint write
+    extra = rng.uniform(0.0, 2.0 * every)
     out = tmp_path / stage
     cmd = stage_cmd(world, stage, out, **inputs)
     killed_id, rerun_id = f"kill-{stage}-{seed}-{uuid.uuid4().hex[:6]}", f"rerun-{stage}-{seed}-{uuid.uuid4().hex[:6]}"
-    if mode == "delay":
-        kill_run(cmd, killed_id, tmp_path / "killed.log", ready=lambda: ckpt_step(out) >= target, delay=delay)
+    if mode == "pace":
+        kill = kill_run(cmd, killed_id, tmp_path / "killed.log", progress=lambda: ckpt_step(out), target=target,
+                        extra_units=extra)
     else:  # a checkpoint is two tensor writes (model, optimizer): die inside the model write after `target`
-        kill_run(cmd, killed_id, tmp_path / "killed.log", at_write=2 * (target // every) + 1)
-    resumed_from = _check_killed_training(out)
+        kill = kill_run(cmd, killed_id, tmp_path / "killed.log", at_write=2 * (target // every) + 1)
+    resumed_from = _check_killed_training(out, last)
     left_by_kill = temp_leftovers(out)
     if mode == "write":
         top = [p.name for p in left_by_kill if p.parent.name == "ckpt"]
         assert resumed_from == target and top == [f".tmp-step_{target + every:07d}"], left_by_kill
+    if not kill.killed:  # the run ended before the kill (it sped up): the rerun trains no step
+        assert resumed_from == last
 
     run_to_completion(cmd, rerun_id)
     killed, rerun = mlflow_run(killed_id), mlflow_run(rerun_id)
-    assert killed.info.status == "RUNNING" and rerun.info.status == "FINISHED"  # SIGKILL cannot end a run
+    # SIGKILL cannot end a run
+    assert killed.info.status == ("RUNNING" if kill.killed else "FINISHED") and rerun.info.status == "FINISHED"
     assert all(s <= resumed_from for s in loss_steps(killed))
     expected = [s for s in range(resumed_from + 1, last + 1) if s % train["log_every"] == 0 or s == last]
     assert loss_steps(rerun) == expected  # the rerun started after the sidecar's step
@@ -292,25 +342,33 @@ def _kill_train(world: dict, stage: str, seed: int, mode: str, tmp_path: Path, *
     weights, side = load_tensors(out / "model.safetensors"), read_json(out / "model.json")
     assert side["step"] == last and side["tensors_hash"] == tensors_hash(weights)
     ref = world["dirs"][stage.replace("train_", "")]
+    # Resume is exact, not approximately right: the same batches (a function of the step), the same
+    # kernels on the same shapes and thread count, optimizer state and RNG restored from the checkpoint.
+    # The bound leaves room only for that; a lost or repeated step moves weights by ~lr = 1e-3.
     diff = max_diff(weights, load_tensors(ref / "model.safetensors"))
     assert diff <= 1e-5, diff
     assert read_json(out / "ckpt" / "latest.json")["step"] == last
     assert not list((out / "ckpt").glob(".tmp-*"))  # the resume dropped half-written checkpoints
     temp_leftovers(out)
-    when = f"+{delay:.2f} s" if mode == "delay" else "in the next write"
-    print(f"{stage} seed {seed} ({mode}): killed at ckpt >= {target} ({when}), resumed from "
-          f"{resumed_from}, temp leftovers {[p.name for p in left_by_kill]}, max |diff| {diff:.1e}")
+    when = (f"+{kill.waited_s:.2f} s ({extra:.1f} steps at {kill.pace_s:.3f} s each)" if mode == "pace"
+            else "in the next write")
+    print(f"{stage} seed {seed} ({mode}): {'killed' if kill.killed else 'ended before the kill'} at ckpt >= "
+          f"{target} ({when}), resumed from {resumed_from}, temp leftovers {[p.name for p in left_by_kill]}, "
+          f"max |diff| {diff:.1e}")
 
 
-@pytest.mark.parametrize(("seed", "mode"), [(0, "delay"), (1, "write")])
-def test_kill_train_stage1_then_rerun(world: dict, seed: int, mode: str, tmp_path: Path) -> None:
-    _kill_train(world, "train_stage1", seed, mode, tmp_path, data="pre", base="base", loras="loras")
+@pytest.mark.parametrize(("seed", "mode"), [(0, "pace"), (1, "write")])
+def test_kill_train_stage1_then_rerun(world: dict, seed: int, mode: str, tmp_path: Path,
+                                      fault_seed_offset: int) -> None:
+    _kill_train(world, "train_stage1", seed + fault_seed_offset, mode, tmp_path, data="pre", base="base",
+                loras="loras")
 
 
-@pytest.mark.parametrize(("seed", "mode"), [(0, "delay"), (1, "delay")])
-def test_kill_train_stage2_then_rerun(world: dict, seed: int, mode: str, tmp_path: Path) -> None:
-    _kill_train(world, "train_stage2", seed, mode, tmp_path, data="pre", base="base", loras="loras",
-                stage1="stage1")
+@pytest.mark.parametrize(("seed", "mode"), [(0, "pace"), (1, "pace")])
+def test_kill_train_stage2_then_rerun(world: dict, seed: int, mode: str, tmp_path: Path,
+                                      fault_seed_offset: int) -> None:
+    _kill_train(world, "train_stage2", seed + fault_seed_offset, mode, tmp_path, data="pre", base="base",
+                loras="loras", stage1="stage1")
 
 
 # --------------------------------------------------------------------------- two dvc repro at once

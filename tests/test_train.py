@@ -7,7 +7,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from lofa.config import ConfigError, from_dict
 from lofa.io import ArtifactError, load_tensors, read_json
 from lofa.train import NonFiniteError, TrainConfig, batch_indices, load_checkpoint_weights, lr_at, train
+from killing import kill_at_progress
 from train_worker import Tiny, batches, config, make_loss_step, make_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,21 +155,24 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
 
 
-def test_kill_9_then_resume_is_exact(tmp_path: Path) -> None:
+def test_kill_9_then_resume_is_exact(tmp_path: Path, fault_seed_offset: int) -> None:
+    rng = random.Random(fault_seed_offset)
+    target, extra = rng.randrange(3, 61, 3), rng.uniform(0.0, 6.0)  # checkpoint step; steps of its own pace after
     proc = subprocess.Popen([sys.executable, str(WORKER), "slow", str(tmp_path)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    pointer, deadline = tmp_path / "ckpt" / "latest.json", time.time() + 60
-    while not pointer.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 0.6))
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert not (tmp_path / "model.safetensors").exists()
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    pointer = tmp_path / "ckpt" / "latest.json"
+    kill = kill_at_progress(proc, lambda: read_json(pointer)["step"] if pointer.exists() else 0, target, extra,
+                            timeout=120)
+    assert kill.killed or kill.code == 0, proc.stderr.read().decode()[-2000:]
     killed_at = read_json(pointer)["step"]
-    print(f"killed after checkpoint step {killed_at}; partial dirs: {sorted(p.name for p in pointer.parent.glob('.tmp-*'))}")
+    if killed_at < 100:  # no export before the last step
+        assert kill.killed and not (tmp_path / "model.safetensors").exists()
+    print(f"{'killed' if kill.killed else 'ended'} after checkpoint step {killed_at} (target {target}, "
+          f"+{extra:.1f} steps at {kill.pace_s * 1e3:.1f} ms each); "
+          f"partial dirs: {sorted(p.name for p in pointer.parent.glob('.tmp-*'))}")
     cfg = config(max_steps=100, ckpt_every=100)  # ckpt_every may change on resume
     res = train(make_model(0.2, seed=8), make_loss_step(), batches, cfg, tmp_path)
-    assert 0 < killed_at == res.resumed_from < 100
+    assert 0 < killed_at == res.resumed_from <= 100
     ref = make_model(0.2)
     train(ref, make_loss_step(), batches, cfg, tmp_path / "ref")
     assert max_diff(load_tensors(tmp_path / "model.safetensors"), ref.state_dict()) <= 1e-6
