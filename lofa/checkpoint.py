@@ -5,7 +5,8 @@ Layout under ``ckpt/``::
     step_0000500/model.safetensors      model.state_dict()
     step_0000500/optimizer.safetensors  "<param name>.<state key>" -> tensor (exp_avg, exp_avg_sq, step)
     step_0000500/checkpoint.json        step, config, metrics, schema version, RNG state of every rank
-    latest.json                         {"latest": "step_0000500", "step": 500, "history": [...]}
+    latest.json                         {"latest": "step_0000500", "step": 500, "history": [...],
+                                         "input_key": digest of the sidecar's input key, if any}
 
 A checkpoint directory is written under a temporary name and renamed when
 complete; ``latest.json`` moves last. Readers follow ``latest.json`` and the
@@ -79,8 +80,10 @@ class CheckpointDir:
         os.replace(tmp, final)
         history = [h for h in self._history() if h != name] + [name]
         keep, drop = history[-self.keep_last:], history[:-self.keep_last]
-        write_json(self.pointer, {"schema_version": SCHEMA_VERSION, "latest": name, "step": step,
-                                  "history": keep})
+        pointer = {"schema_version": SCHEMA_VERSION, "latest": name, "step": step, "history": keep}
+        if isinstance(sidecar.get("input_key"), dict):  # what the run was made from (lofa.inputkey)
+            pointer["input_key"] = sidecar["input_key"]["digest"]
+        write_json(self.pointer, pointer)
         for old in drop:
             shutil.rmtree(self.root / old, ignore_errors=True)
 

@@ -9,8 +9,11 @@ elementwise, and gradient clipping, if on, is per clip.
 
 from __future__ import annotations
 
+import collections
+import functools
 import hashlib
 import inspect
+import json
 import math
 import re
 import time
@@ -25,7 +28,8 @@ import torch
 from torch import nn
 
 from lofa.config import to_dict
-from lofa.io import SCHEMA_VERSION, ArtifactError, load_tensors, read_metadata, write_json
+from lofa.inputkey import InputKey
+from lofa.io import SCHEMA_VERSION, ArtifactError, load_tensors, read_metadata, sha256_file, write_json
 from lofa.layers import ATTN_MODULES, Vocabulary
 from lofa.lora import LORA_FORMAT, LoRAWeights, base_weights, response_stats, save_lora
 from lofa.wan import (BLOCK_IMPLS, Checkpointing, base_model_hash, dit_config, flow_loss, flow_schedule,
@@ -103,13 +107,16 @@ class FitConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def result_hash(self) -> str:
-        """A hash of the fields that decide what a fitted LoRA is (not how fast it is computed):
-        a LoRA file written under another hash is stale and is fitted again."""
+    def result_fields(self) -> dict[str, object]:
+        """The fields that decide what a fitted LoRA is (not how fast it is computed)."""
         how = {"clips_per_batch", "grad_checkpointing", "checkpoint_blocks", "checkpoint_save_attention",
                "sdpa_backend", "fused_rms_norm", "block_impl", "response_tau"}
-        what = {k: v for k, v in sorted(to_dict(self).items()) if k not in how}
-        return hashlib.sha256(repr(what).encode()).hexdigest()[:16]
+        return {k: v for k, v in sorted(to_dict(self).items()) if k not in how}
+
+    def result_hash(self) -> str:
+        """A hash of :meth:`result_fields`: a LoRA file written under another hash is stale and is
+        fitted again."""
+        return hashlib.sha256(repr(self.result_fields()).encode()).hexdigest()[:16]
 
     @property
     def checkpointing(self) -> Checkpointing | bool:
@@ -350,6 +357,14 @@ def curve_path(out_dir: str | Path, clip_id: str) -> Path:
     return Path(out_dir) / "curves" / f"{safe_clip_id(clip_id)}.json"
 
 
+def clip_content_hash(record: ClipRecord) -> str:
+    """sha256 of the clip's tensor file (with its context file, when separate): what its LoRA is fitted on."""
+    digest = sha256_file(record.latents_path)
+    if record.context_path:
+        digest = hashlib.sha256(f"{digest}:{sha256_file(record.context_path)}".encode()).hexdigest()
+    return digest
+
+
 def select_shard(records: Sequence[ClipRecord], shard_index: int, num_shards: int) -> list[ClipRecord]:
     """Records ``i`` with ``i % num_shards == shard_index``."""
     if not 0 <= shard_index < num_shards:
@@ -387,8 +402,9 @@ def _batches(records: Sequence[ClipRecord], size: int):
 
 
 def _write_clip(out_dir: Path, rec: ClipRecord, k: int, res: FitResult, cfg: FitConfig, dit: nn.Module,
-                base_hash: str, shard: tuple[int, int]) -> None:
-    """The curve JSON, then the LoRA (its existence marks the clip done)."""
+                base_hash: str, shard: tuple[int, int], made_from: dict[str, str]) -> None:
+    """The curve JSON, then the LoRA (its existence marks the clip done); ``made_from``: the
+    input metadata (clip content hash, fit params, code hashes) the LoRA's header records."""
     A, B = res.lora.factors(k)
     stats = response_stats(A, B, base_weights(dit, res.lora.vocab), res.lora.vocab, cfg.response_tau)
     write_json(curve_path(out_dir, rec.clip_id), {
@@ -401,50 +417,86 @@ def _write_clip(out_dir: Path, rec: ClipRecord, k: int, res: FitResult, cfg: Fit
     save_lora(lora_path(out_dir, rec.clip_id), A, B, res.lora.vocab,
               {"prompt": rec.prompt, "base_model_hash": base_hash, "clip_id": rec.clip_id,
                "fit_steps": cfg.steps, "fit_config_hash": cfg.result_hash(),
-               "fit_final_loss": float(res.final_loss[k])},
+               "fit_final_loss": float(res.final_loss[k]), **made_from},
               dtype=_DTYPES[cfg.save_dtype])
 
 
-def _finished(path: Path, base_hash: str, config_hash: str) -> bool | str:
+def _made_from(rec: ClipRecord, cfg: FitConfig, input_key: InputKey | None) -> dict[str, str]:
+    """What a clip's LoRA is made from, as header metadata: the clip's content hash, the fit
+    params that decide the result and (given a stage key) the stage's code hashes."""
+    made = {"clip_sha256": clip_content_hash(rec), "fit_params": json.dumps(cfg.result_fields(), sort_keys=True)}
+    if input_key is not None:
+        made["fit_code"] = json.dumps(dict(input_key.code), sort_keys=True)
+    return made
+
+
+def _json_field(meta: dict[str, str], key: str) -> dict:
+    try:
+        value = json.loads(meta.get(key) or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _finished(path: Path, base_hash: str, config_hash: str,
+              made_from: Callable[[], dict[str, str]]) -> bool | tuple[str, str]:
     """True when the clip's LoRA file exists with a readable lofa header written for this base
-    model and fit config (cheap: the tensors are not read); False when there is no file; else
-    why the file is fitted again (damaged: zero bytes, truncated, not safetensors; or stale)."""
+    model, fit config, clip content and (when ``now`` has them) code (cheap: the tensors are not
+    read); False when there is no file; else (kind, why) the file is fitted again (damaged: zero
+    bytes, truncated, not safetensors; or stale). ``made_from``: :func:`_made_from` of this run."""
     if not path.is_file():
         return False
     try:
         meta = read_metadata(path)
     except ArtifactError as e:
-        return f"{e}"
+        return "damaged", f"{e}"
+    now = made_from()
     if meta.get("format") != LORA_FORMAT:
-        return f"{path}: format {meta.get('format')!r} is not {LORA_FORMAT!r}"
+        return "damaged", f"{path}: format {meta.get('format')!r} is not {LORA_FORMAT!r}"
     if meta.get("base_model_hash") != base_hash:
-        return f"{path}: fitted on base model {meta.get('base_model_hash')!r}, not {base_hash!r}"
+        return "base model", f"{path}: fitted on base model {meta.get('base_model_hash')!r}, not {base_hash!r}"
     if meta.get("fit_config_hash") != config_hash:
-        return f"{path}: fitted under another fit config ({meta.get('fit_config_hash')!r}, now {config_hash!r})"
+        old, new = _json_field(meta, "fit_params"), json.loads(now["fit_params"])
+        diff = [f"fit_loras.{k} {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
+                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)] if old else []
+        return "fit config", (f"{path}: fitted under another fit config ({meta.get('fit_config_hash')!r}, now "
+                              f"{config_hash!r}{': params ' + ', '.join(diff) if diff else ''})")
+    if meta.get("clip_sha256") != now["clip_sha256"]:
+        was = "no clip content hash recorded" if "clip_sha256" not in meta else "the clip's file changed"
+        return "clip content", f"{path}: fitted on other content of clip {meta.get('clip_id')!r} ({was})"
+    if "fit_code" in now and meta.get("fit_code") != now["fit_code"]:
+        old, new = _json_field(meta, "fit_code"), json.loads(now["fit_code"])
+        files = [p for p in sorted(set(old) | set(new)) if old.get(p) != new.get(p)]
+        return "code", f"{path}: fitted by other code ({', '.join(f'code {p}' for p in files) or 'none recorded'})"
     return True
 
 
 def fit_shard(dit: nn.Module, records: Sequence[ClipRecord], out_dir: str | Path, cfg: FitConfig, *,
               shard_index: int = 0, num_shards: int = 1, base_hash: str | None = None,
-              progress: bool = True) -> ShardReport:
-    """Fit every clip of this shard whose LoRA file is missing; write LoRAs and curves.
+              progress: bool = True, input_key: InputKey | None = None) -> ShardReport:
+    """Fit every clip of this shard whose LoRA file is missing or stale; write LoRAs and curves.
 
     Writes ``<out>/loras/<safe id>.safetensors`` (export format) and
     ``<out>/curves/<safe id>.json`` per clip, each atomically; clips whose LoRA
-    exists (for this base model and fit config) are skipped, so a killed run resumes; a
-    damaged or stale one is fitted again, with a warning. Runs on the DiT's device.
+    exists for this base model, fit config and clip content (and, given ``input_key``, the
+    stage's code: ``input_key.code``) are skipped, so a killed run resumes; a damaged or
+    stale one is fitted again, with a warning saying why. Runs on the DiT's device.
     """
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     mine = select_shard(records, shard_index, num_shards)
     base_hash, config_hash = base_hash or base_model_hash(dit), cfg.result_hash()
-    state = {r.clip_id: _finished(lora_path(out_dir, r.clip_id), base_hash, config_hash) for r in mine}
-    redo = [why for why in state.values() if isinstance(why, str)]
-    for why in redo[:5]:
-        warnings.warn(f"{why}; fitting the clip again", stacklevel=2)
-    if len(redo) > 5:
-        warnings.warn(f"... and {len(redo) - 5} more LoRA files fitted again for the same kinds of reason", stacklevel=2)
+    made: dict[str, dict[str, str]] = {}
+
+    def made_from(rec: ClipRecord) -> dict[str, str]:  # hashed once, only where needed
+        if rec.clip_id not in made:
+            made[rec.clip_id] = _made_from(rec, cfg, input_key)
+        return made[rec.clip_id]
+
+    state = {r.clip_id: _finished(lora_path(out_dir, r.clip_id), base_hash, config_hash,
+                                  functools.partial(made_from, r)) for r in mine}
+    _warn_redo([why for why in state.values() if isinstance(why, tuple)], len(mine), out_dir)
     todo = [r for r in mine if state[r.clip_id] is not True]
     skipped = tuple(r.clip_id for r in mine if state[r.clip_id] is True)
     vocab = Vocabulary.from_dit_config(dit_config(dit), cfg.modules)
@@ -458,7 +510,7 @@ def fit_shard(dit: nn.Module, records: Sequence[ClipRecord], out_dir: str | Path
         res = fit_batch(dit, vocab, lat.to(device), ctx.to(device), cfg, seeds,
                         on_step=lambda _s, _l, n=len(recs): bar.update(n))
         for k, rec in enumerate(recs):
-            _write_clip(out_dir, rec, k, res, cfg, dit, base_hash, (shard_index, num_shards))
+            _write_clip(out_dir, rec, k, res, cfg, dit, base_hash, (shard_index, num_shards), made_from(rec))
             fitted.append(rec.clip_id)
         bar.set_postfix(clips=f"{len(fitted)}/{len(todo)}", loss=f"{float(res.final_loss.mean()):.4f}")
     bar.close()
@@ -467,9 +519,31 @@ def fit_shard(dit: nn.Module, records: Sequence[ClipRecord], out_dir: str | Path
     return ShardReport(shard_index, num_shards, tuple(fitted), skipped, rate)
 
 
+def _warn_redo(redo: list[tuple[str, str]], total: int, out_dir: Path) -> None:
+    """One warning per stale LoRA (the first 5), then one line counting them by kind."""
+    for _, why in redo[:5]:
+        warnings.warn(f"{why}; fitting the clip again", stacklevel=3)
+    if len(redo) > 5:
+        kinds = collections.Counter(kind for kind, _ in redo)
+        warnings.warn(f"{out_dir}: {len(redo)} of {total} LoRA files fitted again ("
+                      f"{', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))})", stacklevel=3)
+
+
+def drop_orphans(out_dir: str | Path, records: Sequence[ClipRecord]) -> list[Path]:
+    """Delete LoRAs and curves of clips that are not in ``records`` (a clip the data no longer
+    has); return the deleted paths."""
+    keep = {safe_clip_id(r.clip_id) for r in records}
+    gone = [p for sub, ext in (("loras", ".safetensors"), ("curves", ".json"))
+            for p in sorted((Path(out_dir) / sub).glob(f"*{ext}")) if p.name[:-len(ext)] not in keep]
+    for p in gone:
+        p.unlink()
+    return gone
+
+
 def fit_shard_distributed(build_dit: Callable[[torch.device], nn.Module], records: Sequence[ClipRecord],
                           out_dir: str | Path, cfg: FitConfig, *, cpu: bool = False,
-                          base_hash: str | None = None, progress: bool = True) -> ShardReport:
+                          base_hash: str | None = None, progress: bool = True,
+                          input_key: InputKey | None = None) -> ShardReport:
     """The per-process entry under ``accelerate launch`` / ``torchrun``: this process fits
     shard ``process_index`` of ``num_processes`` on its own device, then waits for the others."""
     from accelerate import PartialState
@@ -477,6 +551,7 @@ def fit_shard_distributed(build_dit: Callable[[torch.device], nn.Module], record
     state = PartialState(cpu=cpu)
     dit = build_dit(state.device)
     report = fit_shard(dit, records, out_dir, cfg, shard_index=state.process_index,
-                       num_shards=state.num_processes, base_hash=base_hash, progress=progress)
+                       num_shards=state.num_processes, base_hash=base_hash, progress=progress,
+                       input_key=input_key)
     state.wait_for_everyone()
     return report

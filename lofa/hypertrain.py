@@ -17,10 +17,10 @@ from torch import nn
 
 from lofa.config import from_dict, to_dict
 from lofa.data.dataset import ClipSet, load_clips
-from lofa.env import peak_rss_mib
 from lofa.fit import lora_path
 from lofa.hypernet import HyperNet, HyperNetConfig, MatrixGroup, group_by_shape
-from lofa.io import ArtifactError, read_json, write_json
+from lofa.inputkey import InputKey
+from lofa.io import ArtifactError, read_json
 from lofa.layers import Vocabulary
 from lofa.lora import LoRAWeights, base_weights, load_lora
 from lofa.objectives import (HyperBatch, Stage1LossConfig, make_batch, predicted_lora, random_matrix_ids,
@@ -188,15 +188,16 @@ def _meta(cfg: HyperNetConfig, vocab: Vocabulary, base_hash: str, dit: nn.Module
 
 
 def train_stage1(cfg: Stage1Config, dit: nn.Module, vocab: Vocabulary, train_set: LoRASet, out_dir: str | Path,
-                 *, base_hash: str, logger=None) -> tuple[HyperNet, TrainResult]:
-    """Train the stage-I hypernetwork on ``train_set``; final weights at ``out_dir/model.safetensors``."""
+                 *, base_hash: str, logger=None, input_key: InputKey | None = None) -> tuple[HyperNet, TrainResult]:
+    """Train the stage-I hypernetwork on ``train_set``; final weights at ``out_dir/model.safetensors``.
+    ``input_key``: what the run is made from (resume only from checkpoints made from it)."""
     if cfg.model.stage != 1:
         raise ValueError(f"train_stage1: model.stage must be 1, got {cfg.model.stage}")
     base = [w.detach().float() for w in base_weights(dit, vocab)]
     model = build_hypernet(cfg.model, vocab, cfg.seed, cfg.compile)
     step = functools.partial(_stage1_step, loss_cfg=cfg.loss)
     result = train(model, step, stage1_batches(train_set, base, vocab, cfg), cfg.train, out_dir, logger=logger,
-                   meta=_meta(cfg.model, vocab, base_hash, dit))
+                   meta=_meta(cfg.model, vocab, base_hash, dit), input_key=input_key)
     return model, result
 
 
@@ -210,8 +211,10 @@ def _stage2_step(model: nn.Module, batch: HyperBatch, stage1: HyperNet | None, d
 
 
 def train_stage2(cfg: Stage2Config, dit: nn.Module, vocab: Vocabulary, stage1: HyperNet | None, train_set: LoRASet,
-                 out_dir: str | Path, *, base_hash: str, logger=None) -> tuple[HyperNet, TrainResult]:
-    """Train stage II (frozen stage I and DiT closed over, so checkpoints hold stage II only)."""
+                 out_dir: str | Path, *, base_hash: str, logger=None,
+                 input_key: InputKey | None = None) -> tuple[HyperNet, TrainResult]:
+    """Train stage II (frozen stage I and DiT closed over, so checkpoints hold stage II only).
+    ``input_key``: what the run is made from (resume only from checkpoints made from it)."""
     if cfg.model.stage != 2:
         raise ValueError(f"train_stage2: model.stage must be 2, got {cfg.model.stage}")
     if cfg.model.use_stage1 and stage1 is None:
@@ -223,16 +226,15 @@ def train_stage2(cfg: Stage2Config, dit: nn.Module, vocab: Vocabulary, stage1: H
     model = build_hypernet(cfg.model, vocab, cfg.seed, cfg.compile)
     step = functools.partial(_stage2_step, stage1=stage1 if cfg.model.use_stage1 else None, dit=dit, cfg=cfg)
     result = train(model, step, stage2_batches(train_set, base, vocab, cfg), cfg.train, out_dir, logger=logger,
-                   meta=_meta(cfg.model, vocab, base_hash, dit))
+                   meta=_meta(cfg.model, vocab, base_hash, dit), input_key=input_key)
     return model, result
 
 
-def write_summary(path: str | Path, result: TrainResult, heldout: dict[str, float], seconds: float) -> dict:
-    summary = {"steps": result.step, "seconds": round(seconds, 1), "peak_rss_mib": peak_rss_mib(),
-               **{f"train_{k}": float(v) for k, v in result.metrics.items()},
-               **{f"heldout_{k}": float(v) for k, v in heldout.items()}}
-    write_json(path, summary)
-    return summary
+def summary(result: TrainResult, heldout: dict[str, float]) -> dict:
+    """The stage's metrics: steps, the last logged training metrics, the held-out ones (no wall
+    times: those go to the run's timings, see pipelines/_common.py)."""
+    return {"steps": result.step, **{f"train_{k}": float(v) for k, v in result.metrics.items()},
+            **{f"heldout_{k}": float(v) for k, v in heldout.items()}}
 
 
 def all_matrices(vocab: Vocabulary, base: list[torch.Tensor], num_prompts: int) -> list[MatrixGroup]:

@@ -6,6 +6,7 @@ real profile skips this stage and loads Wan2.1 weights instead.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from torch import nn
 
 from lofa.config import to_dict
 from lofa.data.dataset import ClipSet
-from lofa.io import save_tensors, write_json
+from lofa.inputkey import InputKey, StaleResultWarning, stale_message
+from lofa.io import read_json, save_tensors, write_json
 from lofa.train import TrainConfig, TrainResult, batch_indices, train
 from lofa.wan import WanDiTConfig, base_model_hash, build_dit, flow_loss, sample_timesteps
 
@@ -66,24 +68,44 @@ def loss_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 
 
 def pretrain(cfg: PretrainConfig, clips: ClipSet, out_dir: str | Path, *, logger=None,
-             accelerator=None) -> tuple[nn.Module, TrainResult]:
+             accelerator=None, input_key: InputKey | None = None) -> tuple[nn.Module, TrainResult]:
     """Train a fresh DiT of ``cfg.dit`` on ``clips``; write ``dit.safetensors`` + ``dit.json``.
 
     ``dit.safetensors`` holds the bare ``WanModel`` state dict (diffsynth's key
-    format, loadable with :func:`lofa.wan.load_dit`).
+    format, loadable with :func:`lofa.wan.load_dit`). ``input_key`` (what the run is made
+    from) is recorded in ``dit.json`` and the checkpoints; a DiT or checkpoints made from other
+    inputs are deleted first and training starts over (see :func:`lofa.train.train`).
     """
     out_dir = Path(out_dir)
+    if input_key is not None:
+        _drop_stale_dit(out_dir, input_key)
     torch.manual_seed(cfg.seed)
     dit = build_dit(cfg.dit)
     model = FlowMatchingObjective(dit)
     result = train(model, loss_step, make_batches(clips, cfg), cfg.train, out_dir / "train",
-                   logger=logger, accelerator=accelerator, meta={"dit": to_dict(cfg.dit)})
+                   logger=logger, accelerator=accelerator, meta={"dit": to_dict(cfg.dit)}, input_key=input_key)
     dit.eval().requires_grad_(False)
     save_tensors(out_dir / "dit.safetensors", dit.state_dict(), metadata={"format": "wan_video_dit"})
+    key = {"input_key": input_key.to_json()} if input_key is not None else {}
     write_json(out_dir / "dit.json", {"config": to_dict(cfg.dit), "base_model_hash": base_model_hash(dit),
                                       "step": result.step, "metrics": result.metrics,
-                                      "num_clips": len(clips), "schema_version": 1})
+                                      "num_clips": len(clips), "schema_version": 1, **key})
     return dit, result
+
+
+def _drop_stale_dit(out_dir: Path, key: InputKey) -> None:
+    """Delete ``dit.safetensors`` + ``dit.json`` made from other inputs (main process only)."""
+    from lofa.env import process_rank
+
+    side = out_dir / "dit.json"
+    if process_rank() != 0 or not side.is_file():
+        return
+    changes = key.changes(read_json(side).get("input_key"))
+    if changes:
+        warnings.warn(stale_message(side, changes, "deleting the DiT, training it again"), StaleResultWarning,
+                      stacklevel=3)
+        (out_dir / "dit.safetensors").unlink(missing_ok=True)
+        side.unlink()
 
 
 def dit_config_from_sidecar(sidecar: dict[str, Any]) -> WanDiTConfig:

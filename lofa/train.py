@@ -7,6 +7,12 @@ AdamW with linear warm-up then cosine/constant learning rate, bf16 autocast with
 fp32 trainable weights, logging every ``log_every`` steps, a NaN/inf guard,
 checkpoints (safetensors + JSON, never pickles) and exact resume.
 
+Given an :class:`~lofa.inputkey.InputKey` (what the run is made from: its data, code and
+params), the checkpoints and the export record it, and a run finding checkpoints or an
+export made from other inputs deletes them and starts over, saying what changed. Sidecars
+hold no wall times (``steps_per_s`` goes to the logger only): a rerun on the same inputs
+writes the same bytes.
+
 Steps are numbered 1..``max_steps``; a checkpoint at step k holds the weights
 after k optimizer updates. Step k consumes the micro-batches with draw numbers
 ``(k - 1) * grad_accum + micro`` for ``micro`` in ``0..grad_accum-1``: data are a
@@ -34,12 +40,15 @@ from tqdm.auto import tqdm
 
 from lofa.checkpoint import CheckpointDir, gather_rng, load_optimizer_tensors, optimizer_tensors, restore_rng
 from lofa.config import to_dict
+from lofa.inputkey import InputKey, StaleResultWarning, stale_message
 from lofa.io import SCHEMA_VERSION, ArtifactError, load_tensors, read_json, save_tensors, tensors_hash, write_json
 
 #: Config fields that may change between a run and its resume (they do not change the numbers).
 RESUMABLE_CHANGES = frozenset({"log_every", "ckpt_every", "keep_last"})
 #: Metric names the loop itself logs; a loss_step must not return these.
 LOOP_METRICS = ("loss", "grad_norm", "lr", "param_norm", "steps_per_s")
+#: Loop metrics that measure the host, not the model: given to the logger, never stored in sidecars.
+HOST_METRICS = frozenset({"steps_per_s"})
 
 Metrics = Mapping[str, float | torch.Tensor]
 
@@ -236,6 +245,28 @@ def _param_norm(model: nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
+def _drop_stale(acc: Accelerator, ckpts: CheckpointDir, out_dir: Path, key: InputKey) -> None:
+    """Delete checkpoints and the export when either was made from inputs other than ``key``."""
+    found = []
+    latest = ckpts.latest()
+    if latest is not None:
+        found.append((f"{ckpts.root} (step {latest[1]})", read_json(latest[0] / "checkpoint.json").get("input_key")))
+    if (out_dir / "model.json").is_file():
+        found.append((str(out_dir / "model.json"), read_json(out_dir / "model.json").get("input_key")))
+    stale = [(where, changes) for where, changes in ((w, key.changes(saved)) for w, saved in found) if changes]
+    acc.wait_for_everyone()  # every rank has decided before the main process deletes
+    if not stale:
+        return
+    if acc.is_main_process:
+        where, changes = stale[0]
+        warnings.warn(stale_message(where, changes, "deleting its checkpoints and export, training from step 0"),
+                      StaleResultWarning, stacklevel=3)
+        ckpts.clear()
+        for name in ("model.safetensors", "model.json"):
+            (out_dir / name).unlink(missing_ok=True)
+    acc.wait_for_everyone()
+
+
 def _resume(acc: Accelerator, model: nn.Module, cfg: TrainConfig, ckpts: CheckpointDir
             ) -> tuple[int, dict[str, Any] | None]:
     """Load the latest checkpoint's model weights; return (step, sidecar) or (0, None)."""
@@ -279,7 +310,7 @@ def train(model: nn.Module, loss_step: LossStep, batches: Batches, cfg: TrainCon
           logger: Callable[[int, dict[str, float]], None] | None = None,
           diagnostics: Callable[[nn.Module, Any], Metrics] | None = None,
           resume: bool = True, meta: Mapping[str, Any] | None = None,
-          accelerator: Accelerator | None = None) -> TrainResult:
+          accelerator: Accelerator | None = None, input_key: InputKey | None = None) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps; write checkpoints and the final weights.
 
     Args:
@@ -302,6 +333,9 @@ def train(model: nn.Module, loss_step: LossStep, batches: Batches, cfg: TrainCon
         meta: JSON-able facts stored in every sidecar (model config, base-model hash).
         accelerator: default ``Accelerator(cpu=not torch.cuda.is_available())`` (``cpu=True``
             is what makes a CPU-only ``torchrun``/``accelerate launch`` run gloo DDP).
+        input_key: what this run is made from; stored in every sidecar. Checkpoints or an
+            export recorded under another key are deleted (a :class:`StaleResultWarning` says
+            what changed) and training starts from step 0. None: no check (the config alone).
     """
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     _check_accelerator(acc, cfg)
@@ -310,6 +344,8 @@ def train(model: nn.Module, loss_step: LossStep, batches: Batches, cfg: TrainCon
     ckpts = CheckpointDir(out_dir / "ckpt", cfg.keep_last, acc.is_main_process)
     if not resume:
         ckpts.clear()
+    elif input_key is not None:
+        _drop_stale(acc, ckpts, out_dir, input_key)
     ckpts.drop_partial()
     acc.wait_for_everyone()
     set_seed(cfg.seed, device_specific=True)
@@ -318,8 +354,8 @@ def train(model: nn.Module, loss_step: LossStep, batches: Batches, cfg: TrainCon
     model, aopt = acc.prepare(model, opt)
     if sidecar is not None:
         _restore_state(acc, opt, acc.unwrap_model(model), sidecar, ckpts.latest()[0], cfg)
-    run = _Run(acc, model, opt, aopt, cfg, ckpts, dict(meta or {}))
-    run.logged = dict(sidecar["metrics"]) if sidecar else {}
+    run = _Run(acc, model, opt, aopt, cfg, ckpts, dict(meta or {}), input_key)
+    run.logged = {k: v for k, v in sidecar["metrics"].items() if k not in HOST_METRICS} if sidecar else {}
     run.loop(start, loss_step, batches, logger, diagnostics)
     path = run.export(out_dir)
     return TrainResult(cfg.max_steps, run.logged, path, start if sidecar else None)
@@ -329,9 +365,10 @@ class _Run:
     """State of one ``train`` call (so each phase of a step stays a short function)."""
 
     def __init__(self, acc: Accelerator, model: nn.Module, opt: torch.optim.Optimizer, aopt: Any,
-                 cfg: TrainConfig, ckpts: CheckpointDir, meta: dict[str, Any]) -> None:
+                 cfg: TrainConfig, ckpts: CheckpointDir, meta: dict[str, Any], input_key: InputKey | None) -> None:
         self.acc, self.model, self.opt, self.aopt, self.cfg = acc, model, opt, aopt, cfg
         self.ckpts, self.meta = ckpts, meta
+        self.key = {"input_key": input_key.to_json()} if input_key is not None else {}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.logged: dict[str, float] = {}
 
@@ -359,13 +396,13 @@ class _Run:
                 if log_now:
                     diag = _diagnose(acc, acc.unwrap_model(self.model), diagnostics, first, cfg) if diagnostics else {}
                     elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
-                    loop = {"loss": sum(window) / len(window), "grad_norm": norm_v, "lr": lr_at(step, cfg),
-                            "steps_per_s": len(window) / max(elapsed, 1e-9)}
+                    loop = {"loss": sum(window) / len(window), "grad_norm": norm_v, "lr": lr_at(step, cfg)}
+                    host = {"steps_per_s": len(window) / max(elapsed, 1e-9)}
                     self.logged, window = _loop_metrics(acc, self.model, sums, diag, cfg, loop), []
                 if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                     self.save(step)
                 if log_now and logger is not None and acc.is_main_process:
-                    logger(step, self.logged)
+                    logger(step, {**self.logged, **host})
         finally:
             bar.close()
 
@@ -373,7 +410,7 @@ class _Run:
         unwrapped = self.acc.unwrap_model(self.model)
         sidecar = {"schema_version": SCHEMA_VERSION, "kind": "lofa.train.checkpoint", "step": step,
                    "config": to_dict(self.cfg), "metrics": self.logged, "meta": self.meta,
-                   "world_size": self.acc.num_processes}
+                   "world_size": self.acc.num_processes, **self.key}
         self.ckpts.save(step, unwrapped.state_dict(), optimizer_tensors(self.opt, unwrapped), sidecar,
                         gather_rng(self.acc))
         self.acc.wait_for_everyone()
@@ -387,7 +424,7 @@ class _Run:
             write_json(out_dir / "model.json", {
                 "schema_version": SCHEMA_VERSION, "kind": "lofa.train.model", "step": self.cfg.max_steps,
                 "config": to_dict(self.cfg), "metrics": self.logged, "meta": self.meta,
-                "tensors_hash": tensors_hash(weights), "world_size": self.acc.num_processes})
+                "tensors_hash": tensors_hash(weights), "world_size": self.acc.num_processes, **self.key})
         self.acc.wait_for_everyone()
         return path
 

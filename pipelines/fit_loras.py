@@ -8,6 +8,10 @@ Single process by default; over GPUs or processes:
 process fits every N-th clip; CPU: ``torchrun --nproc_per_node N -m pipelines.fit_loras``).
 ``--shard-index i --num-shards N`` fits shard i only and writes no summary (the
 Prefect flow's fan-out); a plain call afterwards fits any clip left and summarises.
+
+A LoRA is kept only if it was fitted on the same clip content, base model, fit params and
+stage code (``lofa.fit.fit_shard``); the others are fitted again, and LoRAs of clips the data
+no longer has are deleted.
 """
 
 from __future__ import annotations
@@ -21,14 +25,14 @@ import torch
 
 from lofa.config import from_dict, to_dict
 from lofa.data.preprocess import load_manifest
-from lofa.env import peak_rss_mib
-from lofa.fit import ClipRecord, FitConfig, fit_shard, fit_shard_distributed
+from lofa.fit import ClipRecord, FitConfig, drop_orphans, fit_shard, fit_shard_distributed
 from lofa.fit_report import collect_curves, plot_fit, summarize
-from lofa.io import read_json, write_json
+from lofa.inputkey import InputKey, code_deps, code_hashes
+from lofa.io import read_json
 from lofa.pretrain import dit_config_from_sidecar
 from lofa.tracking import stage_run
 from lofa.wan import load_dit
-from pipelines._common import section, stage_args
+from pipelines._common import ROOT, section, stage_args, write_metrics
 
 
 def _shard_options(p: argparse.ArgumentParser) -> None:
@@ -46,26 +50,34 @@ def main() -> None:
     dit_cfg = dit_config_from_sidecar(sidecar)
     records = [ClipRecord(r.id, str(args.data / r.path), r.caption)
                for r in load_manifest(args.data).itertuples()]
+    # per clip, the LoRA's header records its clip's content hash, the base hash and fit params;
+    # the stage's code is the part of the input key common to all clips
+    key = InputKey(code=code_hashes(code_deps("fit_loras", ROOT), ROOT))
     if args.num_shards is not None:
         dit = load_dit(args.base / "dit.safetensors", dit_cfg, device="cuda" if torch.cuda.is_available() else "cpu")
         report = fit_shard(dit, records, args.out, cfg, shard_index=args.shard_index, num_shards=args.num_shards,
-                           base_hash=sidecar["base_model_hash"], progress=not args.no_progress)
+                           base_hash=sidecar["base_model_hash"], progress=not args.no_progress, input_key=key)
         print(json.dumps(dataclasses.asdict(report)))
         return
     t0 = time.perf_counter()
     report = fit_shard_distributed(lambda device: load_dit(args.base / "dit.safetensors", dit_cfg, device=device),
                                    records, args.out, cfg, cpu=not torch.cuda.is_available(),
-                                   base_hash=sidecar["base_model_hash"], progress=not args.no_progress)
+                                   base_hash=sidecar["base_model_hash"], progress=not args.no_progress,
+                                   input_key=key)
     if report.shard_index != 0:
         return
+    orphans = drop_orphans(args.out, records)
+    if orphans:
+        print(f"{args.out}: deleted {len(orphans)} LoRA / curve files of clips no longer in {args.data}")
     curves = collect_curves(args.out / "curves")
     train_ids = set(load_manifest(args.data, "train")["id"])
-    summary = {**summarize(curves), "train": summarize([c for c in curves if c["clip_id"] in train_ids]), "seconds": round(time.perf_counter() - t0, 1),
-               "fitted_now": len(report.fitted) * report.num_shards, "clip_steps_per_s": report.clip_steps_per_s,
-               "peak_rss_mib": peak_rss_mib()}
-    write_json(args.metrics, summary)
+    fitted_now = len(report.fitted) * report.num_shards
+    summary = {**summarize(curves), "train": summarize([c for c in curves if c["clip_id"] in train_ids]),
+               "fitted_now": fitted_now}
+    run = {"seconds": round(time.perf_counter() - t0, 1), "clip_steps_per_s": report.clip_steps_per_s}
+    logged = write_metrics(args.metrics, summary, run, counters=("fitted_now",), did_work=bool(fitted_now or orphans))
     with stage_run("fit_loras", to_dict(cfg), tags={"lofa.base_model_hash": sidecar["base_model_hash"]}) as mlflow:
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if not isinstance(v, dict)})
+        mlflow.log_metrics({k: float(v) for k, v in logged.items() if not isinstance(v, dict)})
         for path in plot_fit(curves, args.out / "plots"):
             mlflow.log_artifact(str(path), "plots")
         for i, c in enumerate(curves):

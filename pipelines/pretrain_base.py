@@ -14,13 +14,13 @@ import torch
 from lofa.config import from_dict, to_dict
 from lofa.data.dataset import load_clips
 from lofa.encoders.video import build_codec
-from lofa.env import peak_rss_mib, process_rank
-from lofa.io import write_json
+from lofa.env import process_rank
 from lofa.media import decode_latents, side_by_side, write_video
 from lofa.pretrain import PretrainConfig, pretrain
 from lofa.sampling import sample
 from lofa.tracking import stage_run
-from pipelines._common import section, stage_args
+from lofa.train import RESUMABLE_CHANGES
+from pipelines._common import input_key, section, stage_args, write_metrics
 
 
 def main() -> None:
@@ -28,8 +28,11 @@ def main() -> None:
     cfg = from_dict(PretrainConfig, section(args, "pretrain_base"), "pretrain_base")
     clips = load_clips(args.data, ("train",))
     t0 = time.perf_counter()
+    key = input_key("pretrain_base", "pretrain_base", cfg, {"data": args.data},
+                    drop=tuple(f"train.{k}" for k in RESUMABLE_CHANGES))
     with stage_run("pretrain_base", to_dict(cfg)) as mlflow:
-        dit, result = pretrain(cfg, clips, args.out, logger=lambda step, m: mlflow.log_metrics(m, step=step))
+        dit, result = pretrain(cfg, clips, args.out, logger=lambda step, m: mlflow.log_metrics(m, step=step),
+                               input_key=key)
         seconds = time.perf_counter() - t0
         if process_rank() != 0:  # a multi-process launch: rank 0 samples and writes the results
             return
@@ -43,10 +46,9 @@ def main() -> None:
             path = write_video(args.out / "samples" / f"sample_{i}.gif", side_by_side([real[i], fake[i]]), upscale=2)
             mlflow.log_artifact(str(path), "samples")
             mlflow.log_text(clips.captions[k], f"samples/sample_{i}.txt")
-        summary = {"seconds": round(seconds, 1), "final_loss": result.metrics.get("loss"), "steps": result.step,
-                   "peak_rss_mib": peak_rss_mib()}
-        write_json(args.metrics, summary)
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if v is not None})
+        summary = {"final_loss": result.metrics.get("loss"), "steps": result.step}
+        logged = write_metrics(args.metrics, summary, {"seconds": round(seconds, 1)})
+        mlflow.log_metrics({k: float(v) for k, v in logged.items() if v is not None})
         mlflow.log_artifact(str(args.out / "dit.json"))
     print(summary)
 

@@ -11,10 +11,11 @@ import time
 
 from lofa.config import from_dict, to_dict
 from lofa.env import process_rank
-from lofa.hypertrain import Stage1Config, evaluate_stage1, train_stage1, write_summary
+from lofa.hypertrain import Stage1Config, evaluate_stage1, summary as train_summary, train_stage1
 from lofa.lora import base_weights
 from lofa.tracking import stage_run
-from pipelines._common import section, stage_args
+from lofa.train import RESUMABLE_CHANGES
+from pipelines._common import input_key, section, stage_args, write_metrics
 from pipelines._hyper import load_base, load_sets
 
 
@@ -25,15 +26,18 @@ def main() -> None:
     dit, vocab, base_hash = load_base(args.base)
     train_set, heldout = load_sets(args.loras, args.data, vocab)
     t0 = time.perf_counter()
+    key = input_key("train_stage1", "train_stage1", cfg, {"data": args.data, "base": args.base, "loras": args.loras},
+                    drop=tuple(f"train.{k}" for k in RESUMABLE_CHANGES))
     with stage_run("train_stage1", to_dict(cfg), tags={"lofa.base_model_hash": base_hash}) as mlflow:
         model, result = train_stage1(cfg, dit, vocab, train_set, args.out, base_hash=base_hash,
-                                     logger=lambda step, m: mlflow.log_metrics(m, step=step))
+                                     logger=lambda step, m: mlflow.log_metrics(m, step=step), input_key=key)
         if process_rank() != 0:  # a multi-process launch: rank 0 evaluates and writes the results
             return
         base = [w.detach().float() for w in base_weights(dit, vocab)]
         held = evaluate_stage1(model, heldout, base, vocab, cfg.loss)
-        summary = write_summary(args.metrics, result, held, time.perf_counter() - t0)
-        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        summary = train_summary(result, held)
+        logged = write_metrics(args.metrics, summary, {"seconds": round(time.perf_counter() - t0, 1)})
+        mlflow.log_metrics({k: v for k, v in logged.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(args.out / "model.json"))
     print(summary)
 

@@ -16,11 +16,12 @@ import time
 
 from lofa.config import from_dict, to_dict
 from lofa.env import compute_device, process_rank
-from lofa.hypertrain import Stage2Config, evaluate_stage2, load_hypernet, train_stage2, write_summary
+from lofa.hypertrain import Stage2Config, evaluate_stage2, load_hypernet, summary as train_summary, train_stage2
 from lofa.lora import base_weights
 from lofa.registry import register_hypernet
 from lofa.tracking import LocalRun, stage_run
-from pipelines._common import section, stage_args
+from lofa.train import RESUMABLE_CHANGES
+from pipelines._common import input_key, section, stage_args, write_metrics
 from pipelines._hyper import load_base, load_sets
 
 
@@ -37,15 +38,19 @@ def main() -> None:
     stage1 = load_hypernet(args.stage1 / "model.safetensors").to(dev) if cfg.model.use_stage1 else None
     train_set, heldout = load_sets(args.loras, args.data, vocab)
     t0 = time.perf_counter()
+    inputs = {"data": args.data, "base": args.base, "loras": args.loras, **({"stage1": args.stage1} if stage1 is not None else {})}
+    key = input_key("train_stage2_naive" if args.ablation else "train_stage2", "train_stage2", cfg, inputs,
+                    drop=tuple(f"train.{k}" for k in RESUMABLE_CHANGES))
     with stage_run("train_stage2_naive" if args.ablation else "train_stage2", to_dict(cfg), tags={"lofa.base_model_hash": base_hash}) as mlflow:
         model, result = train_stage2(cfg, dit, vocab, stage1, train_set, args.out, base_hash=base_hash,
-                                     logger=lambda step, m: mlflow.log_metrics(m, step=step))
+                                     logger=lambda step, m: mlflow.log_metrics(m, step=step), input_key=key)
         if process_rank() != 0:  # a multi-process launch: rank 0 evaluates, writes and registers
             return
         base = [w.detach().float() for w in base_weights(dit, vocab)]
         held = evaluate_stage2(model, stage1, heldout, base, vocab, dit, cfg)
-        summary = write_summary(args.metrics, result, held, time.perf_counter() - t0)
-        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        summary = train_summary(result, held)
+        logged = write_metrics(args.metrics, summary, {"seconds": round(time.perf_counter() - t0, 1)})
+        mlflow.log_metrics({k: v for k, v in logged.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(args.out / "model.json"))
         if not args.ablation:  # the model users load: registered with its config and base hash
             if isinstance(mlflow, LocalRun):
