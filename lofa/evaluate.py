@@ -1,16 +1,26 @@
 """Stage ``evaluate`` (DESIGN section 6): predicted LoRAs against the baselines on held-out clips.
 
 Methods, per held-out clip: ``base`` (no LoRA), ``oracle`` (the clip's fitted LoRA),
-``predicted`` (stage II with stage-I features, from the caption alone),
-``nearest`` (the fitted LoRA of the training clip whose caption is closest in
-text space), ``mean`` (the mean dW of all training LoRAs) and ``naive`` (stage II
-trained without stage-I features).
+``predicted`` (stage II with stage-I features, from the caption alone), ``nearest``
+(the fitted LoRA of the training clip whose caption is closest in text space),
+``mean`` (the mean dW of all training LoRAs), ``naive`` (stage II trained without
+stage-I features), ``generalist`` (one LoRA of the same rank fitted on all training
+clips) and ``ceiling`` (a LoRA fitted on fresh renders of the held-out clip's stated
+attributes, with its caption: what a prompt-only method could reach).
+
+Definitions, once: flow loss = :func:`lofa.score.flow_losses` (fixed timesteps and
+per-clip noise); gap closed = (base - method) / (base - oracle) of the mean losses,
+with a bootstrap 95% interval over clips (:func:`lofa.score.bootstrap_gap`); response
+map = ``lofa.lora.response_map`` (|dW| > tau |W|), precision / recall / F1 against
+the oracle's map pooled over every entry; dW cosine and relative error per matrix,
+averaged over matrices and clips.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +28,12 @@ from torch import nn
 
 from lofa.hypernet import HyperNet
 from lofa.hypertrain import LoRASet, predict_loras
-from lofa.judge import JudgeConfig, accuracy, frechet_distance, judge_features, train_judge
+from lofa.judge import Judge, accuracy, frechet_distance, judge_features, label_indices
 from lofa.layers import Vocabulary
-from lofa.lora import LoRAWeights, base_weights
-from lofa.sampling import sample
-from lofa.wan import flow_loss, flow_schedule
+from lofa.lora import LoRAWeights, base_weights, response_map
+from lofa.score import ScoreConfig, bootstrap_gap, flow_losses, generate
 
-METHODS = ("base", "oracle", "predicted", "nearest", "mean", "naive")
+METHODS = ("base", "oracle", "predicted", "nearest", "mean", "naive", "generalist", "ceiling")
 
 
 @dataclass(frozen=True)
@@ -35,10 +44,21 @@ class EvalConfig:
     tau: float = 0.2  # response-map threshold (= train_stage1.loss.tau)
     sample_steps: int = 20
     guidance: float = 3.0
+    lora_uncond: bool = True  # the LoRA also runs in guidance's unconditional branch (measured: see README)
     num_videos: int = 4  # side-by-side sample videos logged
     batch: int = 16
     seed: int = 0
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    bootstrap: int = 2000  # resamples of the held-out clips for the gap-closed intervals
+    generalist_steps: int = 300  # one LoRA on all training clips
+    generalist_batch: int = 16  # clips per step
+    ceiling_renders: int = 4  # fresh renders per held-out caption
+    ceiling_steps: int | None = None  # None: fit_loras.steps (the oracle's budget)
+
+    @property
+    def scoring(self) -> ScoreConfig:
+        return ScoreConfig(eval_points=self.eval_points, seed=self.seed, batch=self.batch,
+                           sample_steps=self.sample_steps, guidance=self.guidance, lora_uncond=self.lora_uncond,
+                           bootstrap=self.bootstrap)
 
 
 def lora_set_weights(s: LoRASet, vocab: Vocabulary, index: list[int] | None = None) -> LoRAWeights:
@@ -64,56 +84,31 @@ def nearest_index(train_text: torch.Tensor, train_mask: torch.Tensor, text: torc
     return (pool(text, mask.float()) @ pool(train_text, train_mask.float()).T).argmax(1).tolist()
 
 
-def _select(lora: LoRAWeights | None, idx: list[int]) -> LoRAWeights | None:
-    if lora is None or lora.num_loras == 1:
-        return lora
-    return LoRAWeights(lora.vocab, tuple(a[idx] for a in lora.A), tuple(b[idx] for b in lora.B), lora.scale)
-
-
-@torch.no_grad()
-def eval_flow_losses(dit: nn.Module, held: LoRASet, lora: LoRAWeights | None, cfg: EvalConfig) -> torch.Tensor:
-    """(N,) flow-matching loss of each clip at fixed timesteps and noise (same for every method).
-
-    The DiT runs on its own device; the noise is drawn on the CPU, so every device sees the same."""
-    dev = next(dit.parameters()).device
-    grid = flow_schedule().timesteps
-    ts = grid[((torch.arange(cfg.eval_points) + 0.5) * len(grid) / cfg.eval_points).long()]
-    lat, ctx = held.clips.latents, held.clips.text
-    g = torch.Generator().manual_seed(cfg.seed)
-    noise = torch.randn((cfg.eval_points, *lat.shape), generator=g)
-    out = torch.zeros(len(held))
-    for start in range(0, len(held), cfg.batch):
-        idx = list(range(start, min(len(held), start + cfg.batch)))
-        sub = None if lora is None else _select(lora, idx).to(dev)
-        x, c = lat[idx].to(dev), ctx[idx].to(dev)
-        for j, t in enumerate(ts):
-            out[idx] += flow_loss(dit, x, c, t.expand(len(idx)).to(dev), noise[j, idx].to(dev), lora=sub).cpu()
-    return out / cfg.eval_points
-
-
 def _deltas(lora: LoRAWeights, k: int) -> list[torch.Tensor]:
     kk = 0 if lora.num_loras == 1 else k
     return [lora.scale_of(kk) * (b[kk].float() @ a[kk].float()) for a, b in zip(lora.A, lora.B)]
 
 
 def dw_metrics(lora: LoRAWeights, oracle: LoRAWeights, W: list[torch.Tensor], tau: float) -> dict[str, float]:
-    """dW relative error and cosine, and response-map precision/recall/F1, against the oracle (means)."""
-    rel, cos, tp, fp, fn = [], [], 0.0, 0.0, 0.0
+    """dW relative error and cosine (means over matrices and clips), and response-map precision /
+    recall / F1 (``lofa.lora.response_map``, entries pooled) against the oracle."""
+    rel, cos, tp, pp, ap = [], [], 0.0, 0.0, 0.0
+    eye = [torch.eye(w.shape[1]) for w in W]  # response_map(A, B, W) with A = I, B = dW
     for k in range(oracle.num_loras):
-        for d, o, w in zip(_deltas(lora, k), _deltas(oracle, k), W):
+        for d, o, w, i in zip(_deltas(lora, k), _deltas(oracle, k), W, eye):
             rel.append(float((d - o).norm() / o.norm().clamp_min(1e-12)))
             cos.append(float(F.cosine_similarity(d.flatten(), o.flatten(), dim=0)))
-            wa = w.abs().clamp_min(1e-12)
-            p, t = d.abs() / wa > tau, o.abs() / wa > tau
-            tp, fp, fn = tp + float((p & t).sum()), fp + float((p & ~t).sum()), fn + float((~p & t).sum())
-    prec, rec = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+            p, t = response_map(i, d, w, tau), response_map(i, o, w, tau)
+            tp, pp, ap = tp + float((p & t).sum()), pp + float(p.sum()), ap + float(t.sum())
+    prec, rec = tp / max(pp, 1), tp / max(ap, 1)
     return {"dw_rel_err": sum(rel) / len(rel), "dw_cos": sum(cos) / len(cos), "map_precision": prec,
-            "map_recall": rec, "map_f1": 2 * prec * rec / max(prec + rec, 1e-12)}
+            "map_recall": rec, "map_f1": 2 * tp / max(pp + ap, 1)}
 
 
 def method_loras(dit: nn.Module, vocab: Vocabulary, train: LoRASet, held: LoRASet, stage2: HyperNet,
                  stage1: HyperNet, naive: HyperNet | None) -> tuple[dict[str, LoRAWeights | None], float]:
-    """Every method's LoRAs for the held-out clips (on the CPU), and the prediction time per prompt (s)."""
+    """The LoRAs of the methods that read fitted LoRAs or hypernetworks, for the held-out clips
+    (on the CPU), and the prediction time per prompt (s)."""
     W = [w.detach().float().cpu() for w in base_weights(dit, vocab)]
     t0 = time.perf_counter()
     predicted = predict_loras(stage2, stage1, vocab, W, held.clips.text, held.clips.mask)
@@ -126,58 +121,57 @@ def method_loras(dit: nn.Module, vocab: Vocabulary, train: LoRASet, held: LoRASe
     return loras, per_prompt
 
 
-def compare(dit: nn.Module, vocab: Vocabulary, held: LoRASet, loras: dict[str, LoRAWeights | None],
+def compare(dit: nn.Module, vocab: Vocabulary, held: LoRASet, loras: Mapping[str, LoRAWeights | None],
             cfg: EvalConfig) -> dict[str, dict[str, float]]:
-    """Per method: flow loss (mean, median), share of the base -> oracle gap closed, dW and map metrics
-    (``loras`` on the CPU; the DiT runs on its device)."""
+    """Per method: flow loss (mean, median), gap closed with its bootstrap interval, share of clips
+    it beats the base on, and dW / map metrics against the oracle (``loras`` on the CPU)."""
     W = [w.detach().float().cpu() for w in base_weights(dit, vocab)]
-    losses = {m: eval_flow_losses(dit, held, lora, cfg) for m, lora in loras.items()}
-    base, oracle = losses["base"].mean(), losses["oracle"].mean()
+    ids, sc = held.clips.ids, cfg.scoring
+    losses = {m: flow_losses(dit, held.clips.latents, held.clips.text, ids, lora, sc) for m, lora in loras.items()}
     table: dict[str, dict[str, float]] = {}
     for m, l in losses.items():
-        row = {"fm_loss": float(l.mean()), "fm_loss_median": float(l.median()),
-               "gap_closed": float((base - l.mean()) / (base - oracle)),
-               "beats_base_share": float((l < losses["base"]).float().mean())}
+        gap, lo, hi = bootstrap_gap(losses["base"], l, losses["oracle"], sc.bootstrap, sc.seed)
+        row = {"fm_loss": float(l.mean()), "fm_loss_median": float(l.median()), "gap_closed": gap,
+               "gap_closed_lo": lo, "gap_closed_hi": hi, "beats_base_share": float((l < losses["base"]).float().mean())}
         if loras[m] is not None and m != "oracle":
             row.update(dw_metrics(loras[m], loras["oracle"], W, cfg.tau))
         table[m] = row
     return table
 
 
-@torch.no_grad()
-def generate(dit: nn.Module, held: LoRASet, lora: LoRAWeights | None, cfg: EvalConfig) -> torch.Tensor:
-    """Latents sampled from each held-out caption (fixed seed per clip), with ``lora``; on the CPU."""
-    out = []
-    for start in range(0, len(held), cfg.batch):
-        idx = list(range(start, min(len(held), start + cfg.batch)))
-        g = torch.Generator().manual_seed(cfg.seed + start)
-        out.append(sample(dit, held.clips.text[idx], tuple(held.clips.latents.shape[1:]), steps=cfg.sample_steps,
-                          guidance=cfg.guidance, generator=g, lora=_select(lora, idx)).cpu())
-    return torch.cat(out)
-
-
-def judge_scores(dit: nn.Module, train: LoRASet, held: LoRASet, loras: dict[str, LoRAWeights | None],
-                 labels: dict[str, tuple[int, int]], num_labels: tuple[int, int], cfg: EvalConfig
+def judge_scores(dit: nn.Module, held: LoRASet, loras: Mapping[str, LoRAWeights | None], judge: Judge,
+                 labels: Sequence[Mapping[str, str]], cfg: EvalConfig
                  ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
-    """Judge accuracy (action, colour) of videos generated per method, Frechet distance to real clips.
+    """Judge accuracy per attribute of samples generated per method from the held-out captions,
+    and the Frechet distance of their judge features to the real held-out clips'.
 
-    ``labels`` maps clip id -> (action index, colour index). The judge trains on the
-    training clips only. Returns per-method scores (``real`` = the held-out clips
-    themselves, the judge's ceiling) and the generated latents.
+    ``labels``: the held-out clips' meta.csv rows, in ``held`` order. Returns per-method scores
+    (plus ``real``: the held-out clips themselves, the judge's own accuracy) and the samples.
     """
-    def lab(s: LoRASet) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = torch.tensor([labels[i] for i in s.clips.ids])
-        return pairs[:, 0], pairs[:, 1]
-
-    judge = train_judge(train.clips.latents, *lab(train), *num_labels, cfg.judge)
-    acts, cols = lab(held)
+    truth = label_indices(labels, judge.attributes)
     real_feats = judge_features(judge, held.clips.latents)
-    scores = {"real": accuracy(judge, held.clips.latents, acts, cols)}
+    scores = {"real": accuracy(judge, held.clips.latents, truth)}
     videos = {}
-    for m in ("base", "oracle", "predicted", "nearest", "mean", "naive"):
-        if m not in loras:
-            continue
-        videos[m] = generate(dit, held, loras[m], cfg)
-        scores[m] = {**accuracy(judge, videos[m], acts, cols),
+    for m, lora in loras.items():
+        videos[m] = generate(dit, held.clips.text, held.clips.ids, held.clips.latents.shape[1:], lora, cfg.scoring)
+        scores[m] = {**accuracy(judge, videos[m], truth),
                      "frechet": frechet_distance(judge_features(judge, videos[m]), real_feats)}
     return scores, videos
+
+
+def table_rows(methods: Mapping[str, Mapping[str, float]], attributes: Sequence[str] = ()) -> list[dict[str, str]]:
+    """The printed table: one row per method, fm_loss, gap_closed [lo, hi], judge accuracies."""
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    rows = []
+    for m, r in methods.items():
+        row = {"method": m, "fm_loss": num(r["fm_loss"]),
+               "gap_closed [95% CI]": f"{r['gap_closed']:.3f} [{r['gap_closed_lo']:.3f}, {r['gap_closed_hi']:.3f}]",
+               "dw_cos": num(r.get("dw_cos")), "map_f1": num(r.get("map_f1"))}
+        for a in attributes:
+            row[a] = num(r.get(f"judge_{a}_acc"))
+        if attributes:
+            row["all"], row["frechet"] = num(r.get("judge_all_acc")), num(r.get("judge_frechet"))
+        rows.append(row)
+    return rows

@@ -1,75 +1,178 @@
-"""The synthetic profile's judge: a small classifier of action and colour on video latents.
+"""The synthetic profile's judge: a classifier of every stated attribute, on video latents.
 
-Trained on real training clips only (never on the clips it scores). It scores
-generated videos for fidelity to their prompt (does the video show the prompt's
-action and colour?) and gives a Frechet distance between the judge features of
-generated and real clips.
+Trained on thousands of procedurally rendered clips (``lofa.data.figure``, random
+attributes and nuisance), encoded as ``preprocess`` encodes real clips, i.e. in the
+latent space the DiT generates; never on preprocessed clips, so it scores the
+evaluation's clips and the DiT's samples as unseen data. It predicts every attribute
+of ``ClipSpec`` (action, colour, direction, ...; names and values read from
+``lofa.data.figure``), and its penultimate features give a Frechet distance between
+generated and real clips. Saved as ``judge.safetensors`` + ``judge.json`` (stage
+``train_judge``), loaded by ``evaluate`` and ``lofa score``.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lofa.config import to_dict
+from lofa.io import SCHEMA_VERSION, ArtifactError, load_tensors, read_json, save_tensors, tensors_hash, write_json
+
+WEIGHTS, SIDECAR, KIND = "judge.safetensors", "judge.json", "lofa.judge"
+
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    width: int = 64
-    steps: int = 300
+    """The ``judge`` params section."""
+
+    clips: int = 3000  # rendered training clips
+    val_clips: int = 500  # fresh renders (other seeds) for the accuracy the stage reports
+    width: int = 48
+    steps: int = 500
     lr: float = 3e-3
-    batch_size: int = 32
+    batch_size: int = 64
+    noise: float = 0.15  # std of Gaussian noise added to normalised training latents (sampler residue)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("clips", "val_clips", "width", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"JudgeConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def attribute_values() -> dict[str, tuple[str, ...]]:
+    """Every stated attribute of a clip (``lofa.data.synthetic.STATED``, meta.csv columns) and its
+    values, from the table ``lofa.data.figure`` names after it (action -> ACTIONS, colour -> COLOURS, ...)."""
+    from lofa.data import figure
+    from lofa.data.synthetic import STATED
+
+    out = {}
+    for name in STATED:
+        values = getattr(figure, f"{name.upper()}S", None)
+        if values is None:
+            raise ValueError(f"lofa.data.figure: no value table {name.upper()}S for the stated attribute {name!r}")
+        out[name] = tuple(values)
+    return out
 
 
 class Judge(nn.Module):
-    """Conv net over latents (B, 16, T, H, W) -> features (B, width) -> action and colour logits."""
+    """Conv net over latents (B, C, T, H, W) -> features (B, 2 width) -> one logit head per attribute.
 
-    def __init__(self, channels: int, num_actions: int, num_colours: int, width: int = 64) -> None:
+    Latents are normalised per channel by the training set's statistics (buffers)."""
+
+    def __init__(self, channels: int, attributes: Mapping[str, Sequence[str]], width: int = 48) -> None:
         super().__init__()
+        self.attributes = {k: tuple(v) for k, v in attributes.items()}
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
         self.body = nn.Sequential(
             nn.Conv3d(channels, width, 3, padding=1), nn.GELU(),
-            nn.Conv3d(width, width, 3, padding=1, stride=(1, 2, 2)), nn.GELU(),
-            nn.AdaptiveAvgPool3d(1), nn.Flatten())
-        self.action = nn.Linear(width, num_actions)
-        self.colour = nn.Linear(width, num_colours)
+            nn.Conv3d(width, 2 * width, 3, padding=1, stride=(1, 2, 2)), nn.GELU(),
+            nn.Conv3d(2 * width, 2 * width, 3, padding=1), nn.GELU(),
+            nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+            nn.Linear(2 * width, 2 * width), nn.GELU())
+        self.heads = nn.ModuleDict({k: nn.Linear(2 * width, len(v)) for k, v in self.attributes.items()})
 
-    def features(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.body(latents.float())
+    def normalise(self, latents: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1, 1)
+        return (latents.float() - self.mean.view(shape)) / self.std.view(shape)
 
-    def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(latents)
-        return self.action(h), self.colour(h)
+    def features(self, latents: torch.Tensor, normalised: bool = False) -> torch.Tensor:
+        """(B, 2 width) penultimate features (the Frechet distance's)."""
+        return self.body(latents if normalised else self.normalise(latents))
+
+    def forward(self, latents: torch.Tensor, normalised: bool = False) -> dict[str, torch.Tensor]:
+        h = self.features(latents, normalised)
+        return {k: head(h) for k, head in self.heads.items()}
 
 
-def train_judge(latents: torch.Tensor, actions: torch.Tensor, colours: torch.Tensor, num_actions: int,
-                num_colours: int, cfg: JudgeConfig = JudgeConfig()) -> Judge:
-    """Fit the judge on real clips. latents (N, 16, T, H, W); actions, colours (N,) long."""
+# --------------------------------------------------------------------------- data
+
+def random_specs(n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` attribute rows drawn uniformly and independently per attribute."""
+    rng = np.random.default_rng([seed, 17])
+    values = attribute_values()
+    return [{k: v[int(rng.integers(len(v)))] for k, v in values.items()} for _ in range(n)]
+
+
+def rendered_set(n: int, seed: int, synth: Any, pre: Any, codec: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``n`` random clips rendered and encoded: latents (n, C, T', H', W') and label indices per attribute."""
+    from lofa.ceiling import encode_videos
+    from lofa.data.synthetic import render_like
+    from lofa.fit import derive_seed
+
+    rows = random_specs(n, seed)
+    videos = [render_like(r, 1, derive_seed(seed, "judge", i), synth)[0] for i, r in enumerate(rows)]
+    return encode_videos(videos, synth.fps, pre, codec), label_indices(rows, attribute_values())
+
+
+def label_indices(rows: Sequence[Mapping[str, str]], attributes: Mapping[str, Sequence[str]]
+                  ) -> dict[str, torch.Tensor]:
+    """(N,) long label index per attribute of ``attributes`` found in the rows (meta.csv rows)."""
+    present = [a for a in attributes if rows and a in rows[0]]
+    out = {}
+    for a in present:
+        vals = list(attributes[a])
+        bad = sorted({str(r[a]) for r in rows} - set(vals))
+        if bad:
+            raise ValueError(f"attribute {a!r}: values {bad} are not among the judge's {vals}")
+        out[a] = torch.tensor([vals.index(str(r[a])) for r in rows])
+    return out
+
+
+# --------------------------------------------------------------------------- training
+
+def train_judge(latents: torch.Tensor, labels: Mapping[str, torch.Tensor], cfg: JudgeConfig) -> Judge:
+    """Fit the judge on rendered clips: latents (N, C, T, H, W), labels attribute -> (N,) long."""
     torch.manual_seed(cfg.seed)
-    judge = Judge(latents.shape[1], num_actions, num_colours, cfg.width)
+    values = attribute_values()
+    judge = Judge(latents.shape[1], {a: values[a] for a in labels}, cfg.width)
+    judge.mean.copy_(latents.float().mean((0, 2, 3, 4)))
+    judge.std.copy_(latents.float().std((0, 2, 3, 4)).clamp_min(1e-6))
+    x_all = judge.normalise(latents)
     opt = torch.optim.AdamW(judge.parameters(), lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     g = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.steps):
-        idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=g)
-        x = latents[idx] + 0.05 * torch.randn(latents[idx].shape, generator=g)  # tolerate sampler noise
-        la, lc = judge(x)
-        loss = F.cross_entropy(la, actions[idx]) + F.cross_entropy(lc, colours[idx])
+        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)
+        x = x_all[idx] + cfg.noise * torch.randn(x_all[idx].shape, generator=g)
+        out = judge(x, normalised=True)
+        loss = sum(F.cross_entropy(out[a], labels[a][idx]) for a in labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
     return judge.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def accuracy(judge: Judge, latents: torch.Tensor, actions: torch.Tensor, colours: torch.Tensor) -> dict[str, float]:
-    """Share of videos whose predicted action / colour / both match the prompt's."""
-    la, lc = judge(latents)
-    a, c = la.argmax(1) == actions, lc.argmax(1) == colours
-    return {"action_acc": float(a.float().mean()), "colour_acc": float(c.float().mean()),
-            "both_acc": float((a & c).float().mean())}
+def predict(judge: Judge, latents: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
+    """(N,) predicted value index per attribute."""
+    outs = [judge(latents[i:i + batch]) for i in range(0, len(latents), batch)]
+    return {a: torch.cat([o[a] for o in outs]).argmax(1) for a in judge.attributes}
+
+
+def accuracy(judge: Judge, latents: torch.Tensor, labels: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Share of clips whose predicted value matches, per attribute of ``labels`` (``<attr>_acc``), and
+    ``all_acc``: every attribute right."""
+    pred = predict(judge, latents)
+    hits = {a: pred[a] == labels[a] for a in labels if a in pred}
+    out = {f"{a}_acc": float(h.float().mean()) for a, h in hits.items()}
+    out["all_acc"] = float(torch.stack(list(hits.values())).all(0).float().mean())
+    return out
+
+
+@torch.no_grad()
+def judge_features(judge: Judge, latents: torch.Tensor, batch: int = 256) -> np.ndarray:
+    return torch.cat([judge.features(latents[i:i + batch]) for i in range(0, len(latents), batch)]).double().numpy()
 
 
 def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
@@ -83,6 +186,42 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
     return float(((mx - my) ** 2).sum() + np.trace(cx) + np.trace(cy) - 2 * np.sqrt(np.clip(w, 0, None)).sum())
 
 
-@torch.no_grad()
-def judge_features(judge: Judge, latents: torch.Tensor) -> np.ndarray:
-    return judge.features(latents).double().numpy()
+# --------------------------------------------------------------------------- artifact
+
+def build_judge(cfg: JudgeConfig, synth: Any, pre: Any, codec: Any) -> tuple[Judge, dict[str, Any]]:
+    """Render, encode, train and check a judge; returns it and its report (accuracy on fresh renders)."""
+    t0 = time.perf_counter()
+    lat, lab = rendered_set(cfg.clips, cfg.seed, synth, pre, codec)
+    t_render = time.perf_counter() - t0
+    judge = train_judge(lat, lab, cfg)
+    t_train = time.perf_counter() - t0 - t_render
+    val_lat, val_lab = rendered_set(cfg.val_clips, cfg.seed + 1_000_003, synth, pre, codec)
+    report = {"render_val": accuracy(judge, val_lat, val_lab), "render_s": round(t_render, 1),
+              "train_s": round(t_train, 1), "latent_shape": list(lat.shape[1:])}
+    return judge, report
+
+
+def save_judge(out_dir: str | Path, judge: Judge, cfg: JudgeConfig, report: Mapping[str, Any]) -> None:
+    """``judge.safetensors`` then ``judge.json`` (config, attributes, report, tensors hash), atomically."""
+    out_dir = Path(out_dir)
+    weights = {k: v.detach().contiguous() for k, v in judge.state_dict().items()}
+    save_tensors(out_dir / WEIGHTS, weights, {"schema_version": SCHEMA_VERSION, "kind": KIND})
+    write_json(out_dir / SIDECAR, {"schema_version": SCHEMA_VERSION, "kind": KIND, "config": to_dict(cfg),
+                                   "channels": int(judge.mean.numel()),
+                                   "attributes": [[k, list(v)] for k, v in judge.attributes.items()],  # in order
+                                   "report": dict(report), "tensors_hash": tensors_hash(weights)})
+
+
+def load_judge(judge_dir: str | Path) -> Judge:
+    """The judge of ``judge_dir`` (strict load; a missing or foreign file raises, naming it)."""
+    side_path = Path(judge_dir) / SIDECAR
+    side = read_json(side_path)
+    if side.get("kind") != KIND or "attributes" not in side:
+        raise ArtifactError(f"{side_path}: not a judge sidecar (kind {side.get('kind')!r})")
+    weights = load_tensors(Path(judge_dir) / WEIGHTS)
+    judge = Judge(int(side["channels"]), dict(side["attributes"]), int(side["config"]["width"]))
+    try:
+        judge.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{Path(judge_dir) / WEIGHTS}: does not match {side_path} ({e})") from None
+    return judge.eval().requires_grad_(False)

@@ -15,19 +15,25 @@ def inference_sigmas(steps: int, shift: float = WAN_SHIFT) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
-def _doubled(lora: LoRAWeights | None) -> LoRAWeights | None:
-    """The LoRA set for a batch stacked twice (conditional + unconditional)."""
-    if lora is None or lora.num_loras == 1:
+def _doubled(lora: LoRAWeights | None, batch: int, uncond: bool = True) -> LoRAWeights | None:
+    """The LoRA set for ``batch`` samples stacked twice (conditional, then unconditional): the
+    same LoRAs twice, or with ``uncond`` False no LoRA (zero B) in the unconditional half."""
+    if lora is None or (uncond and lora.num_loras == 1):
         return lora
-    scale = torch.cat([lora.scale, lora.scale]) if isinstance(lora.scale, torch.Tensor) else lora.scale
-    return LoRAWeights(lora.vocab, tuple(torch.cat([a, a]) for a in lora.A),
-                       tuple(torch.cat([b, b]) for b in lora.B), scale)
+    per = lambda t: t.expand(batch, *t.shape[1:])  # noqa: E731  (K = 1 -> one per sample)
+    second = per if uncond else (lambda t: torch.zeros_like(per(t)))  # noqa: E731
+    scale = lora.scale
+    if isinstance(scale, torch.Tensor):
+        scale = torch.cat([per(scale), per(scale)])
+    return LoRAWeights(lora.vocab, tuple(torch.cat([per(a), per(a)]) for a in lora.A),
+                       tuple(torch.cat([per(b), second(b)]) for b in lora.B), scale)
 
 
 @torch.no_grad()
 def sample(dit: nn.Module, context: torch.Tensor, shape: tuple[int, ...], *, steps: int = 20,
            guidance: float = 3.0, generator: torch.Generator | None = None,
-           lora: LoRAWeights | None = None, null_context: torch.Tensor | None = None) -> torch.Tensor:
+           lora: LoRAWeights | None = None, null_context: torch.Tensor | None = None,
+           noise: torch.Tensor | None = None, lora_uncond: bool = True) -> torch.Tensor:
     """Sample latents from noise.
 
     Args:
@@ -36,9 +42,12 @@ def sample(dit: nn.Module, context: torch.Tensor, shape: tuple[int, ...], *, ste
         guidance: classifier-free guidance scale (1 = conditional only); the
             unconditional branch uses ``null_context`` (zeros by default, which is
             what pretraining's caption dropout feeds the model).
-        lora: optional LoRA (K = 1 or K = B), applied to both branches.
-    Runs on the model's device (context, null_context and lora are moved there); the noise
-    comes from ``generator`` on its own device, so a CPU generator gives the same noise anywhere.
+        lora: optional LoRA (K = 1 or K = B).
+        noise: (B, *shape) initial noise; default: drawn from ``generator`` on its own device,
+            so a CPU generator gives the same noise anywhere.
+        lora_uncond: the LoRA also runs in the unconditional branch (True), or that branch is
+            the base model's (False).
+    Runs on the model's device (context, null_context, noise and lora are moved there).
 
     Returns:
         (B, C, T, H, W) latents, on the model's device.
@@ -48,7 +57,11 @@ def sample(dit: nn.Module, context: torch.Tensor, shape: tuple[int, ...], *, ste
     context = context.to(device)
     null_context = None if null_context is None else null_context.to(device)
     lora = None if lora is None else lora.to(device)
-    x = torch.randn((b, *shape), generator=generator, device=generator.device if generator else device).to(device)
+    if noise is None:
+        noise = torch.randn((b, *shape), generator=generator, device=generator.device if generator else device)
+    elif tuple(noise.shape) != (b, *shape):
+        raise ValueError(f"sample: noise {tuple(noise.shape)} must be {(b, *shape)}")
+    x = noise.to(device)
     null = torch.zeros_like(context) if null_context is None else null_context.expand_as(context)
     sig = inference_sigmas(steps).tolist()
     for s, s_next in zip(sig[:-1], sig[1:]):
@@ -57,7 +70,7 @@ def sample(dit: nn.Module, context: torch.Tensor, shape: tuple[int, ...], *, ste
             v = dit_forward(dit, x, t, context, lora=lora).float()
         else:
             both = dit_forward(dit, torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, null]),
-                               lora=_doubled(lora)).float()
+                               lora=_doubled(lora, b, lora_uncond)).float()
             cond, unc = both.chunk(2)
             v = unc + guidance * (cond - unc)
         x = x + (s_next - s) * v

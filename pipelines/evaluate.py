@@ -1,8 +1,11 @@
 """Stage ``evaluate``: held-out clips, every method of DESIGN section 6, one table.
 
-Writes ``metrics/evaluate.json`` (dvc metrics), ``metrics/eval_methods.csv``
-(dvc plots), and under ``--out`` plots and side-by-side sample videos (base,
-oracle, predicted), all logged to one MLflow run with the table.
+Writes ``metrics/evaluate.json`` (dvc metrics: ``methods.<method>`` with fm_loss,
+gap_closed and its bootstrap interval, dW / map metrics and judge accuracies),
+``metrics/eval_methods.csv`` (dvc plots), and under ``--out`` side-by-side sample
+videos (real | base | oracle | predicted), all logged to one MLflow run with the table.
+The caption ceiling and the judge need the synthetic world (``--synth``: meta.csv,
+synth.json); on the real profile they are skipped, with a message.
 """
 
 from __future__ import annotations
@@ -11,25 +14,38 @@ import time
 
 import pandas as pd
 
+from lofa.ceiling import ceiling_loras, generalist_lora
 from lofa.config import from_dict, to_dict
-from lofa.data.figure import ACTIONS, COLOURS
-from lofa.encoders.video import build_codec
-from lofa.evaluate import EvalConfig, compare, judge_scores, method_loras
+from lofa.data.preprocess import PreprocessConfig, codec_for
+from lofa.data.synthetic import SynthConfig, read_meta
+from lofa.env import compute_device, peak_rss_mib
+from lofa.evaluate import EvalConfig, compare, judge_scores, method_loras, table_rows
+from lofa.fit import FitConfig
 from lofa.fit_report import collect_curves
 from lofa.hypertrain import load_hypernet
-from lofa.env import compute_device, peak_rss_mib
-from lofa.io import atomic_path, write_json
+from lofa.io import atomic_path, read_json, write_json
+from lofa.judge import SIDECAR, load_judge
 from lofa.media import decode_latents, side_by_side, write_video
 from lofa.tracking import stage_run
 from pipelines._common import section, stage_args
 from pipelines._hyper import load_base, load_sets
 
 
+def _world(args, pre: PreprocessConfig) -> tuple[SynthConfig | None, dict[str, dict[str, str]], str]:
+    """The synthetic world's config and meta.csv rows by id, or None and why not."""
+    if pre.profile != "synthetic" or not (args.synth / "meta.csv").is_file():
+        return None, {}, f"no synthetic world ({args.synth / 'meta.csv'} absent or profile {pre.profile!r})"
+    synth = from_dict(SynthConfig, read_json(args.synth / "synth.json")["config"], "synth.json")
+    return synth, {r["id"]: r for r in read_meta(args.synth)}, ""
+
+
 def main() -> None:
     args = stage_args(__doc__, data="data/preprocessed", base="data/base", loras="data/loras", synth="data/motionx_synth",
-                      stage1="data/stage1", stage2="data/stage2", naive="data/stage2_naive", out="data/eval",
-                      metrics="metrics/evaluate.json", plots="metrics/eval_methods.csv")
+                      stage1="data/stage1", stage2="data/stage2", naive="data/stage2_naive", judge="data/judge",
+                      out="data/eval", metrics="metrics/evaluate.json", plots="metrics/eval_methods.csv")
     cfg = from_dict(EvalConfig, section(args, "evaluate"), "evaluate")
+    fit = from_dict(FitConfig, section(args, "fit_loras"), "fit_loras")
+    pre = from_dict(PreprocessConfig, section(args, "preprocess"), "preprocess")
     t0 = time.perf_counter()
     dit, vocab, base_hash = load_base(args.base)
     train, held = load_sets(args.loras, args.data, vocab)
@@ -38,40 +54,65 @@ def main() -> None:
     stage1, stage2 = (load_hypernet(d / "model.safetensors").to(dev) for d in (args.stage1, args.stage2))
     naive = load_hypernet(args.naive / "model.safetensors").to(dev) if (args.naive / "model.safetensors").is_file() else None
     loras, predict_s = method_loras(dit, vocab, train, held, stage2, stage1, naive)
+    t_fit = time.perf_counter()
+    loras["generalist"] = generalist_lora(dit, vocab, train.clips.latents.to(dev), train.clips.text.to(dev), fit,
+                                          cfg.generalist_steps, cfg.generalist_batch).to("cpu")
+    synth, meta, why = _world(args, pre)
+    if synth is not None:
+        loras["ceiling"] = ceiling_loras(dit, vocab, [meta[i] for i in held.clips.ids], held.clips.text, synth, pre,
+                                         codec_for(pre), fit, cfg.ceiling_renders,
+                                         cfg.ceiling_steps or fit.steps, cfg.seed).to("cpu")
+    else:
+        print(f"evaluate: caption ceiling skipped: {why}")
+    baselines_s = time.perf_counter() - t_fit
     table = compare(dit, vocab, held, loras, cfg)
-    curves = [c for c in collect_curves(args.loras / "curves")]
+    curves = list(collect_curves(args.loras / "curves"))
     fit_s = sum(c["batch_seconds"] / c["batch_size"] for c in curves) / len(curves)
-    summary = {"clips": len(held), "methods": table,
+    summary = {"clips": len(held), "methods": table, "config": to_dict(cfg),
                "timing": {"predict_ms_per_prompt": 1000 * predict_s, "fit_s_per_clip": fit_s,
-                          "fit_over_predict": fit_s / predict_s}}
-    videos = {}
-    if (args.synth / "meta.csv").is_file():
-        meta = pd.read_csv(args.synth / "meta.csv").set_index("id")
-        labels = {i: (ACTIONS.index(meta.at[i, "action"]), list(COLOURS).index(meta.at[i, "colour"]))
-                  for i in train.clips.ids + held.clips.ids}
-        summary["judge"], videos = judge_scores(dit, train, held, loras, labels, (len(ACTIONS), len(COLOURS)), cfg)
+                          "fit_over_predict": fit_s / predict_s, "generalist_ceiling_s": round(baselines_s, 1)}}
+    videos, attributes = {}, []
+    judged = synth is not None and "skipped" not in read_json(args.judge / SIDECAR)
+    if judged:
+        judge = load_judge(args.judge)
+        scores, videos = judge_scores(dit, held, loras, judge, [meta[i] for i in held.clips.ids], cfg)
+        attributes = [a for a in judge.attributes if f"{a}_acc" in scores["real"]]
+        for m, s in scores.items():
+            if m in table:
+                table[m].update({f"judge_{k}": v for k, v in s.items()})
+        summary["judge"] = {"real": scores["real"], "render_val": read_json(args.judge / SIDECAR)["report"]["render_val"]}
+    else:
+        print("evaluate: judge skipped: " + (why or f"{args.judge / SIDECAR} says it was skipped"))
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["peak_rss_mib"] = peak_rss_mib()
     write_json(args.metrics, summary)
-    rows = pd.DataFrame([{"method": m, **r, **summary.get("judge", {}).get(m, {})} for m, r in table.items()])
+    numbers = pd.DataFrame([{"method": m, **r} for m, r in table.items()])
     with atomic_path(args.plots) as tmp:
-        rows.to_csv(tmp, index=False)
-    with stage_run("evaluate", to_dict(cfg), tags={"lofa.base_model_hash": base_hash}) as mlflow:
-        mlflow.log_table(rows, "eval_table.json")
+        numbers.to_csv(tmp, index=False)
+    printed = pd.DataFrame(table_rows(table, attributes))
+    with stage_run("evaluate", {**to_dict(cfg), "fit_loras": to_dict(fit)},
+                   tags={"lofa.base_model_hash": base_hash}) as mlflow:
+        mlflow.log_table(numbers, "eval_table.json")
+        mlflow.log_text(printed.to_string(index=False) + "\n", "eval_table.txt")
         mlflow.log_metrics({f"{m}.{k}": v for m, r in table.items() for k, v in r.items()})
-        mlflow.log_metrics({f"judge.{m}.{k}": v for m, r in summary.get("judge", {}).items() for k, v in r.items()})
+        mlflow.log_metrics({f"judge.{g}.{k}": v for g, r in summary.get("judge", {}).items() for k, v in r.items()})
         mlflow.log_metrics({f"timing.{k}": v for k, v in summary["timing"].items()})
         if videos:
-            codec = build_codec("synthetic")
-            clips = {m: decode_latents(codec, videos[m][:cfg.num_videos]) for m in ("base", "oracle", "predicted")}
-            real = decode_latents(codec, held.clips.latents[:cfg.num_videos])
-            for i in range(min(cfg.num_videos, len(held))):
-                path = write_video(args.out / "samples" / f"heldout_{i}.gif",
-                                   side_by_side([real[i]] + [clips[m][i] for m in clips]), upscale=2)
-                mlflow.log_artifact(str(path), "samples")
-                mlflow.log_text(f"real | base | oracle | predicted\n{held.clips.captions[i]}\n",
-                                f"samples/heldout_{i}.txt")
-    print(rows.to_string(index=False))
+            _sample_strips(args, held, videos, cfg, pre, mlflow)
+    print(printed.to_string(index=False))
+
+
+def _sample_strips(args, held, videos, cfg: EvalConfig, pre: PreprocessConfig, mlflow) -> None:
+    """real | base | oracle | predicted, one GIF per held-out clip (the first ``num_videos``)."""
+    codec = codec_for(pre)  # the synthetic codec runs on the CPU
+    shown = [m for m in ("base", "oracle", "predicted") if m in videos]
+    clips = {m: decode_latents(codec, videos[m][:cfg.num_videos]) for m in shown}
+    real = decode_latents(codec, held.clips.latents[:cfg.num_videos])
+    for i in range(min(cfg.num_videos, len(held))):
+        path = write_video(args.out / "samples" / f"heldout_{i}.gif",
+                           side_by_side([real[i]] + [clips[m][i] for m in shown]), upscale=2)
+        mlflow.log_artifact(str(path), "samples")
+        mlflow.log_text(f"real | {' | '.join(shown)}\n{held.clips.captions[i]}\n", f"samples/heldout_{i}.txt")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""Stage ``train_judge``: the attribute classifier that scores generated videos (synthetic profile).
+
+Renders ``judge.clips`` random clips with the synthetic world's renderer, encodes them as
+``preprocess`` does, trains :class:`lofa.judge.Judge`, checks it on fresh renders and writes
+``judge.safetensors`` + ``judge.json`` under ``--out``. On the real profile (no renderer) it
+writes a sidecar that says so, and ``evaluate`` skips judging.
+"""
+
+from __future__ import annotations
+
+import time
+
+from lofa.config import from_dict, to_dict
+from lofa.data.preprocess import PreprocessConfig, codec_for
+from lofa.data.synthetic import SynthConfig
+from lofa.env import peak_rss_mib
+from lofa.io import SCHEMA_VERSION, write_json
+from lofa.judge import KIND, SIDECAR, JudgeConfig, build_judge, save_judge
+from lofa.tracking import stage_run
+from pipelines._common import section, stage_args
+
+
+def main() -> None:
+    args = stage_args(__doc__, out="data/judge", metrics="metrics/train_judge.json")
+    cfg = from_dict(JudgeConfig, section(args, "judge"), "judge")
+    pre = from_dict(PreprocessConfig, section(args, "preprocess"), "preprocess")
+    t0 = time.perf_counter()
+    if pre.profile != "synthetic":
+        reason = f"preprocess.profile is {pre.profile!r}: no renderer, no judge"
+        write_json(args.out / SIDECAR, {"schema_version": SCHEMA_VERSION, "kind": KIND, "skipped": reason})
+        write_json(args.metrics, {"skipped": reason})
+        print(f"train_judge: skipped ({reason})")
+        return
+    synth = SynthConfig.from_params(section(args, "synthetic"))
+    with stage_run("train_judge", to_dict(cfg)) as mlflow:
+        judge, report = build_judge(cfg, synth, pre, codec_for(pre))
+        save_judge(args.out, judge, cfg, report)
+        summary = {**report, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": peak_rss_mib()}
+        write_json(args.metrics, summary)
+        mlflow.log_metrics({f"render_val.{k}": v for k, v in report["render_val"].items()})
+        mlflow.log_metrics({k: summary[k] for k in ("render_s", "train_s", "seconds")})
+    print({k: round(v, 3) for k, v in report["render_val"].items()}, f"{summary['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
