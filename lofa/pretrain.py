@@ -6,10 +6,11 @@ real profile skips this stage and loads Wan2.1 weights instead.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,6 +32,10 @@ class PretrainConfig:
     batch_size: int = 16
     caption_dropout: float = 0.1  # zeroed text for classifier-free guidance
     seed: int = 0
+    # coarse: the clips' coarse captions (colour, size, background: docs/world.md), so the base
+    # lacks what the per-clip LoRAs teach; full: the captions the LoRAs are fitted with
+    caption: Literal["coarse", "full"] = "coarse"
+    exclude_actions: tuple[str, ...] = ()  # synthetic actions (clip ids synth/<action>/...) never pretrained on
 
 
 class FlowMatchingObjective(nn.Module):
@@ -77,6 +82,7 @@ def pretrain(cfg: PretrainConfig, clips: ClipSet, out_dir: str | Path, *, logger
     inputs are deleted first and training starts over (see :func:`lofa.train.train`).
     """
     out_dir = Path(out_dir)
+    clips = pretraining_clips(clips, cfg)
     if input_key is not None:
         _drop_stale_dit(out_dir, input_key)
     torch.manual_seed(cfg.seed)
@@ -106,6 +112,21 @@ def _drop_stale_dit(out_dir: Path, key: InputKey) -> None:
                       stacklevel=3)
         (out_dir / "dit.safetensors").unlink(missing_ok=True)
         side.unlink()
+
+
+def pretraining_clips(clips: ClipSet, cfg: PretrainConfig) -> ClipSet:
+    """``clips`` without ``cfg.exclude_actions``, with the text of ``cfg.caption`` as ``text``."""
+    keep = [i for i, cid in enumerate(clips.ids) if (cid.split("/") + ["", ""])[1] not in cfg.exclude_actions]
+    if not keep:
+        raise ValueError(f"pretrain_base.exclude_actions {list(cfg.exclude_actions)} leaves no clip")
+    clips = clips.subset(keep)
+    if cfg.caption == "full":
+        return clips
+    if clips.coarse_text is None:
+        raise ValueError("pretrain_base.caption is 'coarse' but the preprocessed clips have no coarse caption "
+                         "(coarse_context; the synthetic world writes texts/coarse_labels): rerun synthesize + "
+                         "preprocess, or set pretrain_base.caption: full")
+    return dataclasses.replace(clips, text=clips.coarse_text, mask=clips.coarse_mask)
 
 
 def dit_config_from_sidecar(sidecar: dict[str, Any]) -> WanDiTConfig:
