@@ -20,6 +20,8 @@ class ClipSet:
         latents: (N, 16, T', H', W') float32.
         text: (N, L, D) float32, rows past each prompt zeroed.
         mask: (N, L) bool.
+        coarse_text, coarse_mask: like ``text`` and ``mask``, of the coarse captions (colour, size,
+            background only; what the synthetic base is pretrained on); None unless every clip has one.
     """
 
     ids: list[str]
@@ -28,6 +30,8 @@ class ClipSet:
     latents: torch.Tensor
     text: torch.Tensor
     mask: torch.Tensor
+    coarse_text: torch.Tensor | None = None
+    coarse_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -35,8 +39,9 @@ class ClipSet:
     def subset(self, index: list[int] | torch.Tensor) -> "ClipSet":
         idx = torch.as_tensor(index, dtype=torch.long)
         pick = idx.tolist()
+        coarse = (None, None) if self.coarse_text is None else (self.coarse_text[idx], self.coarse_mask[idx])
         return ClipSet([self.ids[i] for i in pick], [self.captions[i] for i in pick],
-                       [self.splits[i] for i in pick], self.latents[idx], self.text[idx], self.mask[idx])
+                       [self.splits[i] for i in pick], self.latents[idx], self.text[idx], self.mask[idx], *coarse)
 
 
 def _clip_tensors(path: Path, first: tuple[torch.Tensor, ...] | None) -> dict[str, torch.Tensor]:
@@ -60,11 +65,15 @@ def load_clips(pre_dir: str | Path, splits: tuple[str, ...] = ("train",)) -> Cli
     df = df[df["split"].isin(splits)].reset_index(drop=True)
     if df.empty:
         raise ArtifactError(f"{pre_dir / 'manifest.parquet'}: no clips in splits {list(splits)}")
-    lat, txt, msk = [], [], []
+    lat, txt, msk, c_txt, c_msk = [], [], [], [], []
     for rel in df["path"]:
         t = _clip_tensors(pre_dir / rel, (lat[0], txt[0], msk[0]) if lat else None)
         lat.append(t["latents"])
         txt.append(t["context"])
         msk.append(t["mask"])
+        if "coarse_context" in t and "coarse_mask" in t:
+            c_txt.append(t["coarse_context"])
+            c_msk.append(t["coarse_mask"])
+    coarse = (torch.stack(c_txt), torch.stack(c_msk)) if len(c_txt) == len(lat) else (None, None)
     return ClipSet(df["id"].tolist(), df["caption"].tolist(), df["split"].tolist(),
-                   torch.stack(lat), torch.stack(txt), torch.stack(msk))
+                   torch.stack(lat), torch.stack(txt), torch.stack(msk), *coarse)

@@ -31,13 +31,13 @@ BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
 }
 DIRECTIONS: tuple[str, ...] = ("left", "right")
 SPEEDS: dict[str, float] = {"slow": 0.5, "normal": 0.8, "fast": 1.3}  # action cycles per second
-SIZES: dict[str, float] = {"small": 0.46, "large": 0.64}  # standing height / frame height
+SIZES: dict[str, float] = {"small": 0.55, "large": 0.72}  # standing height / frame height
 
 # Body proportions (unit = standing height) and capsule radii.
 _SEG_LEN = {"ua": 0.16, "fa": 0.155, "th": 0.245, "sh": 0.235}
-_TORSO, _NECK, _HEAD_R = 0.30, 0.11, 0.085
+_TORSO, _NECK, _HEAD_R = 0.30, 0.11, 0.1
 _SHOULDER_W, _HIP_W = 0.085, 0.05
-_LIMB_R, _TORSO_R = 0.036, 0.048
+_LIMB_R, _TORSO_R = 0.05, 0.065
 _GROUND = 0.92  # ground line, fraction of frame height from the top
 _STRIDE = {"walk": 0.45, "run": 0.8, "jump": 0.6}  # travel per cycle, body units
 _FAR_SHADE, _EYE_RGB, _FLOOR_SHADE = 0.72, (25, 25, 30), 0.86
@@ -301,14 +301,15 @@ class Nuisance:
 
 
 NUISANCE_FACTORS: tuple[str, ...] = ("phase", "x_offset", "ground", "tempo")
+#: Half-width of each factor's uniform range around (0, 0, 0, 1).
+NUISANCE_RANGE: dict[str, float] = {"phase": 0.02, "x_offset": 0.01, "ground": 0.005, "tempo": 0.02}
 
 
 def draw_nuisance(seed: int) -> Nuisance:
     """The nuisance of a clip with ``ClipSpec.seed == seed``."""
     rng = np.random.default_rng([seed, 7919])
-    phase, x_jit = rng.random(), rng.uniform(-0.08, 0.08)
-    g_jit, freq_jit = rng.uniform(-0.02, 0.02), rng.uniform(0.92, 1.08)
-    return Nuisance(phase, x_jit, g_jit, freq_jit)
+    a = NUISANCE_RANGE
+    return Nuisance(*(float(rng.uniform(-a[f], a[f])) + (1.0 if f == "tempo" else 0.0) for f in NUISANCE_FACTORS))
 
 
 def render_clip(spec: ClipSpec, frames: int, height: int, width: int, fps: float,

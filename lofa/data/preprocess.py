@@ -2,9 +2,11 @@
 
 Outputs under ``out_dir``:
 - ``clips/<id>.safetensors``: ``latents`` (16, T', H', W') float32, ``context`` (L, D)
-  float32 (rows past the prompt zeroed) and ``mask`` (L,) bool; the header holds
-  the clip's id, split, caption and source info, so a resumed run rebuilds the
-  manifest without re-encoding.
+  float32 (rows past the prompt zeroed) and ``mask`` (L,) bool; where the root has a
+  coarse caption (``texts/coarse_labels/<id>.txt``, the synthetic world writes one: colour,
+  size, background only, what the base model is pretrained on) also ``coarse_context`` and
+  ``coarse_mask`` of the same shapes. The header holds the clip's id, split, captions and
+  source info, so a resumed run rebuilds the manifest without re-encoding.
 - ``manifest.parquet``: one row per usable clip.
 - ``rejected.csv``: one row per skipped clip with its reason.
 """
@@ -26,8 +28,10 @@ from lofa.io import ArtifactError, atomic_path, load_tensors, read_metadata, sav
 
 MANIFEST_COLUMNS = (
     "id", "split", "caption", "num_frames", "src_fps", "src_frames", "src_height", "src_width",
-    "latent_shape", "text_shape", "path", "sha256",
+    "latent_shape", "text_shape", "path", "sha256", "coarse_caption",
 )
+#: Optional second caption per clip, beside MotionX's ``texts/semantic_labels`` ("" in the manifest when absent).
+COARSE_CAPTION_DIR = Path("texts") / "coarse_labels"
 
 
 @dataclass(frozen=True)
@@ -83,28 +87,47 @@ def _row_from_file(path: Path, out_dir: Path) -> dict[str, Any]:
     meta = read_metadata(path)
     t = load_tensors(path)
     row = json.loads(meta["lofa_clip"])
+    row.setdefault("coarse_caption", "")
     row.update(latent_shape=list(t["latents"].shape), text_shape=list(t["context"].shape),
                path=path.relative_to(out_dir).as_posix(), sha256=sha256_file(path))
     return row
 
 
-def _encode_group(group: list[tuple[ClipRef, str, torch.Tensor, Any]], text_enc: Any, codec: Any,
-                  cfg: PreprocessConfig, out_dir: Path) -> list[dict[str, Any]]:
-    captions = [c for _, c, _, _ in group]
-    emb = text_enc.encode(captions)
-    video = torch.stack([v for _, _, v, _ in group]).to(cfg.device)  # (B, 3, T, H, W)
+Item = tuple[ClipRef, str, str, torch.Tensor, Any]  # ref, caption, coarse caption ("" = none), video, info
+
+
+def _encode_group(group: list[Item], text_enc: Any, codec: Any, cfg: PreprocessConfig,
+                  out_dir: Path) -> list[dict[str, Any]]:
+    emb = text_enc.encode([c for _, c, _, _, _ in group])
+    has_coarse = [i for i, item in enumerate(group) if item[2]]
+    coarse = text_enc.encode([group[i][2] for i in has_coarse]) if has_coarse else None
+    video = torch.stack([item[3] for item in group]).to(cfg.device)  # (B, 3, T, H, W)
     with torch.no_grad():
         latents = codec.encode(video).float().cpu()
     rows = []
-    for i, (ref, caption, _, info) in enumerate(group):
+    for i, (ref, caption, coarse_caption, _, info) in enumerate(group):
         head = {"id": ref.id, "split": ref.split, "caption": caption, "num_frames": cfg.num_frames,
                 "src_fps": info.src_fps, "src_frames": info.src_frames,
-                "src_height": info.src_height, "src_width": info.src_width}
+                "src_height": info.src_height, "src_width": info.src_width, "coarse_caption": coarse_caption}
+        tensors = {"latents": latents[i], "context": emb.tokens[i].float(), "mask": emb.mask[i].bool()}
+        if coarse_caption:
+            j = has_coarse.index(i)
+            tensors.update(coarse_context=coarse.tokens[j].float(), coarse_mask=coarse.mask[j].bool())
         path = clip_path(out_dir, ref.id)
-        save_tensors(path, {"latents": latents[i], "context": emb.tokens[i].float(), "mask": emb.mask[i].bool()},
-                     metadata={"lofa_clip": json.dumps(head), "format": "lofa.clip.v1"})
+        save_tensors(path, tensors, metadata={"lofa_clip": json.dumps(head), "format": "lofa.clip.v1"})
         rows.append(_row_from_file(path, out_dir))
     return rows
+
+
+def _coarse_caption(root: Path, clip_id: str) -> str:
+    """The clip's coarse caption, "" when the root has none for it (MotionX); a bad file is a reject."""
+    path = root / COARSE_CAPTION_DIR / f"{clip_id}.txt"
+    if not path.exists():
+        return ""
+    try:
+        return read_caption(path)
+    except ClipError as e:
+        raise ClipError(f"coarse_{e.reason}", e.detail) from None
 
 
 def preprocess(cfg: PreprocessConfig, root: str | Path, out_dir: str | Path,
@@ -126,7 +149,7 @@ def preprocess(cfg: PreprocessConfig, root: str | Path, out_dir: str | Path,
         except (ArtifactError, KeyError, json.JSONDecodeError):
             todo.append(ref)  # a damaged earlier output: redo it
     encoders: tuple[Any, Any] | None = None
-    group: list[tuple[ClipRef, str, torch.Tensor, Any]] = []
+    group: list[Item] = []
     encoded = 0
 
     def flush() -> None:
@@ -141,12 +164,13 @@ def preprocess(cfg: PreprocessConfig, root: str | Path, out_dir: str | Path,
     for ref in bar:
         try:
             caption = read_caption(ref.caption_path)
+            coarse = _coarse_caption(root, ref.id)
             video, info = read_video(ref.video_path, cfg.num_frames, cfg.fps, cfg.height, cfg.width)
         except ClipError as e:
             rejected.append((ref.id, e.reason))
             bar.set_postfix(rejected=len(rejected))
             continue
-        group.append((ref, caption, video, info))
+        group.append((ref, caption, coarse, video, info))
         if len(group) == cfg.encode_batch:
             flush()
     flush()
