@@ -1,4 +1,4 @@
-"""The ``lofa`` command: predict (prompt -> LoRA file), generate (prompt -> video), refine.
+"""The ``lofa`` command: predict (prompt -> LoRA file), generate (prompt -> video), refine, score.
 
 Defaults point at the default pipeline's outputs (run from the repository root):
 ``data/base``, ``data/stage1``, ``data/stage2`` and ``params.yaml``. Cheap checks
@@ -182,12 +182,56 @@ def cmd_refine(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- score
+
+def cmd_score(args: argparse.Namespace) -> int:
+    args.base = args.base or DEFAULT_BASE
+    for path, what in ((args.base, "base directory"), (args.params, "params file"),
+                       *((p, "LoRA file") for p in args.loras), *((p, "clip file") for p in args.clips or ())):
+        _existing(path, what)
+    if args.clips and (args.data or args.ids):
+        raise UsageError("give either --clips FILE... or --data DIR [--ids ID...], not both")
+    if not args.clips and not args.data:
+        raise UsageError("no clips: give --clips FILE... or --data DIR [--ids ID...]")
+    if args.generate:
+        _existing(args.judge, "judge directory (stage train_judge)")
+    if args.meta is not None:
+        _existing(args.meta, "meta.csv")
+    import json
+
+    from lofa.config import from_dict, load_params
+    from lofa.evaluate import EvalConfig
+    from lofa.score import clip_paths, score_files
+
+    cfg = from_dict(EvalConfig, load_params(args.params).get("evaluate"), f"{args.params}:evaluate").scoring
+    files = args.clips or clip_paths(_existing(args.data, "preprocessed directory"), args.ids or [])
+    labels = None
+    if args.meta is not None:
+        import csv
+
+        with open(args.meta, newline="") as f:
+            labels = {r["id"]: r for r in csv.DictReader(f)}
+    with _quiet_stdout():
+        result = score_files(args.base, args.loras, files, cfg, judge_dir=args.judge if args.generate else None,
+                             labels=labels, device=args.device)
+    text = json.dumps(result, indent=2)
+    if args.output is None:
+        print(text)
+    else:
+        from lofa.io import write_text
+
+        write_text(args.output, text + "\n")
+        means = ", ".join(f"{k} {v['fm_loss']:.4f}" for k, v in result["loras"].items())
+        print(f"scored {len(result['clips'])} clip(s): flow loss {means}; wrote {args.output}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lofa", description="Predict a Wan2.1 LoRA from a prompt (LoFA), "
                                      "generate a video with it, refine it on a clip.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{predict,generate,refine}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{predict,generate,refine,score}")
 
     p = sub.add_parser("predict", help="prompt(s) -> LoRA file(s)")
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts (batched)")
@@ -230,6 +274,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "each costs a run of that many steps)")
     _add_models(r, hypernets=False)
     r.set_defaults(func=cmd_refine)
+
+    s = sub.add_parser("score", help="flow-matching loss (and judged samples) of LoRA files on preprocessed clips",
+                       description="Score the base model and each LORA on clips as the evaluate stage does: the "
+                                   "flow-matching loss at its fixed timesteps and noise (params evaluate section); "
+                                   "with --generate, the judge's attributes of a sample from each clip's caption. "
+                                   "JSON on stdout or in -o.")
+    s.add_argument("loras", nargs="*", type=Path, metavar="LORA", help="LoRA files (the base model is always scored)")
+    s.add_argument("--clips", nargs="+", type=Path, metavar="FILE",
+                   help="preprocessed clip files (data/preprocessed/clips/<id>.safetensors)")
+    s.add_argument("--data", type=Path, help="a preprocess output directory (with --ids, or every clip)")
+    s.add_argument("--ids", nargs="+", metavar="ID", help="clip ids in --data")
+    s.add_argument("--generate", action="store_true", help="also sample a video per LoRA and clip caption, judged")
+    s.add_argument("--judge", type=Path, default=Path("data/judge"), help="judge directory (default: data/judge)")
+    s.add_argument("--meta", type=Path, help="meta.csv of the synthetic world: judge accuracy against its labels")
+    s.add_argument("-o", "--output", type=Path, help="write the JSON here (default: stdout)")
+    _add_models(s, hypernets=False)
+    s.set_defaults(func=cmd_score)
     return parser
 
 
