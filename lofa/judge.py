@@ -130,27 +130,32 @@ def label_indices(rows: Sequence[Mapping[str, str]], attributes: Mapping[str, Se
 
 # --------------------------------------------------------------------------- training
 
-def train_judge(latents: torch.Tensor, labels: Mapping[str, torch.Tensor], cfg: JudgeConfig) -> Judge:
-    """Fit the judge on rendered clips: latents (N, C, T, H, W), labels attribute -> (N,) long."""
+def train_judge(latents: torch.Tensor, labels: Mapping[str, torch.Tensor], cfg: JudgeConfig,
+                device: torch.device | str = "cpu") -> Judge:
+    """Fit the judge on rendered clips: latents (N, C, T, H, W), labels attribute -> (N,) long.
+
+    Trains on ``device``; the batches and the noise are drawn on the CPU (the same on any device).
+    Returns the judge on the CPU."""
     torch.manual_seed(cfg.seed)
     values = attribute_values()
     judge = Judge(latents.shape[1], {a: values[a] for a in labels}, cfg.width)
     judge.mean.copy_(latents.float().mean((0, 2, 3, 4)))
     judge.std.copy_(latents.float().std((0, 2, 3, 4)).clamp_min(1e-6))
     x_all = judge.normalise(latents)
+    judge.to(device)
     opt = torch.optim.AdamW(judge.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     g = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.steps):
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)
         x = x_all[idx] + cfg.noise * torch.randn(x_all[idx].shape, generator=g)
-        out = judge(x, normalised=True)
-        loss = sum(F.cross_entropy(out[a], labels[a][idx]) for a in labels)
+        out = judge(x.to(device), normalised=True)
+        loss = sum(F.cross_entropy(out[a], labels[a][idx].to(device)) for a in labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    return judge.eval().requires_grad_(False)
+    return judge.cpu().eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -188,12 +193,14 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
 
 # --------------------------------------------------------------------------- artifact
 
-def build_judge(cfg: JudgeConfig, synth: Any, pre: Any, codec: Any) -> tuple[Judge, dict[str, Any]]:
-    """Render, encode, train and check a judge; returns it and its report (accuracy on fresh renders)."""
+def build_judge(cfg: JudgeConfig, synth: Any, pre: Any, codec: Any,
+                device: torch.device | str = "cpu") -> tuple[Judge, dict[str, Any]]:
+    """Render, encode, train (on ``device``) and check a judge; returns it (on the CPU) and its report
+    (accuracy on fresh renders, seconds)."""
     t0 = time.perf_counter()
     lat, lab = rendered_set(cfg.clips, cfg.seed, synth, pre, codec)
     t_render = time.perf_counter() - t0
-    judge = train_judge(lat, lab, cfg)
+    judge = train_judge(lat, lab, cfg, device)
     t_train = time.perf_counter() - t0 - t_render
     val_lat, val_lab = rendered_set(cfg.val_clips, cfg.seed + 1_000_003, synth, pre, codec)
     report = {"render_val": accuracy(judge, val_lat, val_lab), "render_s": round(t_render, 1),

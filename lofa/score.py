@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -199,7 +200,7 @@ def score_files(base_dir: str | Path, lora_paths: Sequence[str | Path], clip_fil
         from lofa.judge import load_judge
 
         judge = load_judge(judge_dir)
-    result: dict[str, Any] = {"clips": ids, "captions": captions, "config": cfg.__dict__ | {}, "loras": {}}
+    result: dict[str, Any] = {"clips": ids, "captions": captions, "config": dataclasses.asdict(cfg), "loras": {}}
     for name, lora in loras.items():
         losses = flow_losses(base.dit, latents, context, ids, lora, cfg)
         entry: dict[str, Any] = {"fm_loss": float(losses.mean()),

@@ -13,7 +13,7 @@ import time
 from lofa.config import from_dict, to_dict
 from lofa.data.preprocess import PreprocessConfig, codec_for
 from lofa.data.synthetic import SynthConfig
-from lofa.env import peak_rss_mib
+from lofa.env import compute_device, peak_rss_mib
 from lofa.io import SCHEMA_VERSION, write_json
 from lofa.judge import KIND, SIDECAR, JudgeConfig, build_judge, save_judge
 from lofa.tracking import stage_run
@@ -33,7 +33,7 @@ def main() -> None:
         return
     synth = SynthConfig.from_params(section(args, "synthetic"))
     with stage_run("train_judge", to_dict(cfg)) as mlflow:
-        judge, report = build_judge(cfg, synth, pre, codec_for(pre))
+        judge, report = build_judge(cfg, synth, pre, codec_for(pre), compute_device())
         save_judge(args.out, judge, cfg, report)
         summary = {**report, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": peak_rss_mib()}
         write_json(args.metrics, summary)

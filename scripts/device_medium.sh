@@ -61,7 +61,7 @@ run_stage() {
 archive() {
   local paths=() p
   for p in pipeline_id metrics logs eval tracking base/dit.json base/samples loras/plots loras/curves \
-           stage1/model.json stage2/model.json stage2_naive/model.json; do
+           stage1/model.json stage2/model.json stage2_naive/model.json judge/judge.json; do
     [ -e "$D/$p" ] && paths+=("$p")
   done
   if [ -f "$D/stage2/model.safetensors" ] && [ "$(stat -c %s "$D/stage2/model.safetensors")" -le "$WEIGHTS_MAX" ]; then
@@ -81,8 +81,9 @@ run_stage train_stage2 pipelines.train_stage2 --data "$P" --base "$D/base" --lor
   --out "$D/stage2" --metrics "$D/metrics/train_stage2.json" &&
 run_stage train_stage2_naive pipelines.train_stage2 --ablation --data "$P" --base "$D/base" --loras "$D/loras" \
   --out "$D/stage2_naive" --metrics "$D/metrics/train_stage2_naive.json" &&
+run_stage train_judge pipelines.train_judge --out "$D/judge" --metrics "$D/metrics/train_judge.json" &&
 run_stage evaluate pipelines.evaluate --data "$P" --base "$D/base" --loras "$D/loras" --synth "$D/motionx_synth" \
-  --stage1 "$D/stage1" --stage2 "$D/stage2" --naive "$D/stage2_naive" --out "$D/eval" \
+  --stage1 "$D/stage1" --stage2 "$D/stage2" --naive "$D/stage2_naive" --judge "$D/judge" --out "$D/eval" \
   --metrics "$D/metrics/evaluate.json" --plots "$D/metrics/eval_methods.csv" || status=1
 
 column -t -s $'\t' "$D/logs/timings.tsv" 2>/dev/null || cat "$D/logs/timings.tsv"

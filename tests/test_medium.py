@@ -37,7 +37,8 @@ class Hide(PathFinder):
 
 sys.meta_path[:] = [Hide if f is PathFinder else f for f in sys.meta_path]
 """
-GPU_STAGES = ("pretrain_base", "fit_loras", "train_stage1", "train_stage2", "train_stage2_naive", "evaluate")
+GPU_STAGES = ("pretrain_base", "fit_loras", "train_stage1", "train_stage2", "train_stage2_naive", "train_judge",
+              "evaluate")
 
 
 def _hidden_env(tmp: Path, **extra: str) -> dict[str, str]:

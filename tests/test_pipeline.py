@@ -34,6 +34,9 @@ SMALL = {
                                "text_dim": 384, "stage": 2, "cross_stage1_after": [1]},
                      "prompts_per_batch": 2,
                      "train": {"max_steps": 10, "lr": 1e-3, "log_every": 5, "ckpt_every": 5}},
+    "judge": {"clips": 200, "val_clips": 50, "steps": 30, "width": 16, "batch_size": 32},
+    "evaluate": {"sample_steps": 3, "bootstrap": 300, "generalist_steps": 10, "generalist_batch": 8,
+                 "ceiling_renders": 2, "ceiling_steps": 10, "num_videos": 2},
 }
 
 
@@ -166,3 +169,25 @@ def test_stage_commands_under_two_processes(pipeline: dict) -> None:
     found = mlflow.search_runs(experiment_names=["lofa"], filter_string=f"tags.`lofa.pipeline` = '{group}'")
     assert sorted(found["tags.lofa.stage"]) == ["train_stage1", "train_stage2"]
     assert found["metrics.heldout_f1"].notna().sum() == 1
+
+
+def test_evaluate_writes_every_method_with_its_interval_and_judge_scores(pipeline: dict) -> None:
+    from lofa.data.synthetic import STATED
+    from lofa.evaluate import METHODS
+
+    tmp, d = pipeline["tmp"], pipeline["dirs"]
+    judge = run_stage("train_judge", tmp, out=tmp / "judge")
+    assert set(judge["render_val"]) == {f"{a}_acc" for a in STATED} | {"all_acc"}
+    m = run_stage("evaluate", tmp, data=d["pre"], base=d["base"], loras=d["loras"], synth=d["synth"],
+                  stage1=d["stage1"], stage2=d["stage2"], naive=tmp / "no_naive", judge=tmp / "judge",
+                  out=tmp / "eval", plots=tmp / "eval_methods.csv")
+    assert set(m["methods"]) == set(METHODS) - {"naive"}  # no naive stage-II export in this world
+    for name, r in m["methods"].items():
+        assert {"fm_loss", "gap_closed", "gap_closed_lo", "gap_closed_hi"} <= set(r), name
+        assert r["gap_closed_lo"] <= r["gap_closed"] <= r["gap_closed_hi"], (name, r)
+        assert {f"judge_{a}_acc" for a in STATED} | {"judge_all_acc", "judge_frechet"} <= set(r), name
+    assert m["methods"]["base"]["gap_closed"] == 0.0 and m["methods"]["oracle"]["gap_closed"] == 1.0
+    assert m["methods"]["oracle"]["fm_loss"] < m["methods"]["base"]["fm_loss"]
+    assert {"dw_cos", "map_f1"} <= set(m["methods"]["ceiling"]) and set(m["judge"]["real"]) == set(judge["render_val"])
+    assert len(list((tmp / "eval" / "samples").glob("*.gif"))) == 2
+
