@@ -147,6 +147,7 @@ def test_preprocess_contract_rejects_and_resume(motionx: Path, tmp_path: Path) -
         assert list(row.latent_shape) == [16, 3, 4, 4] and row.num_frames == 9
         assert (row.src_height, row.src_width) == (48, 80) and "jumps" in row.caption
         assert "lofa_clip" in read_metadata(path)
+        assert row.coarse_caption == "" and "coarse_context" not in t  # MotionX has no coarse caption
 
     again = preprocess(cfg, motionx, out, progress=False)
     assert again["encoded_now"] == 0 and again["clips"] == 6
@@ -159,7 +160,7 @@ def test_preprocess_contract_rejects_and_resume(motionx: Path, tmp_path: Path) -
     assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())
     assert not list(out.rglob(".tmp-*"))
     after = pd.read_parquet(out / "manifest.parquet")
-    for col in MANIFEST_COLUMNS[:-1]:  # the re-encoded clip's bytes may differ in the last float bits
+    for col in [c for c in MANIFEST_COLUMNS if c != "sha256"]:  # the re-encoded clip's bytes may differ in the last float bits
         assert after[col].astype(str).tolist() == man[col].astype(str).tolist(), col
     assert after["sha256"].tolist()[1:] == man["sha256"].tolist()[1:]
     redone = load_tensors(victim)
@@ -183,3 +184,52 @@ def test_preprocess_config_rejects_bad_params() -> None:
         from_dict(PreprocessConfig, {"num_frames": 16})
     with pytest.raises(ConfigError, match="not one of"):
         from_dict(PreprocessConfig, {"profile": "sd15"})
+
+
+def test_coarse_captions_are_encoded_beside_the_full_ones(motionx: Path, tmp_path: Path) -> None:
+    """Where ``texts/coarse_labels/<id>.txt`` exists (the synthetic world), preprocess encodes it as
+    ``coarse_context``/``coarse_mask`` and the manifest names it; pretraining reads it by default."""
+    import shutil
+
+    from lofa.data.dataset import load_clips
+    from lofa.encoders.text import build_text_encoder
+    from lofa.pretrain import PretrainConfig, pretraining_clips
+    from lofa.wan import WanDiTConfig
+
+    root = tmp_path / "root"
+    shutil.copytree(motionx, root)
+    ids = [f"idea400/subset_000{i}/Clip_{i}" for i in range(6)]
+    for i, cid in enumerate(ids):
+        p = root / "texts" / "coarse_labels" / f"{cid}.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"a small figure number {i} in red\n")
+    (root / "texts" / "coarse_labels" / f"{ids[5]}.txt").write_text("   \n")
+    cfg = PreprocessConfig(num_frames=9, fps=6.0, height=32, width=32, text_max_length=16, encode_batch=4)
+    out = tmp_path / "pre"
+    assert preprocess(cfg, root, out, progress=False)["clips"] == 5
+    rej = pd.read_csv(out / "rejected.csv")
+    assert dict(zip(rej["id"], rej["reason"]))[ids[5]] == "coarse_empty_caption"
+    man = pd.read_parquet(out / "manifest.parquet").set_index("id")
+    enc = build_text_encoder("synthetic", max_length=16, device="cpu")
+    for i, cid in enumerate(ids[:5]):
+        assert man.loc[cid, "coarse_caption"] == f"a small figure number {i} in red"
+        t = load_tensors(out / man.loc[cid, "path"])
+        ref = enc.encode([f"a small figure number {i} in red", man.loc[cid, "caption"]])
+        # the same encoder on the same text: equal up to float summation order across batch sizes
+        torch.testing.assert_close(t["coarse_context"], ref.tokens[0].float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(t["context"], ref.tokens[1].float(), rtol=1e-4, atol=1e-5)
+        assert torch.equal(t["coarse_mask"], ref.mask[0].bool()) and not torch.equal(t["coarse_context"], t["context"])
+
+    train = load_clips(out, ("train",))
+    assert train.coarse_text is not None and train.coarse_text.shape == train.text.shape
+    dit = WanDiTConfig(dim=64, ffn_dim=64, num_heads=2, num_layers=1, text_dim=384)
+    view = pretraining_clips(train, from_dict(PretrainConfig, {"dit": dit.__dict__, "train": {"max_steps": 1}}))
+    assert torch.equal(view.text, train.coarse_text) and torch.equal(view.mask, train.coarse_mask)
+    full = pretraining_clips(train, from_dict(PretrainConfig, {"dit": dit.__dict__, "train": {"max_steps": 1},
+                                                               "caption": "full"}))
+    assert torch.equal(full.text, train.text)
+    no_coarse = load_clips(out, ("train",))
+    no_coarse = type(no_coarse)(no_coarse.ids, no_coarse.captions, no_coarse.splits, no_coarse.latents,
+                                no_coarse.text, no_coarse.mask)
+    with pytest.raises(ValueError, match="no coarse caption.*caption: full"):
+        pretraining_clips(no_coarse, from_dict(PretrainConfig, {"dit": dit.__dict__, "train": {"max_steps": 1}}))

@@ -27,8 +27,8 @@ from lofa.data.motionx import ClipError, ClipRef, list_clips, read_caption, read
 from lofa.io import ArtifactError, atomic_path, load_tensors, read_metadata, save_tensors, sha256_file
 
 MANIFEST_COLUMNS = (
-    "id", "split", "caption", "num_frames", "src_fps", "src_frames", "src_height", "src_width",
-    "latent_shape", "text_shape", "path", "sha256", "coarse_caption",
+    "id", "split", "caption", "coarse_caption", "num_frames", "src_fps", "src_frames", "src_height", "src_width",
+    "latent_shape", "text_shape", "path", "sha256",
 )
 #: Optional second caption per clip, beside MotionX's ``texts/semantic_labels`` ("" in the manifest when absent).
 COARSE_CAPTION_DIR = Path("texts") / "coarse_labels"

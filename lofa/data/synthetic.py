@@ -101,7 +101,7 @@ _MOVE_WORDS = ("to the {d}", "towards the {d}", "heading {d}")  # locomotion and
 _FACE_WORDS = ("while facing {d}", "facing {d}", "turned to the {d}")  # in-place actions
 _BG_WORDS = {"white": ("on a white background", "in front of a white wall", "against plain white"),
              "gray": ("on a gray background", "in front of a gray wall", "against dark gray"),
-             "sky": ("against a blue sky", "under a clear blue sky", "with a blue sky behind"),
+             "sky": ("against a clear daytime sky", "under a sunny sky", "with a bright sky behind"),
              "night": ("against a night sky", "under a dark night sky", "at night")}
 _META_FIELDS = ("id", "split", "action", "colour", "direction", "speed", "size", "background",
                 "template", "heldout", "caption", "coarse_caption", "coarse_template", "seed")
