@@ -279,3 +279,88 @@ def test_changed_data_retrains_the_base(world: dict, tmp_path: Path) -> None:
     assert read_json(base / "dit.json")["base_model_hash"] != read_json(world["dirs"]["base"] / "dit.json")[
         "base_model_hash"]
     assert read_json(base / "dit.json")["input_key"]["inputs"]["data"] == hash_path(pre)
+
+
+# --------------------------------------------------------------------------- through the Prefect flow
+
+FLOW_STAGES = ("synthesize", "preprocess", "pretrain_base", "fit_loras", "train_stage1")
+
+
+@pytest.fixture
+def prefect_home(tmp_path: Path):
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    # a loaded 2-core machine may need more than the default 20 s to start the temporary server
+    with temporary_settings(updates={PREFECT_HOME: str(tmp_path / "prefect_home"),
+                                     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}):
+        yield
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()
+    SubprocessASGIServer().stop()
+
+
+def flow_workspace(ws: Path) -> Path:
+    """The repo's code and its dvc.yaml's first five stages (their commands as written) on TINY params."""
+    ws.mkdir()
+    (ws / ".venv").symlink_to(ROOT / ".venv")
+    for name in ("lofa", "pipelines"):
+        shutil.copytree(ROOT / name, ws / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / ".dvcignore", ws / ".dvcignore")
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in FLOW_STAGES}}, sort_keys=False))
+    params_file(ws / "params.yaml")
+    return ws
+
+
+def declared(ws: Path) -> dict[str, str]:
+    """sha256 of every declared output: data/ and the metrics files (metrics/timings/ is not declared)."""
+    return {**{f"data/{k}": v for k, v in files(ws / "data").items()},
+            **{f"metrics/{p.name}": files(p)[p.name] for p in sorted((ws / "metrics").glob("*.json"))}}
+
+
+def stage_log(run_id: str, stage: str) -> list[int]:
+    """The steps at which the stage's MLflow run of flow run ``run_id`` logged its loss."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    runs = mlflow.search_runs(experiment_names=["lofa"], output_format="list",
+                              filter_string=f"tags.`lofa.pipeline` = '{run_id}' and tags.`lofa.stage` = '{stage}'")
+    assert len(runs) == 1, (stage, len(runs))
+    return sorted(m.step for m in MlflowClient().get_metric_history(runs[0].info.run_id, "loss"))
+
+
+@pytest.mark.slow
+def test_flow_reruns_resume_only_what_their_inputs_allow(tmp_path: Path, prefect_home: None, capfd) -> None:
+    from pipelines.flow import lofa_pipeline
+
+    ws = flow_workspace(tmp_path / "ws")
+    first = lofa_pipeline(root=str(ws), retries=0, return_state=True)
+    assert first.is_completed(), first
+    made = declared(ws)
+    assert len([f for f in made if f.startswith("data/loras/loras/")]) == 24
+
+    # every command again (force: no Prefect cache): nothing new, every declared output byte-identical
+    again = lofa_pipeline(root=str(ws), retries=0, force=True, return_state=True)
+    assert again.is_completed(), again
+    now = declared(ws)
+    assert [f for f in sorted(set(made) | set(now)) if made.get(f) != now.get(f)] == []
+    timings = {p.stem: read_json(p) for p in (ws / "metrics" / "timings").glob("*.json")}
+    assert timings["fit_loras"]["fitted_now"] == 0 and timings["preprocess"]["encoded_now"] == 0
+    assert stage_log(str(again.state_details.flow_run_id), "train_stage1") == []  # resumed at its last step
+    capfd.readouterr()
+
+    # a param of fit_loras: the flow reruns it (all LoRAs refitted) and train_stage1, which starts over
+    params_file(ws / "params.yaml", fit_loras={"steps": 9})
+    third = lofa_pipeline(root=str(ws), retries=0, return_state=True)
+    assert third.is_completed(), third
+    out = capfd.readouterr()
+    assert "data/stage1/ckpt (step 10): made from other inputs (data/loras content changed)" in out.out + out.err
+    assert read_json(ws / "metrics" / "fit_loras.json")["fitted_now"] == 24
+    assert stage_log(str(third.state_details.flow_run_id), "train_stage1") == [5, 10]  # from step 0
+    key = read_json(ws / "data" / "stage1" / "model.json")["input_key"]
+    assert key["inputs"]["loras"] == hash_path(ws / "data" / "loras")
+    after = declared(ws)
+    assert [f for f in after if f.startswith("data/base/") and after[f] != made[f]] == []  # upstream untouched
