@@ -34,8 +34,7 @@ def kill_at_progress(proc: subprocess.Popen, progress: Callable[[], int], target
 
     ``proc`` must have been started with ``start_new_session=True``.
     """
-    start = time.monotonic()
-    deadline = start + timeout
+    deadline = time.monotonic() + timeout
     first: tuple[float, int] | None = None
     seen = 0
     while proc.poll() is None:
@@ -55,9 +54,15 @@ def kill_at_progress(proc: subprocess.Popen, progress: Callable[[], int], target
     reached = time.monotonic()
     if first is not None and seen > first[1]:
         pace = (reached - first[0]) / (seen - first[1])
-    else:  # the target was the first unit seen: pace from the start (includes start-up, so an upper bound)
-        pace = (reached - start) / max(seen, 1)
-    wait_until = reached + extra_units * pace
+    else:  # the target was the first progress seen: time the next increment (start-up is no pace)
+        while proc.poll() is None and (now_seen := progress()) <= seen:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(poll_s)
+        if proc.poll() is not None:
+            return Kill(False, proc.returncode, progress(), 0.0, time.monotonic() - reached)
+        pace = (time.monotonic() - reached) / max(now_seen - seen, 1)
+    wait_until = reached + extra_units * pace  # already past it after a long first increment: kill now
     while proc.poll() is None and time.monotonic() < wait_until:
         time.sleep(poll_s)
     at = progress()
