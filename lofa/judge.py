@@ -33,10 +33,10 @@ WEIGHTS, SIDECAR, KIND = "judge.safetensors", "judge.json", "lofa.judge"
 class JudgeConfig:
     """The ``judge`` params section."""
 
-    clips: int = 3000  # rendered training clips
+    clips: int = 4000  # rendered training clips
     val_clips: int = 500  # fresh renders (other seeds) for the accuracy the stage reports
-    width: int = 48
-    steps: int = 500
+    width: int = 32
+    steps: int = 600
     lr: float = 3e-3
     batch_size: int = 64
     noise: float = 0.15  # std of Gaussian noise added to normalised training latents (sampler residue)
@@ -66,10 +66,15 @@ def attribute_values() -> dict[str, tuple[str, ...]]:
 class Judge(nn.Module):
     """Conv net over latents (B, C, T, H, W) -> features (B, 2 width) -> one logit head per attribute.
 
+    Three 3D convolutions, then a mean over space only: the features keep the order of the T
+    latent frames, which speed and direction need (measured on 500 fresh renders, 4000 training
+    clips: pooled over time as well, width 32 reached 0.93 speed accuracy after 1500 steps; this
+    one 0.98 after 600, every other attribute 0.99 or more).
     Latents are normalised per channel by the training set's statistics (buffers)."""
 
-    def __init__(self, channels: int, attributes: Mapping[str, Sequence[str]], width: int = 48) -> None:
+    def __init__(self, channels: int, frames: int, attributes: Mapping[str, Sequence[str]], width: int = 32) -> None:
         super().__init__()
+        self.frames = frames
         self.attributes = {k: tuple(v) for k, v in attributes.items()}
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("std", torch.ones(channels))
@@ -77,8 +82,8 @@ class Judge(nn.Module):
             nn.Conv3d(channels, width, 3, padding=1), nn.GELU(),
             nn.Conv3d(width, 2 * width, 3, padding=1, stride=(1, 2, 2)), nn.GELU(),
             nn.Conv3d(2 * width, 2 * width, 3, padding=1), nn.GELU(),
-            nn.AdaptiveAvgPool3d(1), nn.Flatten(),
-            nn.Linear(2 * width, 2 * width), nn.GELU())
+            nn.AdaptiveAvgPool3d((None, 1, 1)), nn.Flatten(),  # (B, 2 width * T)
+            nn.Linear(2 * width * frames, 2 * width), nn.GELU())
         self.heads = nn.ModuleDict({k: nn.Linear(2 * width, len(v)) for k, v in self.attributes.items()})
 
     def normalise(self, latents: torch.Tensor) -> torch.Tensor:
@@ -138,7 +143,7 @@ def train_judge(latents: torch.Tensor, labels: Mapping[str, torch.Tensor], cfg: 
     Returns the judge on the CPU."""
     torch.manual_seed(cfg.seed)
     values = attribute_values()
-    judge = Judge(latents.shape[1], {a: values[a] for a in labels}, cfg.width)
+    judge = Judge(latents.shape[1], latents.shape[2], {a: values[a] for a in labels}, cfg.width)
     judge.mean.copy_(latents.float().mean((0, 2, 3, 4)))
     judge.std.copy_(latents.float().std((0, 2, 3, 4)).clamp_min(1e-6))
     x_all = judge.normalise(latents)
@@ -214,7 +219,7 @@ def save_judge(out_dir: str | Path, judge: Judge, cfg: JudgeConfig, report: Mapp
     weights = {k: v.detach().contiguous() for k, v in judge.state_dict().items()}
     save_tensors(out_dir / WEIGHTS, weights, {"schema_version": SCHEMA_VERSION, "kind": KIND})
     write_json(out_dir / SIDECAR, {"schema_version": SCHEMA_VERSION, "kind": KIND, "config": to_dict(cfg),
-                                   "channels": int(judge.mean.numel()),
+                                   "channels": int(judge.mean.numel()), "frames": judge.frames,
                                    "attributes": [[k, list(v)] for k, v in judge.attributes.items()],  # in order
                                    "report": dict(report), "tensors_hash": tensors_hash(weights)})
 
@@ -226,7 +231,7 @@ def load_judge(judge_dir: str | Path) -> Judge:
     if side.get("kind") != KIND or "attributes" not in side:
         raise ArtifactError(f"{side_path}: not a judge sidecar (kind {side.get('kind')!r})")
     weights = load_tensors(Path(judge_dir) / WEIGHTS)
-    judge = Judge(int(side["channels"]), dict(side["attributes"]), int(side["config"]["width"]))
+    judge = Judge(int(side["channels"]), int(side["frames"]), dict(side["attributes"]), int(side["config"]["width"]))
     try:
         judge.load_state_dict(weights, strict=True)
     except RuntimeError as e:
