@@ -3,7 +3,8 @@
 Writes ``metrics/evaluate.json`` (dvc metrics: ``methods.<method>`` with fm_loss,
 gap_closed and its bootstrap interval, dW / map metrics and judge accuracies),
 ``metrics/eval_methods.csv`` (dvc plots), and under ``--out`` side-by-side sample
-videos (real | base | oracle | predicted), all logged to one MLflow run with the table.
+videos (real | base | oracle | predicted) and the printed table (``table.txt``), all logged to
+one MLflow run.
 The caption ceiling and the judge need the synthetic world (``--synth``: meta.csv,
 synth.json); on the real profile they are skipped, with a message.
 """
@@ -23,7 +24,7 @@ from lofa.evaluate import EvalConfig, compare, judge_scores, method_loras, table
 from lofa.fit import FitConfig
 from lofa.fit_report import collect_curves
 from lofa.hypertrain import load_hypernet
-from lofa.io import atomic_path, read_json, write_json
+from lofa.io import atomic_path, read_json, write_json, write_text
 from lofa.judge import SIDECAR, load_judge
 from lofa.media import decode_latents, side_by_side, write_video
 from lofa.tracking import stage_run
@@ -90,6 +91,7 @@ def main() -> None:
     with atomic_path(args.plots) as tmp:
         numbers.to_csv(tmp, index=False)
     printed = pd.DataFrame(table_rows(table, attributes))
+    write_text(args.out / "table.txt", printed.to_string(index=False) + "\n")
     with stage_run("evaluate", {**to_dict(cfg), "fit_loras": to_dict(fit)},
                    tags={"lofa.base_model_hash": base_hash}) as mlflow:
         mlflow.log_table(numbers, "eval_table.json")

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import imageio_ffmpeg
 import numpy as np
 from tqdm import tqdm
 
@@ -308,6 +307,8 @@ def coarse_caption_path(root: Path, clip_id: str) -> Path:
 
 def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
     """Encode ``frames`` ``(T, H, W, 3)`` uint8 as deterministic H.264 mp4 (yuv420p), atomically."""
+    import imageio_ffmpeg  # here: the GPU machine renders for the judge and the ceiling without ffmpeg
+
     t, h, w, _ = frames.shape
     with atomic_path(path) as tmp:
         writer = imageio_ffmpeg.write_frames(str(tmp), (w, h), fps=fps, codec="libx264", quality=None,
