@@ -441,18 +441,18 @@ def _json_field(meta: dict[str, str], key: str) -> dict:
 def _finished(path: Path, base_hash: str, config_hash: str,
               made_from: Callable[[], dict[str, str]]) -> bool | tuple[str, str]:
     """True when the clip's LoRA file exists with a readable lofa header written for this base
-    model, fit config, clip content and (when ``now`` has them) code (cheap: the tensors are not
-    read); False when there is no file; else (kind, why) the file is fitted again (damaged: zero
-    bytes, truncated, not safetensors; or stale). ``made_from``: :func:`_made_from` of this run."""
+    model, fit config, clip content and (when this run has a stage key) code (cheap: the tensors
+    are not read); False when there is no file; else (kind, why) the file is fitted again (damaged:
+    zero bytes, truncated, not safetensors; or stale). ``made_from``: :func:`_made_from` of this run."""
     if not path.is_file():
         return False
     try:
         meta = read_metadata(path)
     except ArtifactError as e:
         return "damaged", f"{e}"
-    now = made_from()
     if meta.get("format") != LORA_FORMAT:
         return "damaged", f"{path}: format {meta.get('format')!r} is not {LORA_FORMAT!r}"
+    now = made_from()
     if meta.get("base_model_hash") != base_hash:
         return "base model", f"{path}: fitted on base model {meta.get('base_model_hash')!r}, not {base_hash!r}"
     if meta.get("fit_config_hash") != config_hash:

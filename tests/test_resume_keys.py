@@ -136,6 +136,21 @@ def test_key_names_what_changed(tmp_path: Path) -> None:
     assert flat_params("s", {"train": {"log_every": 5, "lr": 1.0}}, drop=["train.log_every"]) == {"s.train.lr": 1.0}
 
 
+def test_train_library_call_takes_the_key(tmp_path: Path) -> None:
+    """``lofa.train.train`` without dvc.yaml: a key given by the caller decides resume or restart."""
+    from lofa.train import train
+    from train_worker import batches, config, make_loss_step, make_model
+
+    cfg, old, new = config(max_steps=4), InputKey(params={"x": 1}), InputKey(params={"x": 2})
+    train(make_model(0.2), make_loss_step(), batches, cfg, tmp_path, input_key=old)
+    assert read_json(tmp_path / "ckpt" / "latest.json")["input_key"] == old.digest
+    assert train(make_model(0.2), make_loss_step(), batches, cfg, tmp_path, input_key=old).resumed_from == 4
+    with pytest.warns(StaleResultWarning, match=r"params x 1 -> 2"):
+        res = train(make_model(0.2), make_loss_step(), batches, cfg, tmp_path, input_key=new)
+    assert res.resumed_from is None and read_json(tmp_path / "model.json")["input_key"]["digest"] == new.digest
+    assert train(make_model(0.2), make_loss_step(), batches, cfg, tmp_path).resumed_from == 4  # no key: no check
+
+
 # --------------------------------------------------------------------------- nothing changed
 
 @pytest.mark.parametrize("name", list(STAGES))
