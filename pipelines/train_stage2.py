@@ -38,7 +38,9 @@ def main() -> None:
     stage1 = load_hypernet(args.stage1 / "model.safetensors").to(dev) if cfg.model.use_stage1 else None
     train_set, heldout = load_sets(args.loras, args.data, vocab)
     t0 = time.perf_counter()
-    inputs = {"data": args.data, "base": args.base, "loras": args.loras, **({"stage1": args.stage1} if stage1 is not None else {})}
+    inputs = {"data": args.data, "base": args.base, "loras": args.loras}
+    if stage1 is not None:
+        inputs["stage1"] = args.stage1
     key = input_key("train_stage2_naive" if args.ablation else "train_stage2", "train_stage2", cfg, inputs,
                     drop=tuple(f"train.{k}" for k in RESUMABLE_CHANGES))
     with stage_run("train_stage2_naive" if args.ablation else "train_stage2", to_dict(cfg), tags={"lofa.base_model_hash": base_hash}) as mlflow:
