@@ -121,6 +121,26 @@ def measure(root: Path, pre: Path, cfg: SynthConfig, groups: int, per_group: int
     return out
 
 
+def strip(root: Path, cfg: SynthConfig, out_png: Path, frames: tuple[int, ...] = (0, 3, 6, 9, 12, 15)) -> Path:
+    """A PNG, one row per action (its first clip): rendered frames | the same decoded from the latent."""
+    import imageio.v3 as iio
+
+    codec, rows = SynthCodec(), []
+    by_action: dict[str, dict] = {}
+    for r in read_meta(root):
+        by_action.setdefault(r["action"], r)
+    planned = {c.id: c.spec for c in plan(cfg)}
+    for r in by_action.values():
+        v = render_clip(planned[r["id"]], cfg.frames, cfg.height, cfg.width, cfg.fps)
+        x = torch.from_numpy(v).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+        d = ((codec.decode(codec.encode(x))[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        pick = [t for t in frames if t < cfg.frames]
+        gap = np.full((cfg.height, 4, 3), 255, np.uint8)
+        rows.append(np.concatenate([*(v[t] for t in pick), gap, *(d[t] for t in pick)], 1))
+    iio.imwrite(out_png, np.concatenate(rows, 0).repeat(2, 0).repeat(2, 1))
+    return out_png
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -132,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--strip", type=Path, default=None, help="also write a PNG: rendered | decoded, one row per action")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -141,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"params": str(args.params), "world": str(world), "preset": cfg.preset,
               **measure(root, pre, cfg, args.groups, args.per_group, args.seed),
               "seconds": round(time.perf_counter() - t0, 1)}
+    if args.strip:
+        strip(root, cfg, args.strip)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
