@@ -16,7 +16,8 @@ resize and crop, the profile's codec), minus the mp4 round trip.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,17 +34,24 @@ from lofa.wan import flow_loss
 
 
 @torch.no_grad()
-def encode_videos(videos: Sequence[np.ndarray], src_fps: float, pre: PreprocessConfig, codec: Any,
+def encode_videos(videos: Iterable[np.ndarray], src_fps: float, pre: PreprocessConfig, codec: Any,
                   batch: int = 64) -> torch.Tensor:
     """Latents of uint8 videos (T, H, W, 3) as ``preprocess`` makes them: (N, 16, T', H', W') float32.
 
     Frames are sampled at ``pre.fps`` from ``src_fps``, resized and centre-cropped to
-    ``pre.height x pre.width``, and encoded with ``codec`` (``lofa.data.preprocess.codec_for``)."""
-    clips = []
-    for v in videos:
-        idx = sample_indices(len(v), src_fps, pre.num_frames, pre.fps)
-        clips.append(resize_center_crop(torch.from_numpy(np.ascontiguousarray(v[idx])), pre.height, pre.width))
-    out = [codec.encode(torch.stack(clips[i:i + batch])).float().cpu() for i in range(0, len(clips), batch)]
+    ``pre.height x pre.width``, and encoded with ``codec`` (``lofa.data.preprocess.codec_for``),
+    ``batch`` videos at a time: pass a generator and only one batch of videos is ever in memory."""
+    out: list[torch.Tensor] = []
+    clips: list[torch.Tensor] = []
+    for v in itertools.chain(videos, [None]):
+        if v is not None:
+            idx = sample_indices(len(v), src_fps, pre.num_frames, pre.fps)
+            clips.append(resize_center_crop(torch.from_numpy(np.ascontiguousarray(v[idx])), pre.height, pre.width))
+        if clips and (v is None or len(clips) == batch):
+            out.append(codec.encode(torch.stack(clips)).float().cpu())
+            clips = []
+    if not out:
+        raise ValueError("encode_videos: no video given")
     return torch.cat(out)
 
 
@@ -104,8 +112,8 @@ def ceiling_loras(dit: nn.Module, vocab: Vocabulary, labels: Sequence[Mapping[st
         K LoRAs, on the DiT's device.
     """
     device = next(dit.parameters()).device
-    videos = [v for i, row in enumerate(labels) for v in render_like(row, renders, derive_seed(seed, "ceiling", i),
-                                                                        synth)]
+    videos = (v for i, row in enumerate(labels) for v in render_like(row, renders, derive_seed(seed, "ceiling", i),
+                                                                        synth))
     lat = encode_videos(videos, synth.fps, pre, codec).to(device)  # (K * renders, ...)
     ctx = context.to(device).repeat_interleave(renders, dim=0)
     pools = [range(i * renders, (i + 1) * renders) for i in range(len(labels))]

@@ -115,7 +115,7 @@ def rendered_set(n: int, seed: int, synth: Any, pre: Any, codec: Any) -> tuple[t
     from lofa.fit import derive_seed
 
     rows = random_specs(n, seed)
-    videos = [render_like(r, 1, derive_seed(seed, "judge", i), synth)[0] for i, r in enumerate(rows)]
+    videos = (render_like(r, 1, derive_seed(seed, "judge", i), synth)[0] for i, r in enumerate(rows))
     return encode_videos(videos, synth.fps, pre, codec), label_indices(rows, attribute_values())
 
 
