@@ -44,7 +44,11 @@ class EvalConfig:
     tau: float = 0.2  # response-map threshold (= train_stage1.loss.tau)
     sample_steps: int = 20
     guidance: float = 3.0
-    lora_uncond: bool = True  # the LoRA also runs in guidance's unconditional branch (measured: see README)
+    # The LoRA runs in guidance's conditional branch only; the unconditional branch is the base model's.
+    # Measured (32 held-out clips of a 160-clip default-shaped world, judge on oracle samples): LoRA in
+    # both branches action 0.41, direction 0.59, all-attributes 0.00; conditional only 0.50, 0.72, 0.06
+    # (predicted samples tie: summed accuracy 3.41 both ways). Guidance then amplifies the LoRA's change.
+    lora_uncond: bool = False
     num_videos: int = 4  # side-by-side sample videos logged
     batch: int = 16
     seed: int = 0

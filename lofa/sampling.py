@@ -33,7 +33,7 @@ def _doubled(lora: LoRAWeights | None, batch: int, uncond: bool = True) -> LoRAW
 def sample(dit: nn.Module, context: torch.Tensor, shape: tuple[int, ...], *, steps: int = 20,
            guidance: float = 3.0, generator: torch.Generator | None = None,
            lora: LoRAWeights | None = None, null_context: torch.Tensor | None = None,
-           noise: torch.Tensor | None = None, lora_uncond: bool = True) -> torch.Tensor:
+           noise: torch.Tensor | None = None, lora_uncond: bool = False) -> torch.Tensor:
     """Sample latents from noise.
 
     Args:
@@ -46,7 +46,8 @@ def sample(dit: nn.Module, context: torch.Tensor, shape: tuple[int, ...], *, ste
         noise: (B, *shape) initial noise; default: drawn from ``generator`` on its own device,
             so a CPU generator gives the same noise anywhere.
         lora_uncond: the LoRA also runs in the unconditional branch (True), or that branch is
-            the base model's (False).
+            the base model's (False, the default: guidance then amplifies the LoRA's change;
+            judge accuracy measured in ``lofa.evaluate.EvalConfig``).
     Runs on the model's device (context, null_context, noise and lora are moved there).
 
     Returns:

@@ -38,7 +38,7 @@ class ScoreConfig:
     batch: int = 16
     sample_steps: int = 20
     guidance: float = 3.0
-    lora_uncond: bool = True  # the LoRA also runs in guidance's unconditional branch
+    lora_uncond: bool = False  # the LoRA also runs in guidance's unconditional branch (lofa.evaluate.EvalConfig)
     bootstrap: int = 2000  # resamples of the clips for the gap-closed intervals
 
 
