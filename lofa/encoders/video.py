@@ -128,11 +128,11 @@ class SynthCodec:
 
     z_dim = Z_DIM
     #: Per-channel mean and standard deviation of the coefficients, measured once on
-    #: the synthetic default dataset (240 clips) and fixed here: every channel of
-    #: a typical latent then has zero mean and unit variance, which flow matching
-    #: needs (unnormalised, channel 0 carried 45x the spread of channel 9).
-    MEAN = (0.76, 0.0, 0.0, 0.0, 0.0, 0.0, -0.31, -0.99, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    STD = (9.0, 0.75, 0.55, 0.51, 0.32, 0.3, 0.84, 1.45, 0.33, 0.2, 0.48, 0.29, 0.36, 0.23, 0.18, 0.23)
+    #: the synthetic default dataset (world v2, docs/world.md: 240 clips) and fixed here:
+    #: every channel of a typical latent then has zero mean and unit variance, which flow
+    #: matching needs (unnormalised, channel 0 carried 30x the spread of channel 9).
+    MEAN = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -0.29, -0.91, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    STD = (8.69, 1.15, 0.65, 0.55, 0.39, 0.28, 1.07, 1.69, 0.54, 0.27, 0.78, 0.38, 0.53, 0.33, 0.24, 0.34)
 
     def __init__(self) -> None:
         self._first = _projection(_FIRST_FRAME_BASIS, 1).float()  # (16, 192)
