@@ -109,6 +109,37 @@ def dw_metrics(lora: LoRAWeights, oracle: LoRAWeights, W: list[torch.Tensor], ta
             "map_recall": rec, "map_f1": 2 * tp / max(pp + ap, 1)}
 
 
+def _dw_cosine(s: LoRASet, i: int, j: int) -> float:
+    """Cosine between the whole dW (every matrix, concatenated) of LoRAs i and j of ``s``."""
+    dot = ni = nj = 0.0
+    for a, b in zip(s.A, s.B):
+        di, dj = b[i].float() @ a[i].float(), b[j].float() @ a[j].float()
+        dot, ni, nj = dot + float((di * dj).sum()), ni + float(di.pow(2).sum()), nj + float(dj.pow(2).sum())
+    return dot / max((ni * nj) ** 0.5, 1e-30)
+
+
+def supervision_consistency(s: LoRASet, rows: Sequence[Mapping[str, str]], attributes: Sequence[str],
+                            pairs: int = 200, seed: int = 0) -> dict[str, float | None]:
+    """Mean dW cosine of fitted LoRAs over pairs of clips that share every stated attribute (any
+    caption wording), that share the action, and whose actions differ (``pairs`` random pairs of
+    each kind at most; None where a kind has none).
+
+    ``rows``: the clips' meta.csv rows, in ``s`` order. Same-attribute agreement is what a
+    prompt-only predictor can learn; its gap to other-action pairs is how much the prompt decides."""
+    g = torch.Generator().manual_seed(seed)
+    keys = [tuple(r[a] for a in attributes) for r in rows]
+    kinds = {"same_attributes": lambda i, j: keys[i] == keys[j],
+             "same_action": lambda i, j: rows[i]["action"] == rows[j]["action"],
+             "other_action": lambda i, j: rows[i]["action"] != rows[j]["action"]}
+    out: dict[str, float | None] = {}
+    for name, keep in kinds.items():
+        found = [(i, j) for i in range(len(keys)) for j in range(i + 1, len(keys)) if keep(i, j)]
+        found = [found[k] for k in torch.randperm(len(found), generator=g)[:pairs].tolist()]
+        out[f"{name}_dw_cos"] = sum(_dw_cosine(s, i, j) for i, j in found) / len(found) if found else None
+        out[f"{name}_pairs"] = len(found)
+    return out
+
+
 def method_loras(dit: nn.Module, vocab: Vocabulary, train: LoRASet, held: LoRASet, stage2: HyperNet,
                  stage1: HyperNet, naive: HyperNet | None) -> tuple[dict[str, LoRAWeights | None], float]:
     """The LoRAs of the methods that read fitted LoRAs or hypernetworks, for the held-out clips

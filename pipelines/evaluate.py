@@ -18,9 +18,9 @@ import pandas as pd
 from lofa.ceiling import ceiling_loras, generalist_lora
 from lofa.config import from_dict, to_dict
 from lofa.data.preprocess import PreprocessConfig, codec_for
-from lofa.data.synthetic import SynthConfig, read_meta
+from lofa.data.synthetic import STATED, SynthConfig, read_meta
 from lofa.env import compute_device, peak_rss_mib
-from lofa.evaluate import EvalConfig, compare, judge_scores, method_loras, table_rows
+from lofa.evaluate import EvalConfig, compare, judge_scores, method_loras, supervision_consistency, table_rows
 from lofa.fit import FitConfig
 from lofa.fit_report import collect_curves
 from lofa.hypertrain import load_hypernet
@@ -84,6 +84,8 @@ def main() -> None:
         summary["judge"] = {"real": scores["real"], "render_val": read_json(args.judge / SIDECAR)["report"]["render_val"]}
     else:
         print("evaluate: judge skipped: " + (why or f"{args.judge / SIDECAR} says it was skipped"))
+    if synth is not None:
+        summary["supervision"] = supervision_consistency(train, [meta[i] for i in train.clips.ids], STATED)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["peak_rss_mib"] = peak_rss_mib()
     write_json(args.metrics, summary)
@@ -99,6 +101,7 @@ def main() -> None:
         mlflow.log_metrics({f"{m}.{k}": v for m, r in table.items() for k, v in r.items()})
         mlflow.log_metrics({f"judge.{g}.{k}": v for g, r in summary.get("judge", {}).items() for k, v in r.items()})
         mlflow.log_metrics({f"timing.{k}": v for k, v in summary["timing"].items()})
+        mlflow.log_metrics({f"supervision.{k}": v for k, v in summary.get("supervision", {}).items() if v is not None})
         if videos:
             _sample_strips(args, held, videos, cfg, pre, mlflow)
     print(printed.to_string(index=False))
