@@ -41,7 +41,8 @@ def _world(args, pre: PreprocessConfig) -> tuple[SynthConfig | None, dict[str, d
 
 
 def main() -> None:
-    args = stage_args(__doc__, data="data/preprocessed", base="data/base", loras="data/loras", synth="data/motionx_synth",
+    args = stage_args(__doc__, data="data/preprocessed", base="data/base", loras="data/loras",
+                      synth="data/motionx_synth",
                       stage1="data/stage1", stage2="data/stage2", naive="data/stage2_naive", judge="data/judge",
                       out="data/eval", metrics="metrics/evaluate.json", plots="metrics/eval_methods.csv")
     cfg = from_dict(EvalConfig, section(args, "evaluate"), "evaluate")
@@ -53,7 +54,8 @@ def main() -> None:
     dev = compute_device()  # the models run there; the data, LoRAs and the judge stay on the CPU
     dit.to(dev)
     stage1, stage2 = (load_hypernet(d / "model.safetensors").to(dev) for d in (args.stage1, args.stage2))
-    naive = load_hypernet(args.naive / "model.safetensors").to(dev) if (args.naive / "model.safetensors").is_file() else None
+    naive_file = args.naive / "model.safetensors"
+    naive = load_hypernet(naive_file).to(dev) if naive_file.is_file() else None
     loras, predict_s = method_loras(dit, vocab, train, held, stage2, stage1, naive)
     t_fit = time.perf_counter()
     loras["generalist"] = generalist_lora(dit, vocab, train.clips.latents.to(dev), train.clips.text.to(dev), fit,
@@ -81,7 +83,8 @@ def main() -> None:
         for m, s in scores.items():
             if m in table:
                 table[m].update({f"judge_{k}": v for k, v in s.items()})
-        summary["judge"] = {"real": scores["real"], "render_val": read_json(args.judge / SIDECAR)["report"]["render_val"]}
+        summary["judge"] = {"real": scores["real"],
+                            "render_val": read_json(args.judge / SIDECAR)["report"]["render_val"]}
     else:
         print("evaluate: judge skipped: " + (why or f"{args.judge / SIDECAR} says it was skipped"))
     if synth is not None:
