@@ -15,6 +15,9 @@ OFFLINE_ENV: dict[str, str] = {
     "DVC_NO_ANALYTICS": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
+    # a flow run with no server starts a temporary one; Prefect gives it 20 s to answer, which a
+    # busy 2-core host missed (tests under load: "Timed out while attempting to connect")
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
 
 
