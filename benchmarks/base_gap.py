@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=None, help="world + base dir (default /tmp/base_gap/<params>)")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="default: pretrain_base.train.max_steps")
     ap.add_argument("--clips", type=int, default=24, help="held-out clips (val + test) to fit")
+    ap.add_argument("--exclude-actions", nargs="*", default=None,
+                    help="actions kept out of pretraining (default: pretrain_base.exclude_actions)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         train = dataclasses.replace(train, text=train.coarse_text, mask=train.coarse_mask)
     section = dict(params["pretrain_base"])
     section.pop("caption", None)
-    exclude = tuple(section.pop("exclude_actions", ()))
+    exclude = tuple(section.pop("exclude_actions", ()) if args.exclude_actions is None else args.exclude_actions)
     keep = [i for i, c in enumerate(train.ids) if c.split("/")[1] not in exclude]
     train = train.subset(keep)
     if args.pretrain_steps:
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = from_dict(PretrainConfig, section, "pretrain_base")
     if "caption" in {f.name for f in dataclasses.fields(PretrainConfig)}:
         cfg = dataclasses.replace(cfg, caption="full")  # the text was chosen above
-    base_dir = work / f"base-{args.caption}-{cfg.train.max_steps}"
+    base_dir = work / f"base-{args.caption}-{cfg.train.max_steps}{''.join('-' + a for a in exclude)}"
     t1 = time.perf_counter()
     if (base_dir / "dit.json").is_file():  # pretrained by an earlier run of this benchmark
         side = json.loads((base_dir / "dit.json").read_text())
@@ -127,6 +129,13 @@ def main(argv: list[str] | None = None) -> dict:
               "gap_max": round(float(gap.max()), 4), "sibling_loss": round(float(sib.mean()), 4),
               "caption_share_of_gap": round(float((base.mean() - sib.mean()) / (base.mean() - final.mean())), 4),
               "seconds": round(time.perf_counter() - t0, 1)}
+    if exclude:  # the same figures for held-out clips of excluded and of pretrained actions
+        out = torch.tensor([c.split("/")[1] in exclude for c in held.ids])
+        for name, m in (("excluded", out), ("pretrained", ~out)):
+            report[f"{name}_clips"] = int(m.sum())
+            report[f"{name}_gap"] = round(float(gap[m].mean()), 4)
+            report[f"{name}_caption_share_of_gap"] = round(
+                float((base[m].mean() - sib[m].mean()) / (base[m].mean() - final[m].mean())), 4)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
