@@ -98,8 +98,9 @@ def dw_metrics(lora: LoRAWeights, oracle: LoRAWeights, W: list[torch.Tensor], ta
     recall / F1 (``lofa.lora.response_map``, entries pooled) against the oracle."""
     rel, cos, tp, pp, ap = [], [], 0.0, 0.0, 0.0
     eye = [torch.eye(w.shape[1]) for w in W]  # response_map(A, B, W) with A = I, B = dW
+    shared = _deltas(lora, 0) if lora.num_loras == 1 else None  # one LoRA for every clip: its dW once
     for k in range(oracle.num_loras):
-        for d, o, w, i in zip(_deltas(lora, k), _deltas(oracle, k), W, eye):
+        for d, o, w, i in zip(shared or _deltas(lora, k), _deltas(oracle, k), W, eye):
             rel.append(float((d - o).norm() / o.norm().clamp_min(1e-12)))
             cos.append(float(F.cosine_similarity(d.flatten(), o.flatten(), dim=0)))
             p, t = response_map(i, d, w, tau), response_map(i, o, w, tau)

@@ -36,7 +36,7 @@ class JudgeConfig:
     clips: int = 4000  # rendered training clips
     val_clips: int = 500  # fresh renders (other seeds) for the accuracy the stage reports
     width: int = 32
-    steps: int = 600
+    steps: int = 1200
     lr: float = 3e-3
     batch_size: int = 64
     noise: float = 0.15  # std of Gaussian noise added to normalised training latents (sampler residue)
