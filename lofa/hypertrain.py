@@ -23,8 +23,9 @@ from lofa.inputkey import InputKey
 from lofa.io import ArtifactError, read_json
 from lofa.layers import Vocabulary
 from lofa.lora import LoRAWeights, base_weights, load_lora
-from lofa.objectives import (HyperBatch, Stage1LossConfig, make_batch, predicted_lora, random_matrix_ids,
-                             stage1_loss, stage2_loss)
+from lofa.lora import map_scores
+from lofa.objectives import (HyperBatch, Stage1LossConfig, Stage2LossConfig, make_batch, predicted_lora,
+                             random_matrix_ids, stage1_loss, stage1_terms, stage2_loss)
 from lofa.train import TrainConfig, TrainResult, batch_indices, load_checkpoint_weights, train
 from lofa.wan import sample_timesteps
 
@@ -51,9 +52,10 @@ class Stage2Config:
 
     model: HyperNetConfig
     train: TrainConfig
+    #: the objective: ``balanced`` (per-matrix relative L1 + flow, weights from measured gradient
+    #: norms) or ``paper`` (L1 + 10 x flow); docs/objectives.md
+    loss: Stage2LossConfig = field(default_factory=Stage2LossConfig)
     prompts_per_batch: int = 4
-    fm_weight: float = 10.0
-    l1_weight: float = 1.0
     dit_grad_checkpointing: bool = False
     seed: int = 0
     #: torch.compile the hypernetwork's regions, as ``Stage1Config.compile``.
@@ -123,16 +125,16 @@ def _chunks(n: int, size: int) -> list[list[int]]:
 @torch.no_grad()
 def evaluate_stage1(model: HyperNet, data: LoRASet, base: list[torch.Tensor], vocab: Vocabulary,
                     loss_cfg: Stage1LossConfig, batch: int = 8) -> dict[str, float]:
-    """Response-map BCE, precision, recall and F1 over every matrix of every LoRA in ``data``."""
+    """Response-map BCE (mean over entries) and precision, recall and F1 of the entries of every
+    matrix of every LoRA in ``data``, pooled (``lofa.lora.map_scores``), as ``lofa.evaluate`` pools."""
     model.eval()
     dev = next(model.parameters()).device
-    counts: dict[str, float] = {}
+    bce, counts = 0.0, torch.zeros(3, dtype=torch.float64)
     for idx in _chunks(len(data), batch):
         b = make_batch(vocab, base, [data.lora(i) for i in idx], data.clips.text[idx], data.clips.mask[idx]).to(dev)
-        _, m = stage1_loss(model, b, loss_cfg)
-        for k, v in m.items():
-            counts[k] = counts.get(k, 0.0) + float(v) * len(idx)
-    return {k: v / len(data) for k, v in counts.items()}
+        bce_b, _, counts_b = stage1_terms(model, b, loss_cfg)
+        bce, counts = bce + float(bce_b) * len(idx), counts + counts_b.double().cpu()
+    return {"bce": bce / len(data), **{k: float(v) for k, v in map_scores(counts).items()}}
 
 
 @torch.no_grad()
@@ -150,7 +152,7 @@ def evaluate_stage2(model: HyperNet, stage1: HyperNet | None, data: LoRASet, bas
     for idx in _chunks(len(data), batch):
         b = make_batch(vocab, base, [data.lora(i) for i in idx], data.clips.text[idx], data.clips.mask[idx],
                        latents=data.clips.latents[idx], noise=noise[idx], timesteps=timesteps[idx]).to(dev)
-        _, m = stage2_loss(model, stage1, b, dit, cfg.fm_weight, l1_weight=cfg.l1_weight)
+        _, m = stage2_loss(model, stage1, b, dit, cfg.loss)
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + float(v) * len(idx)
     return {k: v / len(data) for k, v in totals.items()}
@@ -206,8 +208,7 @@ def _stage1_step(model: nn.Module, batch: HyperBatch, loss_cfg: Stage1LossConfig
 
 
 def _stage2_step(model: nn.Module, batch: HyperBatch, stage1: HyperNet | None, dit: nn.Module, cfg: Stage2Config):
-    return stage2_loss(model, stage1, batch, dit, cfg.fm_weight, l1_weight=cfg.l1_weight,
-                       dit_grad_checkpointing=cfg.dit_grad_checkpointing)
+    return stage2_loss(model, stage1, batch, dit, cfg.loss, dit_grad_checkpointing=cfg.dit_grad_checkpointing)
 
 
 def train_stage2(cfg: Stage2Config, dit: nn.Module, vocab: Vocabulary, stage1: HyperNet | None, train_set: LoRASet,

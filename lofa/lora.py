@@ -290,14 +290,44 @@ def load_lora(path: str | Path, vocab: Vocabulary, rank: int | None = None) -> L
 
 # --------------------------------------------------------------------------- response maps
 
-def response_map(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, tau: float = 0.02) -> torch.Tensor:
-    """R = |dW / W| > tau with dW = B A, as a bool (out, in) map.
+def delta_response_map(dW: torch.Tensor, W: torch.Tensor, tau: float = 0.02) -> torch.Tensor:
+    """The response map, defined once: R = |dW / W| > tau, as a bool map of dW's shape.
 
-    Computed as ``|dW| > tau |W|``: where W == 0, R is true exactly when dW != 0.
-    A: (rank, in), B: (out, rank), W: (out, in).
+    Computed as ``|dW| > tau |W|`` in float32, so where W == 0, R is true exactly when
+    dW != 0 (as the ratio's IEEE value: |dW| / 0 = inf > tau, 0 / 0 = NaN is not). Every
+    map in lofa (fit statistics, stage I's target and prediction, its Triton loss,
+    evaluation) is this one. dW, W: (..., out, in), broadcastable.
     """
-    dW = B.float() @ A.float()
-    return dW.abs() > tau * W.float().abs()
+    return dW.float().abs() > tau * W.float().abs()
+
+
+def response_map(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, tau: float = 0.02) -> torch.Tensor:
+    """:func:`delta_response_map` of dW = B A. A: (..., rank, in), B: (..., out, rank), W: (..., out, in)."""
+    return delta_response_map(B.float() @ A.float(), W, tau)
+
+
+def map_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(3,) float: true positives, predicted positives, actual positives of two bool maps (pooled)."""
+    return torch.stack([(pred & target).sum(), pred.sum(), target.sum()]).float()
+
+
+def map_scores(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Precision, recall and F1 from pooled :func:`map_counts` (summed over any set of matrices):
+    tp / pp, tp / ap, 2 tp / (pp + ap); each 0 where its denominator is 0."""
+    tp, pp, ap = counts
+    return {"precision": tp / pp.clamp_min(1), "recall": tp / ap.clamp_min(1), "f1": 2 * tp / (pp + ap).clamp_min(1)}
+
+
+def dw_scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-matrix dW cosine and relative error ||pred - target|| / ||target|| (Frobenius), each (n,).
+
+    pred, target: (n, out, in). A zero matrix has cosine 0 (not NaN); a zero target gives
+    relative error ||pred|| / tiny (huge), so such matrices are visible, not hidden.
+    """
+    p, t = pred.float().flatten(1), target.float().flatten(1)
+    tiny = torch.finfo(torch.float32).tiny
+    return {"dw_cos": torch.nn.functional.cosine_similarity(p, t, dim=1),
+            "dw_rel_err": (p - t).norm(dim=1) / t.norm(dim=1).clamp_min(tiny)}
 
 
 def response_stats(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], W: Sequence[torch.Tensor],

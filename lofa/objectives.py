@@ -10,9 +10,16 @@ below zero at dW_hat = 0 and unbounded above, so confident negatives and
 positives are both reachable (the public release's logit never went below
 -tau / T: a negative's probability never fell under 0.45).
 
-Stage II regresses dW = alpha B A onto the fitted LoRA's dW (L1), plus ``fm_weight``
-times the flow-matching loss of the frozen DiT running the predicted LoRA (alpha
-folded into B, exactly the dW of the L1 term) on each clip's latent and caption.
+The predicted map, its precision / recall / F1 and the dW metrics are the single
+definitions in ``lofa.lora`` (``delta_response_map``, ``map_counts``, ``map_scores``,
+``dw_scores``), which ``lofa.evaluate`` uses too.
+
+Stage II regresses dW = alpha B A onto the fitted LoRA's dW, plus a weight times the
+flow-matching loss of the frozen DiT running the predicted LoRA (alpha folded into B,
+exactly the dW of the regression term) on each clip's latent and caption. Two
+objectives (:class:`Stage2LossConfig`): ``paper`` (LoFA's: L1 over every entry + 10 x
+flow) and ``balanced`` (per-matrix relative L1 + flow, weights set from the terms'
+measured gradient norms; docs/objectives.md says why the paper's is lopsided here).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +38,7 @@ from torch import Tensor, nn
 from lofa import stage1_kernel
 from lofa.hypernet import HyperNet, HyperOutput, MatrixGroup, group_by_shape
 from lofa.layers import Vocabulary
-from lofa.lora import LoRAWeights, response_map
+from lofa.lora import LoRAWeights, delta_response_map, dw_scores, map_counts, map_scores, response_map
 
 
 @dataclass(frozen=True)
@@ -156,18 +164,6 @@ def response_logit(delta: Tensor, weight: Tensor, tau: float = 0.02, logit_scale
     return logit_scale * (torch.log(delta.float().abs() + eps * ref) - torch.log(ref) - math.log1p(eps))
 
 
-def _map_counts(pred: Tensor, target: Tensor) -> Tensor:
-    """(3,) true positives, predicted positives, actual positives."""
-    return torch.stack([(pred & target).sum(), pred.sum(), target.sum()]).float()
-
-
-def _prf(counts: Tensor) -> dict[str, Tensor]:
-    tp, pp, ap = counts
-    precision, recall = tp / pp.clamp_min(1), tp / ap.clamp_min(1)
-    return {"precision": precision, "recall": recall,
-            "f1": 2 * tp / (pp + ap).clamp_min(1)}
-
-
 def _unwrap(model: nn.Module) -> HyperNet:
     """The HyperNet inside a DDP / accelerate wrapper."""
     inner = getattr(model, "module", model)
@@ -181,10 +177,13 @@ def _stage1_terms(A: Tensor, B: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
     """BCE summed over the entries of one group, and its (3,) map counts."""
     with torch.no_grad():
         target = response_map(lora_A, lora_B, weight, tau)
-    logit = response_logit(torch.bmm(B, A), weight, tau, logit_scale, eps)
+    delta = torch.bmm(B, A)
+    logit = response_logit(delta, weight, tau, logit_scale, eps)
     pw = None if pos_weight is None else torch.tensor(pos_weight, device=logit.device)
     bce = F.binary_cross_entropy_with_logits(logit, target.float(), reduction="sum", pos_weight=pw)
-    return bce, _map_counts(logit.detach() > 0, target)
+    # the predicted map is the one definition applied to the predicted dW (not ``logit > 0``, which
+    # agrees except where W = 0 and 0 < |dW| <= float32 tiny, or at the threshold after rounding)
+    return bce, map_counts(delta_response_map(delta.detach(), weight, tau), target)
 
 
 @functools.cache
@@ -201,14 +200,10 @@ def _stage1_terms_for(cfg: Stage1LossConfig, device: torch.device) -> Callable[.
     return _compiled_stage1_terms() if cfg.compile else _stage1_terms
 
 
-def stage1_loss(model: nn.Module, batch: HyperBatch, cfg: Stage1LossConfig = Stage1LossConfig()
-                ) -> tuple[Tensor, dict[str, Tensor]]:
-    """BCE of the predicted response map against the fitted LoRA's, plus l2_weight (mean A^2 + mean B^2).
-
-    The BCE is the mean over every entry of every matrix; the L2 the mean over
-    matrices. Metrics (detached 0-d tensors): bce, l2, precision, recall, f1 of
-    the map ``logit > 0``.
-    """
+def stage1_terms(model: nn.Module, batch: HyperBatch, cfg: Stage1LossConfig = Stage1LossConfig()
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(BCE mean over every entry, L2 mean over matrices, (3,) pooled response-map counts
+    ``lofa.lora.map_counts`` of the predicted dW's map against the fitted LoRA's)."""
     if _unwrap(model).cfg.stage != 1:
         raise ValueError("stage1_loss: the model is not a stage-I HyperNet (cfg.stage != 1)")
     terms = _stage1_terms_for(cfg, batch.text.device)
@@ -223,8 +218,19 @@ def stage1_loss(model: nn.Module, batch: HyperBatch, cfg: Stage1LossConfig = Sta
         l2_sum = l2_sum + (out.A.float().pow(2).mean((1, 2)) + out.B.float().pow(2).mean((1, 2))).sum()
         counts += counts_g
         entries, matrices = entries + g.lora_A.shape[0] * math.prod(g.matrices.shape), matrices + g.lora_A.shape[0]
-    bce, l2 = bce_sum / entries, l2_sum / matrices
-    metrics = {"bce": bce.detach(), "l2": l2.detach(), **_prf(counts)}
+    return bce_sum / entries, l2_sum / matrices, counts
+
+
+def stage1_loss(model: nn.Module, batch: HyperBatch, cfg: Stage1LossConfig = Stage1LossConfig()
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """BCE of the predicted response map against the fitted LoRA's, plus l2_weight (mean A^2 + mean B^2).
+
+    The BCE is the mean over every entry of every matrix; the L2 the mean over
+    matrices. Metrics (detached 0-d tensors): bce, l2, precision, recall, f1 of the
+    predicted dW's response map (``lofa.lora.delta_response_map``, ``lofa.lora.map_scores``).
+    """
+    bce, l2, counts = stage1_terms(model, batch, cfg)
+    metrics = {"bce": bce.detach(), "l2": l2.detach(), **map_scores(counts)}
     return bce + cfg.l2_weight * l2, metrics
 
 
@@ -277,16 +283,69 @@ def _flow_term(model: HyperNet, batch: HyperBatch, outs: Sequence[HyperOutput], 
                      reduction="mean", grad_checkpointing=grad_checkpointing)
 
 
-def stage2_loss(model: nn.Module, stage1_model: nn.Module | None, batch: HyperBatch, dit: nn.Module | None = None,
-                fm_weight: float = 10.0, *, l1_weight: float = 1.0, dit_grad_checkpointing: bool = False
-                ) -> tuple[Tensor, dict[str, Tensor]]:
-    """l1_weight * L1(alpha B A, dW_fit) + fm_weight * flow-matching loss of the DiT with that LoRA.
+@dataclass(frozen=True)
+class Stage2LossConfig:
+    """The stage-II objective (``train_stage2.loss``): dw_weight * dW term + fm_weight * flow term.
 
-    ``stage1_model`` (frozen, run without gradients) supplies the stage-I tokens; it
-    is not used by the ablation (``use_stage1=False``) and may be None there. The
-    flow term is skipped when ``dit`` is None or ``fm_weight`` is 0. Metrics
-    (detached 0-d tensors): l1, fm (when computed), dw_rel_err and dw_cos (means
-    over matrices), alpha_mean.
+    objective:
+        ``paper``: LoFA's. dW term = mean |dW_hat - dW| over every entry of every matrix
+        (absolute L1), default weights 1 and 10.
+        ``balanced``: dW term = mean over matrices of a per-matrix relative error, 1 at
+        dW_hat = 0 for every matrix whatever its LoRA's scale: ``dw_norm`` l1:
+        ||dW_hat - dW||_1 / ||dW||_1, l2: ||dW_hat - dW||_F^2 / ||dW||_F^2. Default weights
+        :data:`BALANCED_WEIGHTS`, set from the terms' measured gradient norms
+        (benchmarks/stage2_balance.py, docs/objectives.md).
+    dw_weight, fm_weight: None = the objective's default.
+    """
+
+    objective: Literal["paper", "balanced"] = "balanced"
+    dw_norm: Literal["l1", "l2"] = "l2"
+    dw_weight: float | None = None
+    fm_weight: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.dw_norm not in ("l1", "l2"):
+            raise ValueError(f"Stage2LossConfig.dw_norm: {self.dw_norm!r} is not one of ['l1', 'l2']")
+        if self.objective not in OBJECTIVE_WEIGHTS:
+            raise ValueError(f"Stage2LossConfig.objective: {self.objective!r} is not one of {list(OBJECTIVE_WEIGHTS)}")
+        for name in ("dw_weight", "fm_weight"):
+            v = getattr(self, name)
+            if v is not None and not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"Stage2LossConfig.{name}: must be a finite number >= 0, got {v}")
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        """(dW term weight, flow term weight) after resolving the objective's defaults."""
+        dw, fm = OBJECTIVE_WEIGHTS[self.objective]
+        return (dw if self.dw_weight is None else self.dw_weight, fm if self.fm_weight is None else self.fm_weight)
+
+
+#: Default (dW, flow) term weights of each objective. ``balanced``: measured with
+#: benchmarks/stage2_balance.py on the default preset (docs/objectives.md).
+BALANCED_WEIGHTS = (1.0, 0.3)
+OBJECTIVE_WEIGHTS = {"paper": (1.0, 10.0), "balanced": BALANCED_WEIGHTS}
+
+
+def dw_terms(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sums over the n matrices of: |pred - target| over every entry, ||pred - target||_1 / ||target||_1,
+    ||pred - target||_F^2 / ||target||_F^2.
+
+    pred, target: (n, out, in). A matrix whose fitted dW is exactly 0 divides by float32 tiny."""
+    diff, t, tiny = (pred - target).flatten(1), target.flatten(1), torch.finfo(torch.float32).tiny
+    err = diff.abs().sum(1)
+    rel_l2 = diff.pow(2).sum(1) / t.pow(2).sum(1).clamp_min(tiny)
+    return err.sum(), (err / t.abs().sum(1).clamp_min(tiny)).sum(), rel_l2.sum()
+
+
+def stage2_terms(model: nn.Module, stage1_model: nn.Module | None, batch: HyperBatch, dit: nn.Module | None = None,
+                 *, dit_grad_checkpointing: bool = False
+                 ) -> tuple[dict[str, Tensor], dict[str, Tensor], list[HyperOutput]]:
+    """The unweighted stage-II terms with their graphs, detached metrics and the model's outputs per group.
+
+    Terms: ``l1`` (the paper's: mean |dW_hat - dW| over every entry), ``dw_rel_l1`` and ``dw_rel_l2``
+    (means over matrices of ||dW_hat - dW||_1 / ||dW||_1 and ||dW_hat - dW||_F^2 / ||dW||_F^2) and, when ``dit`` is given, ``fm`` (the frozen DiT's
+    flow-matching loss with the predicted LoRA). Metrics: dw_rel_err and dw_cos
+    (``lofa.lora.dw_scores``, means over matrices), alpha_mean.
     """
     net = _unwrap(model)
     if net.cfg.stage != 2:
@@ -298,23 +357,44 @@ def stage2_loss(model: nn.Module, stage1_model: nn.Module | None, batch: HyperBa
         with torch.no_grad():
             stage1_tokens = [o.tokens for o in stage1_model(batch.matrix_groups, batch.text, batch.text_mask)]
     outs = model(batch.matrix_groups, batch.text, batch.text_mask, stage1_tokens)
-    l1_sum, entries, rel, cos, alphas = 0.0, 0, [], [], []
+    l1_sum, rel_sum, rel2_sum, entries, matrices, scores, alphas = 0.0, 0.0, 0.0, 0, 0, [], []
     for g, out in zip(batch.groups, outs):
         pred, target = out.delta().float(), g.delta()
-        l1_sum = l1_sum + F.l1_loss(pred, target, reduction="sum")
-        entries += target.numel()
+        l1_g, rel_g, rel2_g = dw_terms(pred, target)
+        l1_sum, rel_sum, rel2_sum = l1_sum + l1_g, rel_sum + rel_g, rel2_sum + rel2_g
+        entries, matrices = entries + target.numel(), matrices + target.shape[0]
         with torch.no_grad():
-            diff = (pred - target).flatten(1).norm(dim=1)
-            rel.append(diff / target.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny))
-            cos.append(F.cosine_similarity(pred.flatten(1), target.flatten(1), dim=1))
+            scores.append(dw_scores(pred, target))
             alphas.append(out.alpha.detach())
-    l1 = l1_sum / entries
-    loss = l1_weight * l1
-    metrics = {"l1": l1.detach(), "dw_rel_err": torch.cat(rel).mean(), "dw_cos": torch.cat(cos).mean(),
-               "alpha_mean": torch.cat(alphas).mean()}
-    if dit is not None and fm_weight:
-        fm = _flow_term(net, batch, outs, dit, dit_grad_checkpointing)
-        loss = loss + fm_weight * fm
-        metrics["fm"] = fm.detach()
-    return loss, metrics
+    terms = {"l1": l1_sum / entries, "dw_rel_l1": rel_sum / matrices, "dw_rel_l2": rel2_sum / matrices}
+    metrics = {"dw_rel_err": torch.cat([s["dw_rel_err"] for s in scores]).mean(),
+               "dw_cos": torch.cat([s["dw_cos"] for s in scores]).mean(), "alpha_mean": torch.cat(alphas).mean()}
+    if dit is not None:
+        terms["fm"] = _flow_term(net, batch, outs, dit, dit_grad_checkpointing)
+    return terms, metrics, list(outs)
 
+
+def stage2_loss(model: nn.Module, stage1_model: nn.Module | None, batch: HyperBatch, dit: nn.Module | None = None,
+                cfg: Stage2LossConfig = Stage2LossConfig(), *, dit_grad_checkpointing: bool = False
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """dw_weight * dW term(alpha B A, dW_fit) + fm_weight * flow-matching loss of the DiT with that LoRA
+    (``cfg``: :class:`Stage2LossConfig`; the dW term is the paper's L1 or the per-matrix relative L1).
+
+    ``stage1_model`` (frozen, run without gradients) supplies the stage-I tokens; it
+    is not used by the ablation (``use_stage1=False``) and may be None there. The
+    flow term is skipped when ``dit`` is None or its weight is 0. Metrics (detached
+    0-d tensors): both dW terms (l1, dw_rel_l1), fm (when computed), this objective's
+    weighted terms dw_term and fm_term, and :func:`stage2_terms`' metrics.
+    """
+    dw_weight, fm_weight = cfg.weights
+    terms, metrics, _ = stage2_terms(model, stage1_model, batch, dit if fm_weight else None,
+                                     dit_grad_checkpointing=dit_grad_checkpointing)
+    dw_term = dw_weight * terms["l1" if cfg.objective == "paper" else f"dw_rel_{cfg.dw_norm}"]
+    loss = dw_term
+    metrics = {**{k: terms[k].detach() for k in ("l1", "dw_rel_l1", "dw_rel_l2")}, "dw_term": dw_term.detach(),
+               **metrics}
+    if "fm" in terms:
+        loss = loss + fm_weight * terms["fm"]
+        metrics["fm"] = terms["fm"].detach()
+        metrics["fm_term"] = (fm_weight * terms["fm"]).detach()
+    return loss, metrics

@@ -129,7 +129,8 @@ if triton is not None:
             g = dx * scale * _rcp(mag, FAST)
             g = tl.where(dw > 0, g, tl.where(dw < 0, -g, 0.0))  # d|dW| / ddW = sign(dW), 0 at 0
             g_ptr = G + n * out_f * in_f + rows[:, None] * in_f + cols[None, :]
-            cnt = pred.to(tl.int32) + target.to(tl.int32) * 1024 + (pred & target).to(tl.int32) * 1048576
+            resp = tl.abs(dw) > tau * w  # the predicted map: lofa.lora.delta_response_map, not x > 0
+            cnt = resp.to(tl.int32) + target.to(tl.int32) * 1024 + (resp & target).to(tl.int32) * 1048576
             if EVEN:
                 tl.store(g_ptr, g.to(G.dtype.element_ty))
                 acc_loss += loss

@@ -1,7 +1,8 @@
 """Stage ``train_stage2``: LoRA weights from the prompt, attending to frozen stage-I tokens.
 
-L1 on dW plus ``fm_weight`` times the frozen DiT's flow-matching loss with the
-predicted LoRA; ``train_stage2.model.use_stage1: false`` is the one-stage ablation.
+The objective (``train_stage2.loss``, docs/objectives.md): a dW term plus a weight times the
+frozen DiT's flow-matching loss with the predicted LoRA; ``train_stage2.model.use_stage1:
+false`` is the one-stage ablation.
 
 Over GPUs or processes: ``accelerate launch --multi_gpu --num_processes N -m pipelines.train_stage2``
 (CPU: ``torchrun --nproc_per_node N -m pipelines.train_stage2``): data-parallel training with the
