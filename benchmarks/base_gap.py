@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     t1 = time.perf_counter()
     if (base_dir / "dit.json").is_file():  # pretrained by an earlier run of this benchmark
         side = json.loads((base_dir / "dit.json").read_text())
-        dit, steps, pre_loss = load_dit(base_dir / "dit.safetensors", cfg.dit), side["step"], side["metrics"].get("loss")
+        dit = load_dit(base_dir / "dit.safetensors", cfg.dit)
+        steps, pre_loss = side["step"], side["metrics"].get("loss")
     else:
         dit, result = pretrain(cfg, train, base_dir)
         steps, pre_loss = result.step, result.metrics.get("loss")

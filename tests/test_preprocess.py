@@ -160,7 +160,8 @@ def test_preprocess_contract_rejects_and_resume(motionx: Path, tmp_path: Path) -
     assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())
     assert not list(out.rglob(".tmp-*"))
     after = pd.read_parquet(out / "manifest.parquet")
-    for col in [c for c in MANIFEST_COLUMNS if c != "sha256"]:  # the re-encoded clip's bytes may differ in the last float bits
+    # the re-encoded clip's bytes may differ in the last float bits: every column but sha256 equal
+    for col in [c for c in MANIFEST_COLUMNS if c != "sha256"]:
         assert after[col].astype(str).tolist() == man[col].astype(str).tolist(), col
     assert after["sha256"].tolist()[1:] == man["sha256"].tolist()[1:]
     redone = load_tensors(victim)

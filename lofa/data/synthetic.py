@@ -194,7 +194,8 @@ def _split_sizes(cfg: SynthConfig) -> tuple[int, int, int, int]:
         return max(k, round(cfg.num_clips * k / (len(ACTIONS) * pool))) if k else 0
 
     n_tmpl = max(n_val, 1) if cfg.num_heldout_templates else 0
-    return n_val, share(cfg.num_heldout_combos, len(COLOURS)), share(cfg.num_heldout_bg_combos, len(BACKGROUNDS)), n_tmpl
+    return (n_val, share(cfg.num_heldout_combos, len(COLOURS)),
+            share(cfg.num_heldout_bg_combos, len(BACKGROUNDS)), n_tmpl)
 
 
 def _an(text: str) -> str:
@@ -207,9 +208,9 @@ def caption(spec: ClipSpec, template: int) -> str:
     verb, gerund = _VERBS[spec.action]
     moving = spec.action in LOCOMOTION or spec.action == "spin"
     sizes = _SIZE_BUILD if "build" in TEMPLATES[template] else _SIZE_WORDS
+    direction = (_MOVE_WORDS if moving else _FACE_WORDS)[v].format(d=spec.direction)
     words = dict(size=sizes[spec.size][v], colour=spec.colour, verb=verb, gerund=gerund,
-                 speed=_SPEED_WORDS[spec.speed][v], dir=(_MOVE_WORDS if moving else _FACE_WORDS)[v].format(d=spec.direction),
-                 bg=_BG_WORDS[spec.background][v])
+                 speed=_SPEED_WORDS[spec.speed][v], dir=direction, bg=_BG_WORDS[spec.background][v])
     return _an(TEMPLATES[template].format(**words))
 
 
