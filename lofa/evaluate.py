@@ -11,9 +11,9 @@ attributes, with its caption: what a prompt-only method could reach).
 Definitions, once: flow loss = :func:`lofa.score.flow_losses` (fixed timesteps and
 per-clip noise); gap closed = (base - method) / (base - oracle) of the mean losses,
 with a bootstrap 95% interval over clips (:func:`lofa.score.bootstrap_gap`); response
-map = ``lofa.lora.response_map`` (|dW| > tau |W|), precision / recall / F1 against
-the oracle's map pooled over every entry; dW cosine and relative error per matrix,
-averaged over matrices and clips.
+map = ``lofa.lora.delta_response_map`` (|dW| > tau |W|), precision / recall / F1
+(``map_scores``) against the oracle's map pooled over every entry; dW cosine and relative
+error per matrix (``dw_scores``), averaged over matrices and clips.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from lofa.hypernet import HyperNet
 from lofa.hypertrain import LoRASet, predict_loras
 from lofa.judge import Judge, accuracy, frechet_distance, judge_features, label_indices
 from lofa.layers import Vocabulary
-from lofa.lora import LoRAWeights, base_weights, response_map
+from lofa.lora import LoRAWeights, base_weights, delta_response_map, dw_scores, map_counts, map_scores
 from lofa.score import ScoreConfig, bootstrap_gap, flow_losses, generate
 
 METHODS = ("base", "oracle", "predicted", "nearest", "mean", "naive", "generalist", "ceiling")
@@ -94,20 +94,20 @@ def _deltas(lora: LoRAWeights, k: int) -> list[torch.Tensor]:
 
 
 def dw_metrics(lora: LoRAWeights, oracle: LoRAWeights, W: list[torch.Tensor], tau: float) -> dict[str, float]:
-    """dW relative error and cosine (means over matrices and clips), and response-map precision /
-    recall / F1 (``lofa.lora.response_map``, entries pooled) against the oracle."""
-    rel, cos, tp, pp, ap = [], [], 0.0, 0.0, 0.0
-    eye = [torch.eye(w.shape[1]) for w in W]  # response_map(A, B, W) with A = I, B = dW
+    """dW relative error and cosine (``lofa.lora.dw_scores``, means over matrices and clips), and
+    response-map precision / recall / F1 (``delta_response_map``, ``map_scores`` of the counts pooled
+    over every entry) against the oracle."""
+    rel, cos, counts = [], [], torch.zeros(3)
     shared = _deltas(lora, 0) if lora.num_loras == 1 else None  # one LoRA for every clip: its dW once
     for k in range(oracle.num_loras):
-        for d, o, w, i in zip(shared or _deltas(lora, k), _deltas(oracle, k), W, eye):
-            rel.append(float((d - o).norm() / o.norm().clamp_min(1e-12)))
-            cos.append(float(F.cosine_similarity(d.flatten(), o.flatten(), dim=0)))
-            p, t = response_map(i, d, w, tau), response_map(i, o, w, tau)
-            tp, pp, ap = tp + float((p & t).sum()), pp + float(p.sum()), ap + float(t.sum())
-    prec, rec = tp / max(pp, 1), tp / max(ap, 1)
-    return {"dw_rel_err": sum(rel) / len(rel), "dw_cos": sum(cos) / len(cos), "map_precision": prec,
-            "map_recall": rec, "map_f1": 2 * tp / max(pp + ap, 1)}
+        for d, o, w in zip(shared or _deltas(lora, k), _deltas(oracle, k), W):
+            scores = dw_scores(d[None], o[None])
+            rel.append(float(scores["dw_rel_err"][0]))
+            cos.append(float(scores["dw_cos"][0]))
+            counts += map_counts(delta_response_map(d, w, tau), delta_response_map(o, w, tau))
+    maps = map_scores(counts)
+    return {"dw_rel_err": sum(rel) / len(rel), "dw_cos": sum(cos) / len(cos),
+            "map_precision": float(maps["precision"]), "map_recall": float(maps["recall"]), "map_f1": float(maps["f1"])}
 
 
 def _dw_cosine(s: LoRASet, i: int, j: int) -> float:
