@@ -232,8 +232,11 @@ def test_kill_fit_loras_then_rerun(world: dict, seed: int, mode: str, tmp_path: 
                                    fault_seed_offset: int) -> None:
     rng = random.Random(seed + fault_seed_offset)
     n_clips, per_batch = len(world["records"]), SMALL["fit_loras"]["clips_per_batch"]
-    # the kill lands up to one batch (in units of its own pace) after `target` LoRAs were written
-    target, extra = rng.randint(1, n_clips - 2 * per_batch), rng.uniform(0.0, per_batch)
+    # the kill lands up to one batch (in units of its own pace) after `target` LoRAs were written;
+    # LoRAs appear a batch at a time, so a target past the first batch times the pace over a whole one
+    target, extra = rng.randint(per_batch + 1, n_clips - 2 * per_batch), rng.uniform(0.0, per_batch)
+    if mode == "write":  # any LoRA's write
+        target = rng.randint(1, n_clips - 2 * per_batch)
     out = tmp_path / "loras"
     cmd = stage_cmd(world, "fit_loras", out, data="pre", base="base")
     killed_id, rerun_id = f"kill-fit-{seed}-{uuid.uuid4().hex[:6]}", f"rerun-fit-{seed}-{uuid.uuid4().hex[:6]}"
