@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, after the pip line of README "Medium preset on a GPU machine": unpack
-# .medium/bundle.tar.xz (scripts/medium_bundle.sh) into data_medium/, run the six GPU stages of
+# .medium/bundle.tar.xz (scripts/medium_bundle.sh) into data_medium/ (its float16 text embeddings cast
+# back to float32: scripts/medium_text16.py), run the six GPU stages of
 # dvc.yaml in its order with --params params-medium.yaml, tracking recorded locally
 # (LOFA_TRACKING=off, replay here with `python -m lofa.tracking import`), print each stage's wall
 # time, and leave ONE archive, $OUT/medium_results.tar.gz (< 16 MiB), also when a stage fails.
 #
 #   LOFA_MEDIUM_BUDGET_S  seconds for this whole script (default 540): a stage still running when
 #                         they run out is stopped, so the archive is written inside the call's limit
+#   LOFA_MEDIUM_FROM      a stage name: the stages before it are not run (a second call on the same
+#                         warm machine, whose first call finished them; their outputs must be there)
 #   LOFA_MEDIUM_SMOKE=1   tiny params and a tiny bundle, on CPU here (tests/test_medium.py)
+# After evaluate, scripts/medium_refine.py (logged as stage "refine"): the medium bar's refine check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -26,6 +30,7 @@ if command -v xz >/dev/null; then
 else
   "$PY" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" "$MEDIUM_BUNDLE" "$D"
 fi
+"$PY" scripts/medium_text16.py unpack "$P"  # the bundle's float16 text embeddings back to float32 files
 PARAMS=$(medium_params)
 mkdir -p "$D/logs" "$D/metrics"
 cp "$PARAMS" "$D/logs/params.yaml"
@@ -41,9 +46,16 @@ export LOFA_PIPELINE_ID=${LOFA_PIPELINE_ID:-$(cat "$D/pipeline_id")}
 echo "[device_medium] params $PARAMS, data $D, lofa.pipeline=$LOFA_PIPELINE_ID"
 
 # run_stage NAME MODULE ARGS...: one stage command, its output in logs/NAME.log, its time in logs/timings.tsv
+FROM=${LOFA_MEDIUM_FROM:-}
 run_stage() {
   local name=$1 left=$(( deadline - RESERVE_S - $(date +%s) )) t0 rc=0
   shift
+  if [ -n "$FROM" ] && [ "$name" != "$FROM" ]; then
+    echo "[device_medium] $name: not run (LOFA_MEDIUM_FROM=$FROM; an earlier call on this machine ran it)"
+    printf '%s\t0\tearlier call\n' "$name" >> "$D/logs/timings.tsv"
+    return 0
+  fi
+  FROM=
   if [ "$left" -lt 5 ]; then
     echo "[device_medium] $name: not started, the time budget is spent"
     printf '%s\t0\tskipped\n' "$name" >> "$D/logs/timings.tsv"
@@ -84,7 +96,9 @@ run_stage train_stage2_naive pipelines.train_stage2 --ablation --data "$P" --bas
 run_stage train_judge pipelines.train_judge --out "$D/judge" --metrics "$D/metrics/train_judge.json" &&
 run_stage evaluate pipelines.evaluate --data "$P" --base "$D/base" --loras "$D/loras" --synth "$D/motionx_synth" \
   --stage1 "$D/stage1" --stage2 "$D/stage2" --naive "$D/stage2_naive" --judge "$D/judge" --out "$D/eval" \
-  --metrics "$D/metrics/evaluate.json" --plots "$D/metrics/eval_methods.csv" || status=1
+  --metrics "$D/metrics/evaluate.json" --plots "$D/metrics/eval_methods.csv" &&
+run_stage refine scripts.medium_refine --data "$P" --base "$D/base" --loras "$D/loras" --stage1 "$D/stage1" \
+  --stage2 "$D/stage2" --metrics "$D/metrics/refine.json" || status=1
 
 column -t -s $'\t' "$D/logs/timings.tsv" 2>/dev/null || cat "$D/logs/timings.tsv"
 archive

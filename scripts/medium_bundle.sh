@@ -4,7 +4,9 @@
 # what the GPU stages read into ONE archive, .medium/bundle.tar.xz, that travels to the lent GPU
 # machine (carried with .whl; 64 MiB per call in all). scripts/device_medium.sh unpacks it there.
 #
-# Packed: preprocessed/ (latents, text embeddings, manifest), motionx_synth/{meta.csv,synth.json,splits/}
+# Packed: preprocessed/ (latents, text embeddings, manifest; the text in float16: scripts/medium_text16.py
+# pack rounds it here in place and stages a float16 copy, device_medium.sh casts it back to the same
+# float32 bytes as here), motionx_synth/{meta.csv,synth.json,splits/}
 # (evaluate's judge labels; not the videos), metrics/{synthesize,preprocess}.json and pipeline_id
 # (the lofa.pipeline tag shared by every stage run of this medium run, here and on the device).
 set -euo pipefail
@@ -33,9 +35,11 @@ echo "[medium_bundle] synthesize + preprocess: $(( $(date +%s) - start )) s"
 start=$(date +%s)
 mkdir -p "$(dirname "$MEDIUM_BUNDLE")"
 tmp="$MEDIUM_BUNDLE.partial"
+"$PY" scripts/medium_text16.py pack "$D/preprocessed" "$D/bundle16/preprocessed"
 # one xz stream, one thread, -9e: the whole set shares one dictionary (smallest result)
-tar -C "$D" -cf - pipeline_id preprocessed motionx_synth/meta.csv motionx_synth/synth.json motionx_synth/splits \
-  metrics/synthesize.json metrics/preprocess.json | xz -9e -T1 > "$tmp"
+tar -cf - -C "$D" pipeline_id motionx_synth/meta.csv motionx_synth/synth.json motionx_synth/splits \
+  metrics/synthesize.json metrics/preprocess.json -C bundle16 preprocessed | xz -9e -T1 > "$tmp"
+rm -rf "$D/bundle16"
 mv "$tmp" "$MEDIUM_BUNDLE"
 bytes=$(stat -c %s "$MEDIUM_BUNDLE")
 clips=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['clips'])" "$D/metrics/preprocess.json")

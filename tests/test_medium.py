@@ -4,6 +4,7 @@ lacks made unimportable."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from lofa import tracking
 from lofa.config import load_params
 from lofa.data.synthetic import PRESETS, SynthConfig
+from lofa.io import ArtifactError, load_tensors, save_tensors, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 #: What the GPU machine does not have (av: imageio's mp4 writer there would be imageio-ffmpeg, also absent).
@@ -128,8 +131,72 @@ def test_medium_preset_fits_the_device_bundle() -> None:
     params = load_params(ROOT / "params-medium.yaml")
     cfg = SynthConfig.from_params(params["synthetic"])
     assert cfg.preset == "medium" and cfg.num_clips == PRESETS["medium"]["num_clips"] >= 1500
-    assert (cfg.height, cfg.width) == (64, 64)  # 2200 clips at 64x64: a 39.4 MB bundle (40 MB at most)
+    # 1600 world-v2 clips at 64x64, text in float16: a ~37 MB bundle (40 MB at most; scripts/medium_bundle.sh)
+    assert (cfg.height, cfg.width) == (64, 64)
     assert set(params) == set(load_params(ROOT / "params.yaml"))
+
+
+# ---------------------------------------------------------------- float16 text in the bundle
+
+def _text16():
+    spec = importlib.util.spec_from_file_location("medium_text16", ROOT / "scripts" / "medium_text16.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write_clips(pre: Path, contexts: list[torch.Tensor]) -> None:
+    rows = []
+    for i, ctx in enumerate(contexts):
+        rel = f"clips/c{i}.safetensors"
+        t = {"latents": torch.arange(8, dtype=torch.float32).reshape(2, 4) / 3, "context": ctx,
+             "mask": torch.ones(ctx.shape[0], dtype=torch.bool)}
+        if i == 0:
+            t.update(coarse_context=ctx.flip(0) * 0.5, coarse_mask=torch.ones(ctx.shape[0], dtype=torch.bool))
+        save_tensors(pre / rel, t, metadata={"lofa_clip": json.dumps({"id": f"c{i}"}), "format": "lofa.clip.v1"})
+        rows.append({"id": f"c{i}", "path": rel, "sha256": sha256_file(pre / rel)})
+    pd.DataFrame(rows).to_parquet(pre / "manifest.parquet", index=False)
+    (pre / "rejected.csv").write_text("id,reason\n")
+
+
+def test_text16_round_trip_gives_the_rounded_files_back(tmp_path: Path) -> None:
+    mod = _text16()
+    pre, stage = tmp_path / "pre", tmp_path / "stage" / "preprocessed"
+    gen = torch.Generator().manual_seed(0)
+    contexts = [torch.randn(6, 5, generator=gen) * 3 for _ in range(3)]
+    _write_clips(pre, contexts)
+    assert mod.pack(pre, stage) == {"clips": 3, "rounded_now": 3}
+    for i, ctx in enumerate(contexts):
+        here = load_tensors(pre / f"clips/c{i}.safetensors")
+        assert here["context"].dtype == torch.float32
+        # float16 keeps 11 significant bits: a rounding moves a value by at most 2^-11 of its magnitude
+        assert torch.allclose(here["context"], ctx, rtol=2.0 ** -11, atol=0) and not torch.equal(here["context"], ctx)
+        staged = load_tensors(stage / f"clips/c{i}.safetensors")
+        assert staged["context"].dtype == torch.float16 and staged["latents"].dtype == torch.float32
+        assert torch.equal(staged["latents"], here["latents"]) and torch.equal(staged["mask"], here["mask"])
+    assert load_tensors(stage / "clips/c0.safetensors")["coarse_context"].dtype == torch.float16
+    manifest = pd.read_parquet(pre / "manifest.parquet")
+    assert list(manifest["sha256"]) == [sha256_file(pre / r) for r in manifest["path"]]  # follows the rounding
+    assert (stage / "manifest.parquet").read_bytes() == (pre / "manifest.parquet").read_bytes()
+    assert (stage / "rejected.csv").is_file()
+    before = {p.name: p.read_bytes() for p in (pre / "clips").iterdir()}
+    assert mod.pack(pre, stage)["rounded_now"] == 0  # idempotent: already float16-representable
+    assert {p.name: p.read_bytes() for p in (pre / "clips").iterdir()} == before
+
+    assert mod.unpack(stage) == {"cast_back": 3}
+    assert {p.name: p.read_bytes() for p in (stage / "clips").iterdir()} == before  # the same bytes as here
+    assert mod.unpack(stage) == {"cast_back": 0}
+
+
+def test_text16_refuses_what_float16_cannot_hold(tmp_path: Path) -> None:
+    mod = _text16()
+    big = torch.zeros(2, 3)
+    big[1, 2] = 7.0e4  # float16's largest finite value is 65504
+    _write_clips(tmp_path / "pre", [torch.ones(2, 3), big])
+    with pytest.raises(ArtifactError, match=r"c1\.safetensors: tensor 'context' reaches 70000"):
+        mod.pack(tmp_path / "pre", tmp_path / "stage")
+    with pytest.raises(ArtifactError, match="no manifest"):
+        mod.unpack(tmp_path / "nowhere")
 
 
 # ---------------------------------------------------------------- the device script, on CPU
@@ -162,6 +229,10 @@ def test_device_script_smoke_without_device_missing_packages(tmp_path: Path) -> 
         names = set(tf.getnames())
     assert {"pipeline_id", "preprocessed/manifest.parquet", "motionx_synth/meta.csv"} <= names
     assert not any(n.endswith(".mp4") for n in names)
+    with tarfile.open(bundle) as tf:
+        tf.extractall(tmp_path / "packed", filter="data")
+    first = sorted((tmp_path / "packed" / "preprocessed" / "clips").rglob("*.safetensors"))[0]
+    assert load_tensors(first)["context"].dtype == torch.float16  # the text travels in float16
 
     env = _hidden_env(tmp_path, **common, LOFA_MEDIUM_DIR=str(device), OUT=str(out))
     env.pop("LOFA_PIPELINE_ID", None)
@@ -169,6 +240,12 @@ def test_device_script_smoke_without_device_missing_packages(tmp_path: Path) -> 
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "not registered in the MLflow model registry: tracking is local (LOFA_TRACKING=off)" in proc.stdout
+    # cast back to float32 there: the stages on the device read the same bytes as the clips here
+    def clip_bytes(pre: Path) -> dict[str, bytes]:
+        return {p.relative_to(pre).as_posix(): p.read_bytes() for p in pre.rglob("*.safetensors")}
+
+    clips_here = clip_bytes(here / "preprocessed")
+    assert len(clips_here) == 40 and clip_bytes(device / "preprocessed") == clips_here
     archive = out / "medium_results.tar.gz"
     assert archive.stat().st_size < 16_000_000
     res = tmp_path / "res"
@@ -176,14 +253,19 @@ def test_device_script_smoke_without_device_missing_packages(tmp_path: Path) -> 
         tf.extractall(res, filter="data")
 
     timings = pd.read_csv(res / "logs" / "timings.tsv", sep="\t")
-    assert list(timings["stage"]) == list(GPU_STAGES) and (timings["exit"] == 0).all()
+    assert list(timings["stage"]) == [*GPU_STAGES, "refine"] and (timings["exit"] == 0).all()
     ran = [shlex.split(line) for line in (res / "logs" / "commands.txt").read_text().splitlines()]
     params = f"{device}/params-smoke.yaml"
-    assert ran == list(_dvc_commands(device, py, params).values())
+    assert ran[:-1] == list(_dvc_commands(device, py, params).values())
+    assert ran[-1][:3] == [py, "-m", "scripts.medium_refine"]
+    refine = json.loads((res / "metrics" / "refine.json").read_text())
+    assert refine["clips"] == len(refine["per_clip"]) >= 2
+    for r in refine["per_clip"]:  # the fresh fit is the oracle's own fit: it reaches the oracle's loss
+        assert r["steps_from_zero"] is not None and r["steps_from_zero"] <= refine["steps"]
     summary = json.loads((res / "metrics" / "evaluate.json").read_text())
     assert summary["clips"] > 0 and {"base", "oracle", "predicted", "naive"} <= set(summary["methods"])
     assert len(list((res / "eval" / "samples").glob("*.gif"))) == 2
-    assert {p.stem for p in (res / "logs").glob("*.log")} == set(GPU_STAGES)
+    assert {p.stem for p in (res / "logs").glob("*.log")} == {*GPU_STAGES, "refine"}
 
     recs = _records(res / "tracking")
     assert set(recs) == set(GPU_STAGES)
