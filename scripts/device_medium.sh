@@ -9,7 +9,9 @@
 #   LOFA_MEDIUM_BUDGET_S  seconds for this whole script (default 540): a stage still running when
 #                         they run out is stopped, so the archive is written inside the call's limit
 #   LOFA_MEDIUM_FROM      a stage name: the stages before it are not run (a second call on the same
-#                         warm machine, whose first call finished them; their outputs must be there)
+#                         warm machine, whose first call finished them; their outputs must be there);
+#                         auto: from the first stage that no earlier call here finished with exit 0
+#                         (their timings are kept as logs/timings-call<N>.tsv; none: from the start)
 #   LOFA_MEDIUM_SMOKE=1   tiny params and a tiny bundle, on CPU here (tests/test_medium.py)
 # After evaluate, scripts/medium_refine.py (logged as stage "refine"): the medium bar's refine check.
 set -euo pipefail
@@ -33,6 +35,25 @@ fi
 "$PY" scripts/medium_text16.py unpack "$P"  # the bundle's float16 text embeddings back to float32 files
 PARAMS=$(medium_params)
 mkdir -p "$D/logs" "$D/metrics"
+if [ -f "$D/logs/timings.tsv" ]; then  # an earlier call on this machine: keep its timings
+  n=1
+  while [ -e "$D/logs/timings-call$n.tsv" ]; do n=$(( n + 1 )); done
+  mv "$D/logs/timings.tsv" "$D/logs/timings-call$n.tsv"
+fi
+STAGES="pretrain_base fit_loras train_stage1 train_stage2 train_stage2_naive train_judge evaluate refine"
+FROM=${LOFA_MEDIUM_FROM:-}
+if [ "$FROM" = auto ]; then
+  FROM=
+  for s in $STAGES; do
+    if ! cat "$D"/logs/timings-call*.tsv 2>/dev/null | awk -F'\t' -v s="$s" '$1 == s && $3 == "0" {f = 1} END {exit !f}'
+    then
+      FROM=$s
+      break
+    fi
+  done
+  [ -n "$FROM" ] || [ ! -e "$D/logs/timings-call1.tsv" ] || FROM=none  # every stage finished earlier
+  echo "[device_medium] LOFA_MEDIUM_FROM=auto: ${FROM:-from the start}"
+fi
 cp "$PARAMS" "$D/logs/params.yaml"
 : > "$D/logs/commands.txt"
 printf 'stage\tseconds\texit\n' > "$D/logs/timings.tsv"
@@ -46,7 +67,6 @@ export LOFA_PIPELINE_ID=${LOFA_PIPELINE_ID:-$(cat "$D/pipeline_id")}
 echo "[device_medium] params $PARAMS, data $D, lofa.pipeline=$LOFA_PIPELINE_ID"
 
 # run_stage NAME MODULE ARGS...: one stage command, its output in logs/NAME.log, its time in logs/timings.tsv
-FROM=${LOFA_MEDIUM_FROM:-}
 run_stage() {
   local name=$1 left=$(( deadline - RESERVE_S - $(date +%s) )) t0 rc=0
   shift
