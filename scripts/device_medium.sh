@@ -118,7 +118,7 @@ run_stage evaluate pipelines.evaluate --data "$P" --base "$D/base" --loras "$D/l
   --stage1 "$D/stage1" --stage2 "$D/stage2" --naive "$D/stage2_naive" --judge "$D/judge" --out "$D/eval" \
   --metrics "$D/metrics/evaluate.json" --plots "$D/metrics/eval_methods.csv" &&
 run_stage refine scripts.medium_refine --data "$P" --base "$D/base" --loras "$D/loras" --stage1 "$D/stage1" \
-  --stage2 "$D/stage2" --metrics "$D/metrics/refine.json" --clips 6 || status=1
+  --stage2 "$D/stage2" --metrics "$D/metrics/refine.json" --clips 4 || status=1
 
 column -t -s $'\t' "$D/logs/timings.tsv" 2>/dev/null || cat "$D/logs/timings.tsv"
 archive
