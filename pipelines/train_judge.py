@@ -13,11 +13,11 @@ import time
 from lofa.config import from_dict, to_dict
 from lofa.data.preprocess import PreprocessConfig, codec_for
 from lofa.data.synthetic import SynthConfig
-from lofa.env import compute_device, peak_rss_mib
+from lofa.env import compute_device
 from lofa.io import SCHEMA_VERSION, write_json
 from lofa.judge import KIND, SIDECAR, JudgeConfig, build_judge, save_judge
 from lofa.tracking import stage_run
-from pipelines._common import section, stage_args
+from pipelines._common import section, stage_args, write_metrics
 
 
 def main() -> None:
@@ -34,12 +34,14 @@ def main() -> None:
     synth = SynthConfig.from_params(section(args, "synthetic"))
     with stage_run("train_judge", to_dict(cfg)) as mlflow:
         judge, report = build_judge(cfg, synth, pre, codec_for(pre), compute_device())
+        # wall times go to metrics/timings/ and MLflow, not into declared outputs (issue: stale resume)
+        timing = {k: report.pop(k) for k in ("render_s", "train_s")}
         save_judge(args.out, judge, cfg, report)
-        summary = {**report, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": peak_rss_mib()}
-        write_json(args.metrics, summary)
+        timing["seconds"] = round(time.perf_counter() - t0, 1)
+        write_metrics(args.metrics, report, timing)
         mlflow.log_metrics({f"render_val.{k}": v for k, v in report["render_val"].items()})
-        mlflow.log_metrics({k: summary[k] for k in ("render_s", "train_s", "seconds")})
-    print({k: round(v, 3) for k, v in report["render_val"].items()}, f"{summary['seconds']} s")
+        mlflow.log_metrics(timing)
+    print({k: round(v, 3) for k, v in report["render_val"].items()}, f"{timing['seconds']} s")
 
 
 if __name__ == "__main__":
