@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 #: Settings every command needs: offline hubs, no telemetry.
@@ -44,6 +46,21 @@ def setup_env(root: Path | None = None) -> Path:
     os.environ.setdefault("LOFA_MLFLOW_ARTIFACTS", (root / "mlruns").as_uri())
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     return root
+
+
+def python_first(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) with this environment's ``bin/`` first on ``PATH``.
+
+    Stage commands call a bare ``python`` (``dvc.yaml``), so that ``dvc exp run --temp`` and
+    ``--queue``, whose temporary workspaces hold no ``.venv``, find one; on these machines a bare
+    ``python`` is the system's, without the stack. Every launcher (scripts, tests, the flow) puts
+    the running interpreter's directory (``.venv/bin`` under ``.venv/bin/python``) first.
+    """
+    env = dict(os.environ if env is None else env)
+    bin_dir = str(Path(sys.executable).parent)
+    rest = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p and p != bin_dir]
+    env["PATH"] = os.pathsep.join([bin_dir, *rest])
+    return env
 
 
 def process_rank() -> int:

@@ -1,30 +1,35 @@
-"""Run the stages of ``dvc.yaml`` outside DVC: parse, order, fingerprint, execute, fan out.
+"""Run the stages of ``dvc.yaml`` outside ``dvc repro`` with DVC as the one cache.
 
 ``dvc.yaml`` is the one pipeline graph. :func:`load_stages` reads each stage's
 command, deps, outs, metrics and params keys and orders the stages so
 that every stage follows those producing its deps; :func:`plan` splits one
 stage into shards (its command gets ``--shard-index i --num-shards n``) followed
-by the unchanged command, which finishes and summarises. :func:`fingerprint`
-is a stage's cache key: its command, the content of its deps and the values of
-its params keys. Nothing here imports an orchestrator; ``pipelines/flow.py``
-wraps these in Prefect tasks.
+by the unchanged command, which finishes and summarises. Whether a stage must run
+is DVC's answer (:func:`stage_up_to_date`), and a finished stage is recorded in
+``dvc.lock`` (:func:`record_stage`), so an orchestrator and ``dvc repro`` never redo
+each other's work. DVC refuses concurrent commands on one repository: every DVC call
+here holds one file lock (:func:`dvc_lock`). Nothing here imports an orchestrator;
+``pipelines/flow.py`` wraps these in Prefect tasks.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
-import fnmatch
-import hashlib
+import fcntl
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lofa.env import python_first
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 _UNSUPPORTED = ("foreach", "matrix", "do", "wdir", "vars")
@@ -182,87 +187,14 @@ def plan(stages: Sequence[Stage], shards: int = 1, shard_stage: str | None = Non
     return steps
 
 
-# --------------------------------------------------------------------------- fingerprints
-
-def _ignore_patterns(root: Path) -> list[str]:
-    """Patterns of ``.dvcignore`` (negations and comments dropped), plus Python caches."""
-    lines = (root / ".dvcignore").read_text().splitlines() if (root / ".dvcignore").is_file() else []
-    pats = [ln.strip().rstrip("/") for ln in lines if ln.strip() and not ln.lstrip().startswith(("#", "!"))]
-    return [*pats, "__pycache__", "*.pyc"]
-
-
-def _ignored(rel: str, patterns: Sequence[str]) -> bool:
-    name = rel.rsplit("/", 1)[-1]
-    return any(fnmatch.fnmatch(rel, p.lstrip("/")) if "/" in p else fnmatch.fnmatch(name, p) for p in patterns)
-
-
-def _files(root: Path, path: str, patterns: Sequence[str]) -> Iterator[Path]:
-    full = root / path
-    if full.is_file():
-        yield full
-        return
-    for dirpath, dirnames, filenames in os.walk(full, followlinks=True):
-        base = Path(dirpath)
-        keep = lambda name: not _ignored((base / name).relative_to(root).as_posix(), patterns)  # noqa: E731
-        dirnames[:] = sorted(filter(keep, dirnames))
-        yield from (base / f for f in sorted(filter(keep, filenames)))
-
-
-def hash_path(root: str | Path, path: str) -> str:
-    """sha256 over the relative names and bytes of ``path`` (a file or a tree), ``.dvcignore``
-    respected; ``"missing"`` when absent."""
-    root = Path(root)
-    if not (root / path).exists():
-        return "missing"
-    h = hashlib.sha256()
-    for f in _files(root, path, _ignore_patterns(root)):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def param_values(stage: Stage, root: str | Path) -> dict[str, Any]:
-    """``{"file:key": value}`` for every params key the stage declares."""
-    root, files, out = Path(root), {}, {}
-    for file, key in stage.params:
-        if file not in files:
-            try:
-                files[file] = yaml.safe_load((root / file).read_text()) or {}
-            except (OSError, yaml.YAMLError) as e:
-                raise PipelineError(f"{root / file}: cannot read params for stage {stage.name}: {e}") from None
-        value: Any = files[file]
-        for part in key.split("."):
-            if not isinstance(value, Mapping) or part not in value:
-                raise PipelineError(f"{root / file}: stage {stage.name} reads '{key}', which is missing")
-            value = value[part]
-        out[f"{file}:{key}"] = value
-    return out
-
-
-def fingerprint(step: Step, root: str | Path) -> str:
-    """The cache key of ``step``: its command, its deps' content, its params' values."""
-    payload = {"cmd": step.cmd, "root": str(Path(root).resolve()),
-               "deps": {d: hash_path(root, d) for d in step.stage.deps},
-               "params": param_values(step.stage, root)}
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-    return f"lofa-{step.name}-{digest[:32]}"
-
-
-def outs_present(step: Step, root: str | Path) -> bool:
-    """Whether every output ``step`` declares exists (a cached result is only trusted then)."""
-    return all((Path(root) / o).exists() for o in step.outs)
-
-
 # --------------------------------------------------------------------------- execution
 
 def run_command(step: Step, root: str | Path, env: Mapping[str, str] | None = None,
                 log: Callable[[str], None] = print, tail_lines: int = 40) -> None:
     """Run ``step.cmd`` through the shell in ``root`` (as DVC does), passing each output line
-    (stdout and stderr merged) to ``log``; raise :class:`StageFailed` on a non-zero exit."""
-    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    (stdout and stderr merged) to ``log``; raise :class:`StageFailed` on a non-zero exit.
+    ``python`` in the command is this environment's (:func:`lofa.env.python_first`)."""
+    full_env = python_first({**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     with subprocess.Popen(step.cmd, shell=True, cwd=root, env=full_env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
@@ -283,3 +215,56 @@ def read_metrics(step: Step, root: str | Path) -> dict[str, Any]:
         if p.suffix == ".json" and p.is_file():
             out[o] = json.loads(p.read_text())
     return out
+
+
+# --------------------------------------------------------------------------- DVC, the one cache
+
+class DvcFailed(RuntimeError):
+    """A DVC command failed; names the repository, the command and DVC's output."""
+
+
+@contextlib.contextmanager
+def dvc_lock(root: str | Path) -> Iterator[None]:
+    """Hold ``<root>/.dvc/tmp/lofa-orchestration.lock`` (``flock``): DVC takes one lock per
+    repository and refuses a second command while it is held, so concurrent tasks, threads or
+    processes of one host take turns here instead of failing."""
+    tmp = Path(root) / ".dvc" / "tmp"
+    if not tmp.parent.is_dir():
+        raise DvcFailed(f"{Path(root).resolve()}: not a DVC repository (no .dvc/); run `dvc init` there")
+    tmp.mkdir(exist_ok=True)
+    with open(tmp / "lofa-orchestration.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def dvc(root: str | Path, *args: str) -> str:
+    """Run this environment's ``dvc *args`` in ``root`` under :func:`dvc_lock`; its stdout."""
+    cmd = [str(Path(sys.executable).parent / "dvc"), *args]
+    with dvc_lock(root):
+        proc = subprocess.run(cmd, cwd=root, env=python_first(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DvcFailed(f"{root}: `dvc {' '.join(args)}` failed with exit code {proc.returncode}:\n"
+                        f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def stage_up_to_date(root: str | Path, name: str) -> bool:
+    """Whether ``dvc.lock`` holds stage ``name`` with the deps, params, command and outs now on disk
+    (``dvc status <name>``: that stage alone; the caller has brought its upstream up to date)."""
+    return not json.loads(dvc(root, "status", name, "--json") or "{}").get(name)
+
+
+def record_stage(root: str | Path, name: str) -> None:
+    """Record stage ``name``'s deps, params and outs as they are now in ``dvc.lock`` and cache the
+    outs (``dvc commit -f``): what ``dvc repro`` writes after running the command itself."""
+    dvc(root, "commit", "--force", name)
+
+
+def save_experiment(root: str | Path, name: str, stages: Sequence[Stage]) -> None:
+    """Save the workspace as DVC experiment ``name`` (``dvc exp show`` lists it), including the
+    stages' metrics files, which ``dvc.yaml`` keeps out of DVC's cache and git may not track yet."""
+    present = [m for s in stages for m in s.metrics if (Path(root) / m).is_file()]
+    dvc(root, "exp", "save", "--name", name, *(a for m in present for a in ("--include-untracked", m)))

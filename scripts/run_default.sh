@@ -3,8 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"  # dvc.yaml calls a bare `python`: the project's
 export LOFA_PIPELINE_ID=${LOFA_PIPELINE_ID:-dvc-$(date -u +%Y%m%dT%H%M%SZ)}
 start=$(date +%s)
-.venv/bin/dvc repro "$@"
+dvc repro "$@"
 echo "[run_default] pipeline finished in $(( $(date +%s) - start )) s (MLflow group tag lofa.pipeline=$LOFA_PIPELINE_ID)"
-.venv/bin/dvc metrics show
+dvc metrics show

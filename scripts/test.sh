@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest tests "$@"
+export PATH="$PWD/.venv/bin:$PATH"  # dvc.yaml calls a bare `python`: the project's
+exec python -m pytest tests "$@"

@@ -1,4 +1,5 @@
-"""Test session setup: offline settings, and tracking stores in a temp dir."""
+"""Test session setup: offline settings, tracking stores in a temp dir, this environment's
+``python`` and ``dvc`` first on PATH (stage commands call a bare ``python``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lofa.env import OFFLINE_ENV
+from lofa.env import OFFLINE_ENV, python_first
 
 for _k, _v in OFFLINE_ENV.items():
     os.environ.setdefault(_k, _v)
@@ -16,6 +17,7 @@ _STORE = tempfile.mkdtemp(prefix="lofa-test-store-")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_STORE}/mlflow.db"
 os.environ["LOFA_MLFLOW_ARTIFACTS"] = f"file://{_STORE}/mlruns"
 os.environ.setdefault("PREFECT_HOME", f"{_STORE}/prefect")
+os.environ["PATH"] = python_first()["PATH"]  # every subprocess of the tests inherits it
 
 
 @pytest.fixture(autouse=True)

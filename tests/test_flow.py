@@ -1,8 +1,9 @@
-"""The Prefect flow against dvc.yaml: same stages, order and outputs; retries, caching, fan-out,
-Dask, no server (ephemeral) and a real ``prefect server``, MLflow runs grouped per flow run.
+"""The Prefect flow against dvc.yaml: same stages, order and outputs; retries, fan-out, Dask, no
+server (ephemeral) and a real ``prefect server``, MLflow runs grouped per flow run; DVC as the one
+cache: a flow run and ``dvc repro`` never redo each other's work, in either order.
 
-Orchestration semantics run on a toy ``dvc.yaml`` of real shell commands (seconds); the
-last test runs every stage of the repo's ``dvc.yaml`` on tiny params against a server.
+Orchestration semantics run on a toy ``dvc.yaml`` of real shell commands in a git + DVC repository
+(seconds); the last test runs every stage of the repo's ``dvc.yaml`` on tiny params against a server.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import pytest
 import yaml
 
 from servers import free_port, wait_http
-from lofa.orchestration import PipelineError, Stage, StageFailed, Step, fingerprint, load_stages, run_command
+from lofa.orchestration import (DvcFailed, PipelineError, Stage, StageFailed, Step, load_stages, record_stage,
+                                run_command, stage_up_to_date)
 from pipelines.flow import lofa_pipeline, pipeline_plan, task_runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,21 +61,48 @@ elif stage == "flaky":
 '''
 
 
-def toy_dvc_yaml(py: str) -> dict:
-    return {"stages": {
-        "flaky": {"cmd": f"{py} toy.py flaky", "deps": ["toy.py", "out/a.txt"], "outs": ["out/flaky.txt"]},
-        "parts": {"cmd": f"{py} toy.py parts", "deps": ["toy.py", "out/a.txt"], "params": ["parts.n"],
-                  "outs": ["out/parts"], "metrics": [{"metrics/parts.json": {"cache": False}}]},
-        "make": {"cmd": f"{py} toy.py make", "deps": ["toy.py"], "params": ["make"], "outs": ["out/a.txt"]},
-    }}
+#: A bare ``python``, as in dvc.yaml: tests/conftest.py puts this environment's first on PATH.
+TOY_DVC_YAML = {"stages": {
+    "flaky": {"cmd": "python toy.py flaky", "deps": ["toy.py", "out/a.txt"], "outs": ["out/flaky.txt"]},
+    "parts": {"cmd": "python toy.py parts", "deps": ["toy.py", "out/a.txt"], "params": ["parts.n"],
+              "outs": [{"out/parts": {"persist": True}}], "metrics": [{"metrics/parts.json": {"cache": False}}]},
+    "make": {"cmd": "python toy.py make", "deps": ["toy.py"], "params": ["make"], "outs": ["out/a.txt"]},
+}}
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.com"}
 
 
 def make_toy(root: Path) -> Path:
     root.mkdir(parents=True)
     (root / "toy.py").write_text(TOY)
-    (root / "dvc.yaml").write_text(yaml.safe_dump(toy_dvc_yaml(sys.executable), sort_keys=False))
+    (root / "dvc.yaml").write_text(yaml.safe_dump(TOY_DVC_YAML, sort_keys=False))
     (root / "params.yaml").write_text(yaml.safe_dump({"make": {"value": 7}, "parts": {"n": 5}}))
     return root
+
+
+def init_repo(root: Path) -> Path:
+    """``root`` as a git + DVC repository with one commit (the flow saves DVC experiments on it)."""
+    (root / ".gitignore").write_text("calls.log\nflaky.marker\n.prefect/\n")
+    for cmd in (["git", "init", "-q"], [dvc_exe(), "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-q", "-m", "init"]):
+        subprocess.run(cmd, cwd=root, env={**os.environ, **GIT_ENV}, check=True, capture_output=True)
+    return root
+
+
+def dvc_exe() -> str:
+    return str(Path(sys.executable).parent / "dvc")
+
+
+def dvc_out(root: Path, *args: str) -> str:
+    proc = subprocess.run([dvc_exe(), *args], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"dvc {args}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+    return proc.stdout + proc.stderr
+
+
+def experiments(root: Path) -> dict[str, dict]:
+    """``dvc exp show --json``: each experiment's name -> its data (params, metrics)."""
+    shown = json.loads(dvc_out(root, "exp", "show", "--json"))
+    return {e["name"]: e["revs"][0]["data"] for rev in shown for e in rev.get("experiments") or []}
 
 
 def calls(root: Path) -> list[dict]:
@@ -137,19 +166,25 @@ def test_load_stages_orders_and_rejects(tmp_path: Path) -> None:
         load_stages(tmp_path / "tmpl.yaml")
 
 
-def test_fingerprint_follows_deps_params_and_cmd(tmp_path: Path) -> None:
-    toy = make_toy(tmp_path / "toy")
-    (toy / "out").mkdir()
-    (toy / "out" / "a.txt").write_text("1")
-    parts = Step(load_stages(toy / "dvc.yaml")[2])
-    key = fingerprint(parts, toy)
-    (toy / "__pycache__").mkdir()
-    (toy / "__pycache__" / "x.pyc").write_bytes(b"\0")  # ignored, as .dvcignore'd by DVC
-    (toy / "params.yaml").write_text(yaml.safe_dump({"make": {"value": 8}, "parts": {"n": 5}}))  # not parts'
-    assert fingerprint(parts, toy) == key
-    (toy / "out" / "a.txt").write_text("2")
-    assert fingerprint(parts, toy) != key
-    assert fingerprint(Step(parts.stage, (0, 2)), toy) != fingerprint(parts, toy)
+def test_dvc_decides_and_records(tmp_path: Path) -> None:
+    """DVC's status is the cache key: a stage run by its command and recorded with ``dvc commit`` is
+    up to date for ``dvc repro`` too; a params change or a deleted output makes it stale again."""
+    toy = init_repo(make_toy(tmp_path / "toy"))
+    make = Step(load_stages(toy / "dvc.yaml")[0])
+    assert not stage_up_to_date(toy, "make")
+    run_command(make, toy, log=lambda _: None)  # `python` resolves to this environment's
+    assert not stage_up_to_date(toy, "make")  # ran, not yet recorded
+    record_stage(toy, "make")
+    assert stage_up_to_date(toy, "make")
+    assert "Stage 'make' didn't change, skipping" in dvc_out(toy, "repro", "make")
+    (toy / "params.yaml").write_text(yaml.safe_dump({"make": {"value": 8}, "parts": {"n": 5}}))
+    assert not stage_up_to_date(toy, "make")
+    (toy / "params.yaml").write_text(yaml.safe_dump({"make": {"value": 7}, "parts": {"n": 5}}))
+    assert stage_up_to_date(toy, "make")
+    (toy / "out" / "a.txt").unlink()
+    assert not stage_up_to_date(toy, "make")
+    with pytest.raises(DvcFailed, match="not a DVC repository"):
+        stage_up_to_date(tmp_path, "make")
 
 
 def test_run_command_streams_and_classifies_failures(tmp_path: Path) -> None:
@@ -181,11 +216,24 @@ def prefect_home(tmp_path_factory: pytest.TempPathFactory):
     SubprocessASGIServer().stop()
 
 
-@pytest.mark.slow
-def test_flow_retries_caches_and_fans_out(tmp_path: Path, prefect_home: None) -> None:
-    toy = make_toy(tmp_path / "toy")
+def flow_run_name(state) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(state.state_details.flow_run_id).name
+
+
+def toy_flow(toy: Path):
+    """One flow run over the toy, ``parts`` fanned out over 2 mapped tasks; its final state."""
     state = lofa_pipeline(root=str(toy), fit_shards=2, shard_stage="parts", retry_delay_s=0.1, return_state=True)
     assert state.is_completed(), state
+    return state
+
+
+@pytest.mark.slow
+def test_flow_retries_fans_out_and_dvc_repro_then_finds_nothing(tmp_path: Path, prefect_home: None) -> None:
+    toy = init_repo(make_toy(tmp_path / "toy"))
+    state = toy_flow(toy)
     res = state.result()
     first = calls(toy)
     order = [c["stage"] + ("" if not c["argv"] else c["argv"][1]) for c in first]
@@ -194,22 +242,48 @@ def test_flow_retries_caches_and_fans_out(tmp_path: Path, prefect_home: None) ->
     assert {c["pid"] for c in first} == {str(state.state_details.flow_run_id)}  # LOFA_PIPELINE_ID
     assert res["parts"]["metrics"]["metrics/parts.json"] == {"parts": 5, "made_now": 0}  # shards made all
     assert set(res) == {"make", "flaky", "parts", "parts-shard0of2", "parts-shard1of2"}
+    assert all(r["ran"] for r in res.values())
 
-    assert lofa_pipeline(root=str(toy), fit_shards=2, shard_stage="parts", retry_delay_s=0.1) == res
-    assert calls(toy) == first  # nothing changed: every step cached
+    # one cache: DVC knows the flow's work, `dvc repro` redoes none of it
+    assert "Data and pipelines are up to date" in dvc_out(toy, "status")
+    again = dvc_out(toy, "repro")
+    assert "Running stage" not in again and again.count("didn't change, skipping") == 3, again
+    assert calls(toy) == first
+    saved = experiments(toy)[flow_run_name(state)]  # the run is a DVC experiment
+    assert saved["metrics"]["metrics/parts.json"]["data"] == {"parts": 5, "made_now": 0}
+    assert saved["params"]["params.yaml"]["data"]["parts"]["n"] == 5
+
+    second = toy_flow(toy).result()  # nothing changed: DVC finds every stage up to date
+    assert calls(toy) == first and not any(r["ran"] for r in second.values())
+    assert second["parts"]["metrics"] == res["parts"]["metrics"]
 
     (toy / "params.yaml").write_text(yaml.safe_dump({"make": {"value": 7}, "parts": {"n": 6}}))
     (toy / "out" / "flaky.txt").unlink()  # a missing output is rerun even though its inputs are unchanged
-    again = lofa_pipeline(root=str(toy), fit_shards=2, shard_stage="parts", retry_delay_s=0.1)
+    third = toy_flow(toy)
     assert sorted(c["stage"] + "".join(c["argv"][1:2]) for c in calls(toy)[len(first):]) == [
         "flaky", "parts", "parts0", "parts1"]
-    assert again["parts"]["metrics"]["metrics/parts.json"] == {"parts": 6, "made_now": 0}
+    assert third.result()["parts"]["metrics"]["metrics/parts.json"] == {"parts": 6, "made_now": 0}
+    assert "Data and pipelines are up to date" in dvc_out(toy, "status")
+    assert experiments(toy)[flow_run_name(third)]["metrics"]["metrics/parts.json"]["data"]["parts"] == 6
+
+
+@pytest.mark.slow
+def test_dvc_repro_then_flow_runs_nothing(tmp_path: Path, prefect_home: None) -> None:
+    toy = init_repo(make_toy(tmp_path / "toy"))
+    (toy / "flaky.marker").touch()  # `dvc repro` has no retries
+    assert dvc_out(toy, "repro").count("Running stage") == 3
+    before = calls(toy)
+    state = toy_flow(toy)
+    assert calls(toy) == before and not any(r["ran"] for r in state.result().values())
+    assert "Data and pipelines are up to date" in dvc_out(toy, "status")
+    assert flow_run_name(state) in experiments(toy)
 
 
 @pytest.mark.slow
 def test_flow_does_not_retry_permanent_failures(tmp_path: Path, prefect_home: None) -> None:
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "broken": {"cmd": "echo attempt >> attempts.log; exit 2", "outs": ["never.txt"]}}}))
+    init_repo(tmp_path)
     state = lofa_pipeline(root=str(tmp_path), retries=3, retry_delay_s=0.1, return_state=True)
     assert state.is_failed()
     assert (tmp_path / "attempts.log").read_text().count("attempt") == 1
@@ -220,7 +294,7 @@ def test_flow_on_local_dask_cluster(tmp_path: Path, prefect_home: None) -> None:
     """Against a running Dask cluster by address, as on many machines (here 2 in-process workers)."""
     from distributed import LocalCluster
 
-    toy = make_toy(tmp_path / "toy")
+    toy = init_repo(make_toy(tmp_path / "toy"))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         pipeline = lofa_pipeline.with_options(task_runner=task_runner("dask", cluster.scheduler_address))
         res = pipeline(root=str(toy), fit_shards=3, shard_stage="parts", retry_delay_s=0.1)

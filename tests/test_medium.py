@@ -206,7 +206,7 @@ def _dvc_commands(d: Path, py: str, params: str) -> dict[str, list[str]]:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     out = {}
     for name in GPU_STAGES:
-        words = [py if w == ".venv/bin/python" else w for w in shlex.split(stages[name]["cmd"])]
+        words = [py if w == "python" else w for w in shlex.split(stages[name]["cmd"])]
         words = [f"{d}/{w[5:]}" if w.startswith("data/") else f"{d}/{w}" if w.startswith("metrics/") else w
                  for w in words]
         out[name] = words[:-1] + ["--params", params, words[-1]]
