@@ -59,27 +59,34 @@ class Candidate:
     blocks: int | None = None  # checkpoint only the first ``blocks`` blocks
     save_attention: bool = False
     sdpa: str = "best"
+    attention: str = "sdpa"  # the fused block's kernel (lofa.flash): "sdpa" or "fa4"
 
     @property
     def label(self) -> str:
         label = "none" if not self.ckpt else ("save_attn" if self.save_attention else "full")
         label += f"[:{self.blocks}]" if self.ckpt and self.blocks is not None else ""
-        return f"{self.impl} ckpt={label}"
+        return f"{self.impl} ckpt={label}" + (" fa4" if self.attention == "fa4" else "")
 
 
 C = Candidate
 # Measured in rounds (every resolution's first candidate, then every second, ...) until the time
 # budget ends: fused eager, then compiled (one compile serves every K > 1 and resolution, one more
 # for K = 1), then larger K and diffsynth's block as before this change (attribution).
+# FlashAttention 4 (attention="fa4") beside each SDPA candidate, in the first rounds.
+FA4 = "fa4"
 CANDIDATES = {  # an 80 GB card
-    "33x320x512": [C(4), C(4, "compiled"), C(6, "compiled"), C(4, "diffsynth", sdpa="auto")],
-    "81x480x832": [C(1), C(1, "compiled"), C(1, "compiled", True, 10, True), C(1, "diffsynth", sdpa="auto")],
-    "17x256x256": [C(16), C(16, "compiled")],
+    "33x320x512": [C(4, "compiled"), C(4, "compiled", attention=FA4), C(4), C(4, attention=FA4),
+                   C(6, "compiled", attention=FA4), C(4, "diffsynth", sdpa="auto")],
+    "81x480x832": [C(1, "compiled"), C(1, "compiled", attention=FA4), C(1), C(1, attention=FA4),
+                   C(1, "compiled", True, 10, True, attention=FA4), C(1, "diffsynth", sdpa="auto")],
+    "17x256x256": [C(16, "compiled"), C(16, "compiled", attention=FA4), C(16), C(16, attention=FA4)],
 }
 CANDIDATES_BIG = {  # a card of more than 100 GiB (H200)
-    "33x320x512": [C(6), C(6, "compiled"), C(8, "compiled"), C(6, "diffsynth", sdpa="auto")],
-    "81x480x832": [C(1), C(1, "compiled"), C(1, "diffsynth", sdpa="auto")],
-    "17x256x256": [C(24), C(24, "compiled")],
+    "33x320x512": [C(6, "compiled"), C(6, "compiled", attention=FA4), C(6), C(6, attention=FA4),
+                   C(8, "compiled", attention=FA4), C(6, "diffsynth", sdpa="auto")],
+    "81x480x832": [C(1, "compiled"), C(1, "compiled", attention=FA4), C(1), C(1, attention=FA4),
+                   C(1, "diffsynth", sdpa="auto")],
+    "17x256x256": [C(24, "compiled"), C(24, "compiled", attention=FA4), C(24), C(24, attention=FA4)],
 }
 
 
@@ -153,7 +160,7 @@ def batched(dit: torch.nn.Module, vocab: Vocabulary, lat_shape: tuple[int, ...],
     cfg = FitConfig(rank=rank, alpha=float(rank), steps=warmup + timed, lr=1e-4, clips_per_batch=cand.k,
                     grad_checkpointing=cand.ckpt, checkpoint_blocks=cand.blocks,
                     checkpoint_save_attention=cand.save_attention, dtype=dtype, eval_points=1,
-                    sdpa_backend=sdpa, block_impl=cand.impl)
+                    sdpa_backend=sdpa, block_impl=cand.impl, attention=cand.attention)
     g = torch.Generator(device=device).manual_seed(1)
     lat = torch.randn((cand.k, *lat_shape), generator=g, device=device)
     ctx = torch.randn((cand.k, *ctx_shape), generator=g, device=device)
@@ -163,7 +170,7 @@ def batched(dit: torch.nn.Module, vocab: Vocabulary, lat_shape: tuple[int, ...],
     fit_batch(dit, vocab, lat, ctx, cfg, seeds=list(range(cand.k)),
               on_step=lambda *_: (_sync(device), times.append(time.perf_counter())))
     return _summary(times, cand.k, warmup, device, checkpointing=cand.label, sdpa_backend=sdpa,
-                    block_impl=cand.impl, compiled_graphs=_graphs())
+                    block_impl=cand.impl, attention=cand.attention, compiled_graphs=_graphs())
 
 
 def _attempt(fn, *args, **kwargs) -> dict:
@@ -202,9 +209,11 @@ def check_batched_equals_single(dit, vocab, lat_shape, ctx_shape, rank, device, 
     return float(((both - single).abs() / single.abs()).max())
 
 
-def check_impls(dit, vocab, lat_shape, ctx_shape, rank, device, sdpa: str, impls: tuple[str, ...]) -> dict:
-    """Loss and LoRA-gradient relative differences of ``impls`` against diffsynth's block (K=2,
-    with gradients); the first call of each impl is timed (a compile, for "compiled")."""
+def check_impls(dit, vocab, lat_shape, ctx_shape, rank, device, sdpa: str, impls: tuple[str, ...],
+                attention: str = "sdpa") -> dict:
+    """Loss and LoRA-gradient relative differences of ``impls`` (with the fused block's kernel
+    ``attention``) against diffsynth's block (K=2, with gradients; diffsynth's block runs SDPA);
+    the first call of each impl is timed (a compile, for "compiled")."""
     g = torch.Generator(device=device).manual_seed(3)
     k = 2
     lora = _random_lora(vocab, k, rank, g, device, grad=True)
@@ -212,7 +221,7 @@ def check_impls(dit, vocab, lat_shape, ctx_shape, rank, device, sdpa: str, impls
     ctx = torch.randn((k, *ctx_shape), generator=g, device=device)
     t = torch.tensor([300.0, 700.0], device=device)
     noise = torch.randn(lat.shape, generator=g, device=device)
-    cfg = FitConfig(sdpa_backend=sdpa)
+    cfg = FitConfig(sdpa_backend=sdpa, attention=attention)
     out = {}
     for impl in ("diffsynth", *impls):
         for p in lora.parameters():
@@ -270,14 +279,37 @@ def attention_probe(shapes: dict[str, tuple[int, int]], heads: int, head_dim: in
                              "dq_rel": float((got[1] - ref[1]).norm() / ref[1].norm())}
             except Exception as e:  # a kernel that cannot serve this shape
                 row[name] = {"status": f"error: {type(e).__name__}: {str(e).strip()[:200]}"}
+        row["fa4"] = _attempt(_probe_fa4, q, kk, v, gout, ref, flops, reps)
         out[res] = row
         del q, kk, v, gout
     return out
 
 
+def _probe_fa4(q, kk, v, gout, ref, flops: float, reps: int) -> dict:
+    """FlashAttention 4 (lofa.flash's custom operator) on the probe's tensors, (N, S, H, D) layout."""
+    from lofa import flash
+
+    q4, k4, v4 = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, kk, v))
+    g4 = gout.transpose(1, 2).contiguous()
+    ms = []
+    for _ in range(reps + 1):
+        q4.grad = None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        o, _lse = flash.fa4_fwd(q4, k4, v4)
+        o.backward(g4)
+        end.record()
+        torch.cuda.synchronize()
+        ms.append(start.elapsed_time(end))
+    got = (o.detach().float().transpose(1, 2), q4.grad.float().transpose(1, 2))
+    return {"ms": statistics.median(ms[1:]), "tflops": flops / statistics.median(ms[1:]) / 1e9,
+            "out_rel": float((got[0] - ref[0]).norm() / ref[0].norm()),
+            "dq_rel": float((got[1] - ref[1]).norm() / ref[1].norm()), "lse_shape": list(_lse.shape)}
+
+
 def _best_sdpa(probe: dict, resolution: str) -> str:
     """The probe's faster kernel at ``resolution`` as a FitConfig.sdpa_backend value."""
-    row = {n: r for n, r in probe.get(resolution, {}).items() if "ms" in r}
+    row = {n: r for n, r in probe.get(resolution, {}).items() if "ms" in r and n in SDPA_PROBE}
     if not row:
         return "auto"
     best = min(row, key=lambda n: row[n]["ms"])
@@ -298,7 +330,8 @@ def _table(result: dict) -> str:
         conv = (f"{c.get('clip_steps_per_s', 0):6.2f}/s {c.get('peak_gib') or 0:5.1f}GiB"
                 if c.get("status") == "ok" else c.get("status"))
         best = (f"{b['clip_steps_per_s']:6.2f}/s K={b['clips_per_step']:<2} {b['checkpointing'][:28]:<28} "
-                f"{b['sdpa_backend'][:11]:<11} {b.get('peak_gib') or 0:5.1f}GiB" if b else "none")
+                f"{b['sdpa_backend'][:6]:<6} {b.get('attention', 'sdpa'):<4} {b.get('peak_gib') or 0:5.1f}GiB"
+                if b else "none")
         lines.append(f"{row['resolution']:<12} {conv:>18} {best:>62} {row.get('speedup', 0):7.2f}x "
                      f"{row.get('target', 0):6.1f}x")
     for row in result["rows"]:
@@ -307,7 +340,7 @@ def _table(result: dict) -> str:
         for c in row.get("candidates", []):
             rate = f"{c['clip_steps_per_s']:6.2f}/s first step {c['first_step_s']:6.1f}s" if "s_per_step" in c else ""
             lines.append(f"  {row['resolution']} K={c.get('clips_per_step', '?')} {c.get('checkpointing', '')} "
-                         f"{c.get('sdpa_backend', '')}: {rate or c.get('status')}")
+                         f"{c.get('sdpa_backend', '')} {c.get('block_impl', '')}: {rate or c.get('status')}")
     return "\n".join(lines)
 
 
@@ -378,6 +411,9 @@ def run(tiny: bool, budget_s: float, warmup: int, timed: int) -> dict:
         sdpa = _best_sdpa(result["attention_probe"], "33x320x512")  # one kernel: compiled graphs bake it in
     result["sdpa_best"] = sdpa
     checks["fused_vs_diffsynth"] = check_impls(dit, vocab, *check_shapes, rank, device, sdpa, ("fused",))
+    if not tiny:
+        checks["fused_fa4_vs_diffsynth"] = _attempt(check_impls, dit, vocab, *check_shapes, rank, device, sdpa,
+                                                    ("fused",), attention=FA4)
     _write(result)
     model, params = _peft_model(dit, vocab, rank)
     _conventional_rows(model, params, resolutions, result, warmup, timed, device)
@@ -394,6 +430,8 @@ def run(tiny: bool, budget_s: float, warmup: int, timed: int) -> dict:
             skip = time.perf_counter() - t_start > budget_s and "skipped (budget)"
             if cand.impl == "compiled" and checks["compiled_vs_diffsynth"].get("status", "ok") != "ok":
                 skip = "skipped (compiled check failed)"
+            if cand.attention == FA4 and checks.get("fused_fa4_vs_diffsynth", {}).get("status", "ok") != "ok":
+                skip = "skipped (fa4 check failed)"
             if skip:
                 row["candidates"].append({"status": skip, "checkpointing": cand.label})
                 continue

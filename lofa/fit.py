@@ -27,6 +27,7 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
+from lofa import flash
 from lofa.config import to_dict
 from lofa.inputkey import InputKey
 from lofa.io import SCHEMA_VERSION, ArtifactError, load_tensors, read_metadata, sha256_file, write_json
@@ -77,6 +78,8 @@ class FitConfig:
     # SDPA kernel: "auto" torch's own choice, a name restricts to that kernel,
     # "cudnn_first" prefers cuDNN's and falls back to the others where it cannot run
     sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "cudnn_first"] = "auto"
+    # fused block's attention kernel (lofa.flash): "auto" FlashAttention 4 where it runs, else SDPA
+    attention: Literal["auto", "fa4", "sdpa"] = "auto"
     fused_rms_norm: bool = True  # diffsynth block: F.rms_norm in its RMSNorms (same function, faster)
     # DiT block: lofa's fused block ("fused"; "compiled" runs it through torch.compile), or
     # diffsynth's modules; "auto": compiled on CUDA, diffsynth elsewhere (lofa.wan.dit_forward)
@@ -99,7 +102,7 @@ class FitConfig:
                              f"{self.timestep_min}, {self.timestep_max}")
         for key, valid in (("init", ("kaiming", "gaussian")), ("dtype", tuple(_DTYPES)),
                            ("save_dtype", tuple(_DTYPES)), ("sdpa_backend", tuple(_SDPA_BACKENDS)),
-                           ("block_impl", _BLOCK_IMPLS)):
+                           ("block_impl", _BLOCK_IMPLS), ("attention", flash.BACKENDS)):
             if getattr(self, key) not in valid:
                 raise ValueError(f"FitConfig.{key}: {getattr(self, key)!r} is not one of {list(valid)}")
 
@@ -110,7 +113,7 @@ class FitConfig:
     def result_fields(self) -> dict[str, object]:
         """The fields that decide what a fitted LoRA is (not how fast it is computed)."""
         how = {"clips_per_batch", "grad_checkpointing", "checkpoint_blocks", "checkpoint_save_attention",
-               "sdpa_backend", "fused_rms_norm", "block_impl", "response_tau"}
+               "sdpa_backend", "attention", "fused_rms_norm", "block_impl", "response_tau"}
         return {k: v for k, v in sorted(to_dict(self).items()) if k not in how}
 
     def result_hash(self) -> str:
@@ -213,8 +216,10 @@ def autocast(dit: nn.Module, cfg: FitConfig) -> torch.autocast:
 @contextmanager
 def attention_backend(cfg: FitConfig) -> Iterator[None]:
     """Restrict (or, for "cudnn_first", order) scaled_dot_product_attention's kernels as
-    ``cfg.sdpa_backend`` says (forward, recompute, backward)."""
+    ``cfg.sdpa_backend`` says (forward, recompute, backward); the fused block's kernel is
+    ``cfg.attention`` (:mod:`lofa.flash`)."""
     with ExitStack() as stack:
+        stack.enter_context(flash.use(cfg.attention))
         if _SDPA_BACKENDS[cfg.sdpa_backend] is not None:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lofa.io import ArtifactError, read_metadata, tensors_hash
 from lofa.lora import LoRAWeights, apply_lora
-from lofa import wan_fast
+from lofa import flash, wan_fast
 from lofa.wan_fast import BLOCK_IMPLS, BlockImpl
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -84,6 +84,7 @@ WAN_TINY = WanDiTConfig(dim=128, ffn_dim=256, num_heads=4, num_layers=2, text_di
 def _wan_model_class() -> type[nn.Module]:
     from diffsynth.models.wan_video_dit import WanModel
 
+    flash.guard_diffsynth()
     return WanModel
 
 
@@ -215,7 +216,8 @@ class Checkpointing:
 
 
 _ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
-                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                  *flash.SAVEABLE_OPS)
 
 
 def _save_attention_policy(ctx: object, op: object, *args: object, **kwargs: object) -> object:
