@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -27,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import lofa
-from lofa.io import ArtifactError, load_tensors, save_tensors
-from lofa.layers import KEY_FORMATS, Vocabulary
+from lofa import lora_formats as formats
+from lofa.io import ArtifactError, load_tensors, read_metadata, save_tensors
+from lofa.layers import AdaptedMatrix, Vocabulary
 
 LORA_FORMAT = "lofa-lora-v1"
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -192,7 +194,10 @@ def base_weights(model: nn.Module, vocab: Vocabulary) -> list[torch.Tensor]:
 
 @dataclass(frozen=True)
 class LoRAFile:
-    """A loaded LoRA: per-matrix A (rank, in) and B (out, rank), scale folded into B."""
+    """A loaded LoRA: per-matrix A (rank, in) and B (out, rank), scale folded into B.
+
+    ``key_format``: the style the file's keys were in (:data:`lofa.lora_formats.STYLE_NAMES`).
+    """
 
     vocab: Vocabulary
     A: tuple[torch.Tensor, ...]
@@ -218,13 +223,21 @@ class LoRAFile:
 
 
 def save_lora(path: str | Path, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], vocab: Vocabulary,
-              metadata: Mapping[str, object], scale: float = 1.0, dtype: torch.dtype = torch.float32) -> None:
+              metadata: Mapping[str, object], scale: float = 1.0, dtype: torch.dtype = torch.float32, *,
+              title: str | None = None, description: str | None = None, date: datetime | None = None,
+              card: str | None = None) -> None:
     """Write one LoRA in the export format (DESIGN section 4), atomically.
 
     Args:
         A: per vocabulary matrix, (rank, in); B: per matrix, (out, rank).
-        metadata: must hold ``prompt`` and ``base_model_hash``; ``rank``, ``producer``
-            and ``format`` are added. ``scale`` is folded into B.
+        metadata: must hold ``prompt`` and ``base_model_hash``; ``rank``, ``producer``,
+            ``format`` and the ``modelspec.*`` / ``ss_network_*`` entries LoRA managers show
+            are added. ``scale`` is folded into B.
+        title, description: ``modelspec.title`` / ``.description`` (default: from the prompt).
+        date: ``modelspec.date``; only for files that are not pipeline outputs (those must be
+            the same bytes on a rerun).
+        card: how the LoRA was made; given, a model card is written beside the file
+            (:func:`lofa.lora_formats.card_path`).
     """
     missing = [k for k in _REQUIRED_METADATA if k not in metadata]
     if missing:
@@ -241,52 +254,81 @@ def save_lora(path: str | Path, A: Sequence[torch.Tensor], B: Sequence[torch.Ten
         if not torch.isfinite(t).all():
             raise ValueError(f"save_lora {path}: tensor {name!r} contains NaN or inf")
     meta = {k: str(v) for k, v in metadata.items()}
+    prompt = meta["prompt"]
+    description = description or f"A Wan2.1 LoRA made by lofa for the prompt: {formats.short(prompt, 300)}"
+    meta.update(formats.modelspec(weights.rank, title or formats.short(prompt), description, date))
     meta.update(rank=str(weights.rank), producer=f"lofa {lofa.__version__}", format=LORA_FORMAT)
     save_tensors(path, tensors, meta)
-
-
-def _detect_format(path: Path, keys: Iterable[str], vocab: Vocabulary) -> str:
-    keys = set(keys)
-    hits = {fmt: len(keys & set(vocab.lora_keys(fmt))) for fmt in KEY_FORMATS}
-    fmt = max(hits, key=hits.get)
-    if hits[fmt] == 0:
-        first = sorted(keys)[0] if keys else "(no tensors)"
-        raise LoRAFormatError(f"{path}: no LoRA key of the formats {list(KEY_FORMATS)} for this vocabulary; "
-                              f"first key: {first!r}")
-    return fmt
+    if card is not None:
+        formats.write_lora_card(path, meta, vocab, card)
 
 
 def load_lora(path: str | Path, vocab: Vocabulary, rank: int | None = None) -> LoRAFile:
-    """Load a LoRA file (export, diffsynth or peft keys), validated against ``vocab``.
+    """Load a LoRA file in any style of :mod:`lofa.lora_formats`, validated against ``vocab``.
 
-    Fails with :class:`LoRAFormatError` naming the file and the first mismatch:
-    missing key, unexpected key, wrong shape, wrong dtype, non-finite values.
+    kohya/musubi-tuner, ComfyUI and diffusers files are converted on load: ``.alpha`` (or
+    diffusers' header ``lora_alpha``) folded into B as ``alpha / rank``. Matrices of a smaller
+    rank than the file's largest are padded with zeros (exact: B A is unchanged) unless
+    ``rank`` is given, which every matrix must have. Keys of modules outside ``vocab`` are
+    refused, not skipped: a LoRA applied in part is another LoRA, and every number lofa
+    reports about it would be about that other one.
+
+    Fails with :class:`LoRAFormatError` naming the file and the first problem: missing key
+    (an up without its down included), unexpected key, wrong shape, wrong dtype,
+    non-finite values, a non-scalar alpha.
     """
-    from lofa.io import read_metadata
-
     path = Path(path)
     tensors = load_tensors(path, check_finite=False)
-    fmt = _detect_format(path, tensors, vocab)
-    expected = vocab.lora_keys(fmt)
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        raise LoRAFormatError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing, {fmt} format)")
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise LoRAFormatError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} not in the vocabulary)")
-    rank = rank if rank is not None else tensors[expected[0]].shape[0]
-    for key, shape in vocab.lora_shapes(rank, fmt).items():
-        t = tensors[key]
-        if tuple(t.shape) != shape:
-            raise LoRAFormatError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {shape} (rank {rank})")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise LoRAFormatError(f"{path}: {key!r} has dtype {t.dtype}, expected one of {list(_FLOAT_DTYPES)}")
-        if not torch.isfinite(t).all():
-            raise LoRAFormatError(f"{path}: {key!r} contains NaN or inf")
-    A = tuple(tensors[m.lora_keys(fmt)[0]] for m in vocab)
-    B = tuple(tensors[m.lora_keys(fmt)[1]] for m in vocab)
-    return LoRAFile(vocab, A, B, read_metadata(path), fmt)
+    meta = read_metadata(path)
+    try:
+        st = formats.detect_style(path, tensors, vocab)
+        _check_keys(path, tensors, vocab, st)
+        default_scale = formats.adapter_scale(path, meta) if st.name == "diffusers" else None
+        A, B = zip(*(_factors(path, tensors, m, st, rank, default_scale) for m in vocab))
+    except ArtifactError as e:
+        raise LoRAFormatError(str(e)) from None
+    top = max(a.shape[0] for a in A)
+    A = tuple(F.pad(a, (0, 0, 0, top - a.shape[0])) for a in A)  # (top, in): zero rows
+    B = tuple(F.pad(b, (0, top - b.shape[1])) for b in B)  # (out, top): zero columns
+    return LoRAFile(vocab, A, B, meta, st.name)
 
+
+def _check_keys(path: Path, tensors: Mapping[str, torch.Tensor], vocab: Vocabulary, st: formats.KeyStyle) -> None:
+    """Every A and B of ``vocab`` present in style ``st``, nothing else but their alphas."""
+    keys = [st.keys(m) for m in vocab]
+    missing = [k for ka, kb, _ in keys for k in (ka, kb) if k not in tensors]
+    if missing:
+        raise ArtifactError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing, {st.name} format)")
+    known = {k for triple in keys for k in triple}
+    unexpected = sorted(set(tensors) - known)
+    if unexpected:
+        hit = formats.module_of(unexpected[0])
+        why = (f"blocks.{hit[0]}.{hit[1]} is not among the adapted matrices ({len(vocab)}: "
+               f"{', '.join(vocab.modules)} of {vocab.num_blocks} blocks)" if hit else "not a LoRA key lofa reads")
+        raise ArtifactError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} not in the vocabulary; {why})")
+
+
+def _factors(path: Path, tensors: Mapping[str, torch.Tensor], m: AdaptedMatrix, st: formats.KeyStyle,
+             rank: int | None, default_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matrix ``m``'s validated A (r, in) and B (out, r), its alpha / r folded into B."""
+    ka, kb, kalpha = st.keys(m)
+    a, b = tensors[ka], tensors[kb]
+    if rank is None and a.ndim != 2:
+        raise ArtifactError(f"{path}: {ka!r} has shape {tuple(a.shape)}, expected (rank, {m.in_features})")
+    r = rank if rank is not None else a.shape[0]
+    for key, t, shape in ((ka, a, (r, m.in_features)), (kb, b, (m.out_features, r))):
+        if tuple(t.shape) != shape:
+            raise ArtifactError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {shape} (rank {r})")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ArtifactError(f"{path}: {key!r} has dtype {t.dtype}, expected one of {list(_FLOAT_DTYPES)}")
+        if not torch.isfinite(t).all():
+            raise ArtifactError(f"{path}: {key!r} contains NaN or inf")
+    scale = default_scale
+    if kalpha in tensors:
+        scale = formats.alpha_value(path, kalpha, tensors[kalpha]) / r
+    if scale is None or scale == 1.0:
+        return a, b
+    return a, b.float() * scale
 
 # --------------------------------------------------------------------------- response maps
 

@@ -19,6 +19,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,9 @@ from lofa.encoders.video import VideoCodec, latent_shape
 from lofa.hypernet import EmbeddedGroup, HyperNet, HyperOutput, MatrixGroup, group_by_shape, trim_text
 from lofa.hypertrain import load_hypernet
 from lofa.io import ArtifactError, read_json
-from lofa.layers import ALL_MODULES, ATTN_MODULES, Vocabulary
+from lofa.layers import ATTN_MODULES, Vocabulary
 from lofa.lora import LoRAFile, LoRAFormatError, LoRAWeights, base_weights, load_lora, save_lora
+from lofa.lora_formats import modules_in
 from lofa.media import decode_latents, write_video
 from lofa.objectives import predicted_lora
 from lofa.predict_graph import PredictionGraph
@@ -113,13 +115,13 @@ def load_preprocess(params_path: str | Path) -> PreprocessConfig:
 def load_user_lora(path: str | Path, base: BaseModel) -> LoRAFile:
     """A LoRA file validated against ``base`` (keys and shapes; first mismatch named).
 
-    The adapted modules are read from the file's keys (any of ``ALL_MODULES``), so
-    attention-only and attention + FFN LoRAs both load. A file made for another
-    base model (header ``base_model_hash``) with matching shapes loads with a warning.
+    The adapted modules are read from the file's keys (any of ``ALL_MODULES``, in any key
+    style of :mod:`lofa.lora_formats`), so attention-only and attention + FFN LoRAs both load.
+    A file made for another base model (header ``base_model_hash``) with matching shapes
+    loads with a warning.
     """
     path = _require(Path(path), "LoRA file")
-    keys = _lora_keys(path)
-    modules = [m for m in ALL_MODULES if any(f".{m}.lora_" in k for k in keys)] or list(ATTN_MODULES)
+    modules = modules_in(_lora_keys(path)) or list(ATTN_MODULES)  # the file's modules, in any key style
     lora = load_lora(path, base.vocabulary(modules))
     made_for = lora.metadata.get("base_model_hash")
     if made_for and made_for != base.hash:
@@ -348,10 +350,14 @@ class Predictor:
                 "predict_seconds": f"{pred.seconds:.6f}"}
 
     def save(self, pred: PredictedLoRA, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-        """Write ``pred`` as a standard LoRA file (DESIGN section 4), atomically."""
+        """Write ``pred`` as a standard LoRA file (DESIGN section 4), atomically, dated, with its
+        model card beside it (``<stem>.md``)."""
         path = Path(path)
+        how = (f"predicted from the prompt alone by the LoFA hypernetwork `{self.hypernet_hash}` in "
+               f"{pred.seconds * 1000:.1f} ms (no fitting)")
         save_lora(path, [a.cpu() for a in pred.A], [b.cpu() for b in pred.B], pred.vocab, self.metadata(pred),
-                  dtype=dtype)
+                  dtype=dtype, date=datetime.now(timezone.utc), card=how,
+                  description=f"LoRA predicted by lofa's LoFA hypernetwork for the prompt: {pred.prompt}")
         return path
 
 

@@ -199,7 +199,8 @@ def refine_files(lora_path: str | Path, clip_path: str | Path, *, steps: int, ba
         meta = {"prompt": start.metadata.get("prompt", caption), "base_model_hash": base.hash,
                 "refined_from": str(lora_path), "refine_clip": clip_id, "refine_steps": steps,
                 "refine_final_loss": f"{report.refined.eval_losses[-1]:.6f}"}
-        save_lora(output, A, B, lora.vocab, meta)
+        save_lora(output, A, B, lora.vocab, meta, card=f"refined from `{lora_path}` by {steps} flow-matching steps "
+                  f"on clip `{clip_id}` (final loss {report.refined.eval_losses[-1]:.6f})")
     if report_path is not None:
         write_json(report_path, {**report.to_json(), "lora": str(lora_path), "clip": str(clip_path),
                                  "oracle": None if oracle_path is None else str(oracle_path),
