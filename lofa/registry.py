@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lofa.io import read_json
+from lofa.lora_formats import hypernet_card
 from lofa.predict import Predictor, PredictError
 
 #: The registered model's default name.
@@ -63,6 +64,10 @@ def register_hypernet(mlflow: Any, stage2_dir: str | Path, stage1_dir: str | Pat
                 for f in ("model.safetensors", "model.json"):
                     shutil.copy2(Path(artifacts[key]) / f, dst / f)
                 artifacts[key] = str(dst)
+        card = Path(tmp) / "README.md"  # the model card travels in the model's artifacts
+        card.write_text(hypernet_card(name, s2["base_model_hash"], {k: _stage_meta(Path(artifacts[k]))
+                                                                      for k in ("stage1", "stage2") if k in artifacts}))
+        artifacts["model_card"] = str(card)
         info = mlflow.pyfunc.log_model(
             name="hypernet", python_model=str(_CODE), artifacts=artifacts,
             model_config={"base_dir": str(Path(base_dir).resolve()), "base_model_hash": s2["base_model_hash"],
