@@ -2,9 +2,11 @@
 # On the lent GPU machine, after the pip line of README "Medium preset on a GPU machine": unpack
 # .medium/bundle.tar.xz (scripts/medium_bundle.sh) into data_medium/ (its float16 text embeddings cast
 # back to float32: scripts/medium_text16.py), run the six GPU stages of
-# dvc.yaml in its order with --params params-medium.yaml, tracking recorded locally
-# (LOFA_TRACKING=off, replay here with `python -m lofa.tracking import`), print each stage's wall
-# time, and leave ONE archive, $OUT/medium_results.tar.gz (< 16 MiB), also when a stage fails.
+# dvc.yaml in its order with --params params-medium.yaml, print each stage's wall time, and leave ONE
+# archive, $OUT/medium_results.tar.gz (< 16 MiB), also when a stage fails. The stages log to MLflow
+# itself (mlflow-skinny from .whl/: scripts/gpu_wheels.sh) in a local sqlite store, tracking/mlflow.db;
+# mlflow-export-import exports its runs into tracking/export/ of the archive (here:
+# `python -m lofa.device_runs import DIR`). No model is registered there (LOFA_REGISTER_MODEL=0).
 #
 #   LOFA_MEDIUM_BUDGET_S  seconds for this whole script (default 540): a stage still running when
 #                         they run out is stopped, so the archive is written inside the call's limit
@@ -20,7 +22,7 @@ PY=${PYTHON:-python3}
 source scripts/medium_common.sh
 : "${OUT:?set OUT to the folder that receives medium_results.tar.gz}"
 deadline=$(( $(date +%s) + ${LOFA_MEDIUM_BUDGET_S:-540} ))
-RESERVE_S=25                    # kept back for the archive
+RESERVE_S=40                    # kept back for the export of the runs and the archive
 ARCHIVE_MAX=16000000            # bytes; files come back from the device at 16 MiB each at most
 WEIGHTS_MAX=4194304             # stage-II weights travel back only when this small
 D=$MEDIUM_DIR
@@ -57,7 +59,10 @@ fi
 cp "$PARAMS" "$D/logs/params.yaml"
 : > "$D/logs/commands.txt"
 printf 'stage\tseconds\texit\n' > "$D/logs/timings.tsv"
-export LOFA_TRACKING=off LOFA_TRACKING_DIR=$D/tracking PYTHONUNBUFFERED=1
+TRACK=$(cd "$D" && pwd)/tracking  # absolute: MLflow stores artifact locations as given
+mkdir -p "$TRACK"
+export MLFLOW_TRACKING_URI=sqlite:///$TRACK/mlflow.db LOFA_MLFLOW_ARTIFACTS=$TRACK/artifacts LOFA_REGISTER_MODEL=0
+export PYTHONUNBUFFERED=1
 export LOFA_PIPELINE_ID=${LOFA_PIPELINE_ID:-$(cat "$D/pipeline_id")}
 {
   "$PY" -c "import platform, torch; print('python', platform.python_version(), 'torch', torch.__version__,
@@ -92,7 +97,7 @@ run_stage() {
 # archive [DROP...]: the results (minus the DROP paths) into $OUT/medium_results.tar.gz
 archive() {
   local paths=() p
-  for p in pipeline_id metrics logs eval tracking base/dit.json base/samples loras/plots loras/curves \
+  for p in pipeline_id metrics logs eval tracking/export base/dit.json base/samples loras/plots loras/curves \
            stage1/model.json stage2/model.json stage2_naive/model.json judge/judge.json; do
     [ -e "$D/$p" ] && paths+=("$p")
   done
@@ -121,10 +126,16 @@ run_stage refine scripts.medium_refine --data "$P" --base "$D/base" --loras "$D/
   --stage2 "$D/stage2" --metrics "$D/metrics/refine.json" --clips 4 || status=1
 
 column -t -s $'\t' "$D/logs/timings.tsv" 2>/dev/null || cat "$D/logs/timings.tsv"
+rm -rf "$TRACK/export"  # every run of this machine's store, earlier calls' too
+if ! "$PY" -m mlflow_export_import.experiment.export_experiment --experiment lofa --output-dir "$TRACK/export" \
+     > "$D/logs/export.log" 2>&1; then
+  echo "[device_medium] exporting the MLflow runs FAILED (logs/export.log)"
+  status=1
+fi
 archive
 if [ "$(stat -c %s "$OUT/medium_results.tar.gz")" -gt "$ARCHIVE_MAX" ]; then
-  echo "[device_medium] archive over $ARCHIVE_MAX bytes: again without fit curves and copied tracking artifacts"
-  archive loras/curves 'tracking/*/*/artifacts'
+  echo "[device_medium] archive over $ARCHIVE_MAX bytes: again without fit curves and the runs' artifacts"
+  archive loras/curves 'tracking/export/*/artifacts'
 fi
 echo "[device_medium] $OUT/medium_results.tar.gz: $(stat -c %s "$OUT/medium_results.tar.gz") bytes;" \
      "$( [ $status = 0 ] && echo 'every stage finished' || echo 'a stage FAILED (see logs/ in the archive)')"
