@@ -267,11 +267,12 @@ def load_lora(path: str | Path, vocab: Vocabulary, rank: int | None = None) -> L
     """Load a LoRA file in any style of :mod:`lofa.lora_formats`, validated against ``vocab``.
 
     kohya/musubi-tuner, ComfyUI and diffusers files are converted on load: ``.alpha`` (or
-    diffusers' header ``lora_alpha``) folded into B as ``alpha / rank``. Matrices of a smaller
-    rank than the file's largest are padded with zeros (exact: B A is unchanged) unless
-    ``rank`` is given, which every matrix must have. Keys of modules outside ``vocab`` are
-    refused, not skipped: a LoRA applied in part is another LoRA, and every number lofa
-    reports about it would be about that other one.
+    diffusers' header ``lora_alpha``) folded into B as ``alpha / rank``. In those styles,
+    matrices of a smaller rank than the file's largest are padded with zeros (exact: B A is
+    unchanged; kohya's dynamic resize writes such files); lofa's own styles have one rank, the
+    first matrix's or ``rank`` (given, every matrix must have it). Keys of modules outside
+    ``vocab`` are refused, not skipped: a LoRA applied in part is another LoRA, and every
+    number lofa reports about it would be about that other one.
 
     Fails with :class:`LoRAFormatError` naming the file and the first problem: missing key
     (an up without its down included), unexpected key, wrong shape, wrong dtype,
@@ -284,6 +285,7 @@ def load_lora(path: str | Path, vocab: Vocabulary, rank: int | None = None) -> L
         st = formats.detect_style(path, tensors, vocab)
         _check_keys(path, tensors, vocab, st)
         default_scale = formats.adapter_scale(path, meta) if st.name == "diffusers" else None
+        rank = rank if rank is not None or st.name in formats.PER_MATRIX_RANK else _first_rank(tensors, vocab, st)
         A, B = zip(*(_factors(path, tensors, m, st, rank, default_scale) for m in vocab))
     except ArtifactError as e:
         raise LoRAFormatError(str(e)) from None
@@ -291,6 +293,12 @@ def load_lora(path: str | Path, vocab: Vocabulary, rank: int | None = None) -> L
     A = tuple(F.pad(a, (0, 0, 0, top - a.shape[0])) for a in A)  # (top, in): zero rows
     B = tuple(F.pad(b, (0, top - b.shape[1])) for b in B)  # (out, top): zero columns
     return LoRAFile(vocab, A, B, meta, st.name)
+
+
+def _first_rank(tensors: Mapping[str, torch.Tensor], vocab: Vocabulary, st: formats.KeyStyle) -> int | None:
+    """The rank of the first matrix's A: the one rank of a file in lofa's own styles."""
+    first = tensors[st.keys(vocab[0])[0]]
+    return first.shape[0] if first.ndim == 2 else None
 
 
 def _check_keys(path: Path, tensors: Mapping[str, torch.Tensor], vocab: Vocabulary, st: formats.KeyStyle) -> None:
@@ -305,7 +313,8 @@ def _check_keys(path: Path, tensors: Mapping[str, torch.Tensor], vocab: Vocabula
         hit = formats.module_of(unexpected[0])
         why = (f"blocks.{hit[0]}.{hit[1]} is not among the adapted matrices ({len(vocab)}: "
                f"{', '.join(vocab.modules)} of {vocab.num_blocks} blocks)" if hit else "not a LoRA key lofa reads")
-        raise ArtifactError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} not in the vocabulary; {why})")
+        raise ArtifactError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} not in the vocabulary; "
+                            f"{why})")
 
 
 def _factors(path: Path, tensors: Mapping[str, torch.Tensor], m: AdaptedMatrix, st: formats.KeyStyle,

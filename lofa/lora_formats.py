@@ -26,6 +26,7 @@ as musubi-tuner, ComfyUI and diffusers apply it. A diffusers file may instead re
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -96,6 +97,9 @@ STYLES: tuple[KeyStyle, ...] = (
              ".lora_B.default.weight"),
 )
 STYLE_NAMES: tuple[str, ...] = tuple(s.name for s in STYLES)
+#: Styles whose files may hold a rank per matrix (kohya's dynamic resize, ComfyUI's extraction);
+#: lofa, DiffSynth's trainer and PEFT write one rank, so another one there is damage.
+PER_MATRIX_RANK: tuple[str, ...] = ("comfy", "kohya", "diffusers")
 
 
 def style(name: str) -> KeyStyle:
@@ -118,13 +122,17 @@ def detect_style(path: Path, keys: Iterable[str], vocab: Vocabulary) -> KeyStyle
     return best
 
 
+@functools.cache
+def _patterns() -> tuple[tuple[re.Pattern[str], str], ...]:
+    return tuple((s.pattern(module), module) for s in STYLES for module in ALL_MODULES)
+
+
 def module_of(key: str) -> tuple[int, str] | None:
     """(block, module) of a LoRA key in any style, None for a key of no module lofa knows."""
-    for s in STYLES:
-        for module in ALL_MODULES:
-            hit = s.pattern(module).fullmatch(key)
-            if hit:
-                return int(hit.group(1)), module
+    for pattern, module in _patterns():
+        hit = pattern.fullmatch(key)
+        if hit:
+            return int(hit.group(1)), module
     return None
 
 
