@@ -25,6 +25,7 @@ import yaml
 
 from lofa.inputkey import InputKey, StaleResultWarning, flat_params, hash_path
 from lofa.io import load_tensors, read_json, read_metadata, save_tensors, tensors_hash, write_json
+from test_flow import init_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -327,7 +328,7 @@ def flow_workspace(ws: Path) -> Path:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in FLOW_STAGES}}, sort_keys=False))
     params_file(ws / "params.yaml")
-    return ws
+    return init_repo(ws)  # the flow's cache is DVC's: a git + DVC repository
 
 
 def declared(ws: Path) -> dict[str, str]:
