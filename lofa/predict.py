@@ -403,4 +403,11 @@ def write_videos(path: str | Path, frames: np.ndarray, fps: float, upscale: int 
     if path.suffix not in (".mp4", ".gif"):
         raise PredictError(f"{path}: the output must end in .mp4 or .gif (both are written)")
     twin = path.with_suffix(".gif" if path.suffix == ".mp4" else ".mp4")
-    return [write_video(p, frames, fps=fps, upscale=upscale) for p in (path, twin)]
+    written = [write_video(path, frames, fps=fps, upscale=upscale)]
+    try:
+        written.append(write_video(twin, frames, fps=fps, upscale=upscale))
+    except Exception as e:  # no H.264 encoder here (imageio-ffmpeg or PyAV missing): the GIF asked for stands
+        if twin.suffix != ".mp4":
+            raise
+        warnings.warn(f"{twin}: not written, no mp4 encoder ({type(e).__name__}: {e}); pip install imageio-ffmpeg")
+    return written

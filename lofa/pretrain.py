@@ -7,6 +7,8 @@ real profile skips this stage and loads Wan2.1 weights instead.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +20,9 @@ from torch import nn
 from lofa.config import to_dict
 from lofa.data.dataset import ClipSet
 from lofa.inputkey import InputKey, StaleResultWarning, stale_message
-from lofa.io import read_json, save_tensors, write_json
+from lofa.io import atomic_path, read_json, save_tensors, write_json
 from lofa.train import TrainConfig, TrainResult, batch_indices, train
-from lofa.wan import WanDiTConfig, base_model_hash, build_dit, flow_loss, sample_timesteps
+from lofa.wan import WanDiTConfig, base_model_hash, build_dit, flow_loss, load_dit, sample_timesteps
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class PretrainConfig:
     # lacks what the per-clip LoRAs teach; full: the captions the LoRAs are fitted with
     caption: Literal["coarse", "full"] = "coarse"
     exclude_actions: tuple[str, ...] = ()  # synthetic actions (clip ids synth/<action>/...) never pretrained on
+    # real profile: a Wan2.1 DiT safetensors file (shape ``dit``) imported as the base instead of training one
+    weights: str = ""
 
 
 class FlowMatchingObjective(nn.Module):
@@ -97,6 +101,34 @@ def pretrain(cfg: PretrainConfig, clips: ClipSet, out_dir: str | Path, *, logger
                                       "step": result.step, "metrics": result.metrics,
                                       "num_clips": len(clips), "schema_version": 1, **key})
     return dit, result
+
+
+def import_base(cfg: PretrainConfig, out_dir: str | Path, input_key: InputKey | None = None) -> nn.Module:
+    """Real profile: make ``cfg.weights`` (a Wan2.1 DiT file of shape ``cfg.dit``) the base model.
+
+    The file is validated and hashed as :func:`lofa.wan.load_dit` loads it, then linked (or, across
+    file systems, copied) to ``dit.safetensors`` beside a ``dit.json`` like the one
+    :func:`pretrain` writes, so every later stage reads the same two files whatever the profile.
+    """
+    out_dir = Path(out_dir)
+    src = Path(cfg.weights)
+    if input_key is not None:
+        _drop_stale_dit(out_dir, input_key)
+    dit = load_dit(src, cfg.dit).eval().requires_grad_(False)
+    dst = out_dir / "dit.safetensors"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (dst.is_file() and os.path.samefile(src, dst)):
+        with atomic_path(dst) as tmp:
+            tmp.unlink()  # atomic_path made an empty file there
+            try:
+                os.link(src, tmp)
+            except OSError:  # another file system, or links not allowed
+                shutil.copyfile(src, tmp)
+    key = {"input_key": input_key.to_json()} if input_key is not None else {}
+    write_json(out_dir / "dit.json", {"config": to_dict(cfg.dit), "base_model_hash": base_model_hash(dit),
+                                      "source": str(src), "step": 0, "metrics": {}, "num_clips": 0,
+                                      "schema_version": 1, **key})
+    return dit
 
 
 def _drop_stale_dit(out_dir: Path, key: InputKey) -> None:

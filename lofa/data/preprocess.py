@@ -51,6 +51,10 @@ class PreprocessConfig:
     text_encoder_path: str = ""
     tokenizer_path: str = ""
     vae_path: str = ""
+    # umT5 sizes other than umT5-XXL's (lofa.encoders.T5Dims fields): a tiny encoder of the same
+    # architecture runs the real profile on a CPU (scripts/real_profile.py --tiny)
+    text_encoder_dims: dict[str, int] | None = None
+    text_encoder_dtype: Literal["float32", "bfloat16"] = "float32"  # umT5-XXL in bf16: 11 GiB instead of 23
 
     def __post_init__(self) -> None:
         if (self.num_frames - 1) % 4:
@@ -71,7 +75,8 @@ def text_encoder_for(cfg: PreprocessConfig, device: str | torch.device | None = 
     if cfg.profile == "synthetic":
         return build_text_encoder("synthetic", max_length=cfg.text_max_length, device=device)
     return build_text_encoder("wan", weights_path=cfg.text_encoder_path, tokenizer_path=cfg.tokenizer_path,
-                              device=device)
+                              max_length=cfg.text_max_length, device=device,
+                              dtype=getattr(torch, cfg.text_encoder_dtype), **(cfg.text_encoder_dims or {}))
 
 
 def codec_for(cfg: PreprocessConfig, device: str | torch.device | None = None) -> Any:
