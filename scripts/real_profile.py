@@ -180,6 +180,8 @@ def build_models(models: Path, tiny: bool) -> dict[str, float]:
         return enc
 
     timed("umt5", models / "umt5-xxl-enc.safetensors", t5)
+    if torch.cuda.is_available():  # the stages run in other processes: give them this one's cache
+        torch.cuda.empty_cache()
     if not (models / "umt5-tokenizer" / "tokenizer.json").is_file():
         build_tokenizer(models / "umt5-tokenizer")
     return seconds
