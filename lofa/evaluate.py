@@ -157,13 +157,21 @@ def method_loras(dit: nn.Module, vocab: Vocabulary, train: LoRASet, held: LoRASe
     return loras, per_prompt
 
 
+def clip_losses(dit: nn.Module, held: LoRASet, loras: Mapping[str, LoRAWeights | None],
+                cfg: EvalConfig) -> dict[str, torch.Tensor]:
+    """Per method, the flow loss of each held-out clip, (N,) in ``held``'s order (MLflow shows them as a table)."""
+    return {m: flow_losses(dit, held.clips.latents, held.clips.text, held.clips.ids, lora, cfg.scoring)
+            for m, lora in loras.items()}
+
+
 def compare(dit: nn.Module, vocab: Vocabulary, held: LoRASet, loras: Mapping[str, LoRAWeights | None],
-            cfg: EvalConfig) -> dict[str, dict[str, float]]:
+            cfg: EvalConfig, losses: Mapping[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
     """Per method: flow loss (mean, median), gap closed with its bootstrap interval, share of clips
-    it beats the base on, and dW / map metrics against the oracle (``loras`` on the CPU)."""
+    it beats the base on, and dW / map metrics against the oracle (``loras`` on the CPU).
+    ``losses``: :func:`clip_losses` when the caller already has them."""
     W = [w.detach().float().cpu() for w in base_weights(dit, vocab)]
-    ids, sc = held.clips.ids, cfg.scoring
-    losses = {m: flow_losses(dit, held.clips.latents, held.clips.text, ids, lora, sc) for m, lora in loras.items()}
+    sc = cfg.scoring
+    losses = clip_losses(dit, held, loras, cfg) if losses is None else losses
     table: dict[str, dict[str, float]] = {}
     for m, l in losses.items():
         gap, lo, hi = bootstrap_gap(losses["base"], l, losses["oracle"], sc.bootstrap, sc.seed)

@@ -40,8 +40,9 @@ def response_table(curves: list[dict[str, Any]], modules: list[str]) -> np.ndarr
     return per.reshape(-1, len(modules))
 
 
-def plot_fit(curves: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """Fit curves (median and 10-90% band), loss before/after, and the response heatmap, as PNGs."""
+def plot_fit(curves: list[dict[str, Any]], out_dir: str | Path) -> Any:
+    """Fit curves (median and 10-90% band), loss before/after, and the response heatmap, written to
+    ``<out_dir>/fit_summary.png``; returns the matplotlib Figure (for ``mlflow.log_figure``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,7 +52,6 @@ def plot_fit(curves: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
     losses = np.array([c["losses"] for c in curves])  # (N, steps)
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     steps = np.arange(1, losses.shape[1] + 1)
@@ -73,6 +73,5 @@ def plot_fit(curves: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     fig.tight_layout()
     with atomic_path(out_dir / "fit_summary.png") as tmp:
         fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    paths.append(out_dir / "fit_summary.png")
-    return paths
+    plt.close(fig)  # pyplot lets go of it; the Figure still renders
+    return fig

@@ -1,16 +1,28 @@
 """The MLflow pyfunc model of the LoFA hypernetwork (a "model from code": MLflow runs this
-file to load it, so nothing is pickled). Registered by :func:`lofa.registry.register_hypernet`.
+file to load it, so nothing is pickled). Registered by :func:`lofa.registry.register_hypernet`,
+with the ``lofa`` package shipped beside it (``code_paths``), so ``mlflow models serve`` runs it
+from an environment that has only the model's requirements.
 
-``predict`` takes prompts (a list of strings, or a DataFrame with a ``prompt`` column)
-and returns, per prompt, the LoRA as a dict of export-format key -> float32 array.
+``predict`` takes a DataFrame with a ``prompt`` column (or a list of prompts) and returns one
+row per prompt: the LoRA as a safetensors file, never its floats as JSON (a Wan-scale LoRA is
+~23.6M numbers). Param ``output``: ``path`` (default) writes each LoRA under ``out_dir`` (param,
+else the model config's, else ``<tmp>/lofa-loras``), named by the model and prompt, and returns
+the path (``lora_path``); ``bytes`` returns the file's bytes (``lora_safetensors``; base64 in
+the scoring server's JSON).
 """
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.pyfunc import PythonModel
+
+#: Values of the ``output`` param.
+OUTPUTS = ("path", "bytes")
 
 
 class LoFAHypernet(PythonModel):
@@ -25,17 +37,32 @@ class LoFAHypernet(PythonModel):
         if want and self.predictor.base.hash != want:
             raise PredictError(f"{cfg['base_dir']} holds base model {self.predictor.base.hash}; this hypernetwork "
                                f"was registered for {want}")
+        self.out_dir = cfg.get("out_dir") or str(Path(tempfile.gettempdir()) / "lofa-loras")
+
+    def lora_path(self, prompt: str, out_dir: str) -> Path:
+        """Where the LoRA of ``prompt`` goes: one file per (hypernetwork, prompt), so a repeat overwrites it."""
+        name = hashlib.sha256(f"{self.predictor.hypernet_hash}\0{prompt}".encode()).hexdigest()[:24]
+        return Path(out_dir) / f"lora-{name}.safetensors"
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate against them
+        import pandas as pd
+
+        from lofa.predict import PredictError
+
+        params = params or {}
+        output, out_dir = params.get("output") or "path", params.get("out_dir") or self.out_dir
+        if output not in OUTPUTS:
+            raise PredictError(f"param output={output!r}: use one of {list(OUTPUTS)}")
         prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
-        out = []
-        for pred in self.predictor.predict_batch(prompts):
-            lora = {}
-            for m, a, b in zip(pred.vocab, pred.A, pred.B, strict=True):
-                down, up = m.lora_keys("export")
-                lora[down], lora[up] = a.cpu().numpy(), b.cpu().numpy()
-            out.append(lora)
-        return out
+        rows = []
+        with tempfile.TemporaryDirectory(prefix="lofa-serve-") as tmp:
+            for pred in self.predictor.predict_batch(prompts):
+                path = self.lora_path(pred.prompt, out_dir if output == "path" else tmp)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.predictor.save(pred, path)  # atomic
+                value = str(path) if output == "path" else path.read_bytes()
+                rows.append({"prompt": pred.prompt, f"lora_{'path' if output == 'path' else 'safetensors'}": value})
+        return pd.DataFrame(rows)
 
 
 mlflow.models.set_model(LoFAHypernet())

@@ -1,8 +1,11 @@
-"""Tracking for stage commands: one run per stage, grouped per pipeline execution.
+"""Tracking for stage commands: one run per stage, nested under one parent run per pipeline execution.
 
-Runs of one pipeline execution share the tag ``lofa.pipeline`` (from
-``LOFA_PIPELINE_ID``, which the Prefect flow and ``scripts/run_default.sh`` set;
-otherwise a per-command id) and are named after their stage.
+A pipeline execution is keyed by ``LOFA_PIPELINE_ID`` (the Prefect flow and
+``scripts/run_default.sh`` set it) or, under a bare ``dvc repro`` / ``dvc exp run``, by the
+DVC process that runs the stage commands (plus ``DVC_EXP_NAME``): each stage command is its
+own process, so the first stage creates the parent run and the others find it by that key
+(``lofa.pipeline`` tag). A stage run by hand has no parent. Parent and stage runs carry the
+git commit, the dirty flag and the DVC experiment name (:mod:`lofa.run_parent`).
 
 ``LOFA_TRACKING`` picks the backend: ``mlflow`` (the default) or ``off``. Off, or
 when mlflow cannot be imported (a warning says so), :func:`stage_run` yields a
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lofa.env import repo_root, setup_env
+from lofa.run_parent import execution_key, follow_parent, git_tags, parent_run
 
 EXPERIMENT = "lofa"
 #: Values of ``LOFA_TRACKING``.
@@ -47,8 +51,8 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def pipeline_id() -> str:
-    """The id grouping the stage runs of one pipeline execution."""
-    return os.environ.get("LOFA_PIPELINE_ID") or f"adhoc-{uuid.uuid4().hex[:8]}"
+    """The id grouping the stage runs of one pipeline execution (a per-command id for a stage run by hand)."""
+    return execution_key() or f"adhoc-{uuid.uuid4().hex[:8]}"
 
 
 def tracking_dir() -> Path:
@@ -192,16 +196,53 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
                 run.log_params(flat)
             yield run
         return
-    mlflow.set_experiment(experiment_id=experiment_id(mlflow))
-    with mlflow.start_run(run_name=stage, tags=all_tags):
+    exp_id = experiment_id(mlflow)
+    mlflow.set_experiment(experiment_id=exp_id)
+    parent = parent_run(mlflow.MlflowClient(), exp_id, all_tags["lofa.pipeline"]) if execution_key() else None
+    all_tags |= git_tags(dict(parent.data.tags) if parent else None)
+    name = f"{stage} ({parent.info.run_name})" if parent else stage
+    with mlflow.start_run(run_name=name, tags=all_tags, parent_run_id=parent and parent.info.run_id):
         if flat:
             mlflow.log_params(flat)
-        yield mlflow
+        with follow_parent(mlflow.MlflowClient(), parent and parent.info.run_id):
+            yield mlflow
 
 
 def log_artifact_if_exists(mlflow: Any, path: str | Path, artifact_path: str | None = None) -> None:
     if Path(path).exists():
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+#: The MLflow dataset name of the preprocessed manifest.
+MANIFEST_DATASET = "preprocessed-manifest"
+
+
+def log_manifest(run: Any, data_dir: str | Path, context: str) -> None:
+    """Log ``<data_dir>/manifest.parquet`` as a dataset input (``context``: training, evaluation,
+    output) of the active run and of its parent, so the UI shows which clips a run saw.
+
+    The digest is the file's sha256 (DVC tracks the same bytes); the source its absolute path.
+    Backends without dataset inputs (other ranks, local records) skip it."""
+    import hashlib
+    import warnings
+
+    import mlflow
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    if getattr(run, "__name__", "") != "mlflow":  # an OtherRank or a LocalRun
+        return
+    path = Path(data_dir) / "manifest.parquet"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    with warnings.catch_warnings():  # its schema hint about integer columns: the manifest has no missing values
+        warnings.simplefilter("ignore", UserWarning)
+        ds = mlflow.data.from_pandas(pd.read_parquet(path), source=str(path.resolve()), name=MANIFEST_DATASET,
+                                     digest=digest)
+    mlflow.log_input(ds, context=context)
+    parent = mlflow.active_run().data.tags.get("mlflow.parentRunId")
+    if parent:
+        tag = InputTag(key="mlflow.data.context", value=context)
+        mlflow.MlflowClient().log_inputs(parent, [DatasetInput(ds._to_mlflow_entity(), [tag])])
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

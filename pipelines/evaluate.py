@@ -4,7 +4,9 @@ Writes ``metrics/evaluate.json`` (dvc metrics: ``methods.<method>`` with fm_loss
 gap_closed and its bootstrap interval, dW / map metrics and judge accuracies),
 ``metrics/eval_methods.csv`` (dvc plots), and under ``--out`` side-by-side sample
 videos (real | base | oracle | predicted) and the printed table (``table.txt``), all logged to
-one MLflow run.
+one MLflow run with the per-clip losses as a table, the gap-closed bars as a figure and the
+preprocessed manifest as its dataset. Then it registers the evaluated hypernetwork and moves the
+``champion`` alias to it when it passes the ``register`` section's bar (:mod:`lofa.registry`).
 The caption ceiling and the judge need the synthetic world (``--synth``: meta.csv,
 synth.json); on the real profile they are skipped, with a message.
 """
@@ -20,14 +22,16 @@ from lofa.config import from_dict, to_dict
 from lofa.data.preprocess import PreprocessConfig, codec_for
 from lofa.data.synthetic import STATED, SynthConfig, read_meta
 from lofa.env import compute_device
-from lofa.evaluate import EvalConfig, compare, judge_scores, method_loras, supervision_consistency, table_rows
+from lofa.evaluate import (EvalConfig, clip_losses, compare, judge_scores, method_loras, supervision_consistency,
+                           table_rows)
 from lofa.fit import FitConfig
 from lofa.fit_report import collect_curves
 from lofa.hypertrain import load_hypernet
 from lofa.io import atomic_path, read_json, write_text
 from lofa.judge import SIDECAR, load_judge
 from lofa.media import decode_latents, side_by_side, write_video
-from lofa.tracking import stage_run
+from lofa.registry import CHAMPION, RegisterConfig, promote, register_hypernet
+from lofa.tracking import log_manifest, model_registry_off, stage_run
 from pipelines._common import section, stage_args, write_metrics
 from pipelines._hyper import load_base, load_sets
 
@@ -48,6 +52,7 @@ def main() -> None:
     cfg = from_dict(EvalConfig, section(args, "evaluate"), "evaluate")
     fit = from_dict(FitConfig, section(args, "fit_loras"), "fit_loras")
     pre = from_dict(PreprocessConfig, section(args, "preprocess"), "preprocess")
+    reg = from_dict(RegisterConfig, section(args, "register"), "register")
     t0 = time.perf_counter()
     dit, vocab, base_hash = load_base(args.base)
     train, held = load_sets(args.loras, args.data, vocab)
@@ -68,7 +73,8 @@ def main() -> None:
     else:
         print(f"evaluate: caption ceiling skipped: {why}")
     baselines_s = time.perf_counter() - t_fit
-    table = compare(dit, vocab, held, loras, cfg)
+    losses = clip_losses(dit, held, loras, cfg)
+    table = compare(dit, vocab, held, loras, cfg, losses)
     curves = list(collect_curves(args.loras / "curves"))
     fit_s = sum(c["batch_seconds"] / c["batch_size"] for c in curves) / len(curves)
     # wall times are no result: they go to metrics/timings/ and MLflow, never into the declared
@@ -97,9 +103,12 @@ def main() -> None:
         numbers.to_csv(tmp, index=False)
     printed = pd.DataFrame(table_rows(table, attributes))
     write_text(args.out / "table.txt", printed.to_string(index=False) + "\n")
-    with stage_run("evaluate", {**to_dict(cfg), "fit_loras": to_dict(fit)},
+    with stage_run("evaluate", {**to_dict(cfg), "fit_loras": to_dict(fit), "register": to_dict(reg)},
                    tags={"lofa.base_model_hash": base_hash}) as mlflow:
+        log_manifest(mlflow, args.data, "evaluation")
         mlflow.log_table(numbers, "eval_table.json")
+        mlflow.log_table(_per_clip(held, losses), "eval_per_clip.json")
+        mlflow.log_figure(_gap_figure(table), "figures/gap_closed.png")
         mlflow.log_text(printed.to_string(index=False) + "\n", "eval_table.txt")
         mlflow.log_metrics({f"{m}.{k}": v for m, r in table.items() for k, v in r.items()})
         mlflow.log_metrics({f"judge.{g}.{k}": v for g, r in summary.get("judge", {}).items() for k, v in r.items()})
@@ -107,7 +116,54 @@ def main() -> None:
         mlflow.log_metrics({f"supervision.{k}": v for k, v in summary.get("supervision", {}).items() if v is not None})
         if videos:
             _sample_strips(args, held, videos, cfg, pre, mlflow)
+        _register(args, mlflow, table, reg)
     print(printed.to_string(index=False))
+
+
+def _per_clip(held, losses) -> pd.DataFrame:
+    """One row per held-out clip: id, caption, each method's flow loss and the predicted LoRA's share
+    of the clip's base -> oracle gap."""
+    frame = pd.DataFrame({"clip_id": held.clips.ids, "caption": held.clips.captions,
+                          **{f"{m}_fm_loss": l.cpu().numpy() for m, l in losses.items()}})
+    if "predicted" in losses:
+        gap = (losses["base"] - losses["oracle"]).cpu().numpy()
+        frame["predicted_gap_closed"] = (losses["base"] - losses["predicted"]).cpu().numpy() / gap
+    return frame
+
+
+def _gap_figure(table):
+    """Bars of each method's share of the gap closed, with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(table)
+    gap = [table[m]["gap_closed"] for m in methods]
+    err = [[g - table[m]["gap_closed_lo"] for m, g in zip(methods, gap)],
+           [table[m]["gap_closed_hi"] - g for m, g in zip(methods, gap)]]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(methods) + 1.2))
+    ax.barh(methods, gap, xerr=err, color=["C1" if m == "predicted" else "C0" for m in methods])
+    ax.axvline(0, color="k", lw=0.8)
+    ax.invert_yaxis()
+    ax.set(xlabel="share of the base -> oracle flow-loss gap closed (95% interval)", title="held-out clips")
+    fig.tight_layout()
+    plt.close(fig)  # log_figure saves it after; closing only drops pyplot's reference
+    return fig
+
+
+def _register(args, mlflow, table, reg: RegisterConfig) -> None:
+    """Register the evaluated hypernetwork; the ``champion`` alias moves to it if it passes the bar."""
+    why = model_registry_off()
+    if why:
+        print(f"not registered in the MLflow model registry ({why}); the model is {args.stage2}")
+        return
+    version = register_hypernet(mlflow, args.stage2, args.stage1, args.params, args.base, name=reg.name)
+    passed = promote(mlflow.MlflowClient(), version, table, reg)
+    value = table[reg.champion_method][reg.champion_metric]
+    print(f"registered {version.name} version {version.version}: {reg.champion_method}.{reg.champion_metric} "
+          f"{value:.3f} {'>=' if passed else '<'} {reg.champion_bar}: "
+          + (f"alias @{CHAMPION} set" if passed else f"alias @{CHAMPION} left where it was"))
 
 
 def _sample_strips(args, held, videos, cfg: EvalConfig, pre: PreprocessConfig, mlflow) -> None:

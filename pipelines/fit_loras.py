@@ -21,6 +21,7 @@ import dataclasses
 import json
 import time
 
+import pandas as pd
 import torch
 
 from lofa.config import from_dict, to_dict
@@ -30,7 +31,7 @@ from lofa.fit_report import collect_curves, plot_fit, summarize
 from lofa.inputkey import InputKey, code_deps, code_hashes
 from lofa.io import read_json
 from lofa.pretrain import dit_config_from_sidecar
-from lofa.tracking import stage_run
+from lofa.tracking import log_manifest, stage_run
 from lofa.wan import load_dit
 from pipelines._common import ROOT, section, stage_args, write_metrics
 
@@ -38,6 +39,14 @@ from pipelines._common import ROOT, section, stage_args, write_metrics
 def _shard_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-index", type=int, help="fit only this shard (with --num-shards); no summary")
     p.add_argument("--num-shards", type=int, help="number of shards (with --shard-index)")
+
+
+def _per_clip(curves: list[dict], train_ids: set[str]) -> pd.DataFrame:
+    """One row per clip (MLflow shows it as a table): its split, eval loss under the base model and
+    under its fitted LoRA, and the share of the loss the LoRA removed."""
+    return pd.DataFrame([{"clip_id": c["clip_id"], "split": "train" if c["clip_id"] in train_ids else "heldout",
+                          "base_loss": c["base_loss"], "final_loss": c["final_loss"],
+                          "reduction": 1 - c["final_loss"] / c["base_loss"]} for c in curves])
 
 
 def main() -> None:
@@ -77,11 +86,10 @@ def main() -> None:
     run = {"seconds": round(time.perf_counter() - t0, 1), "clip_steps_per_s": report.clip_steps_per_s}
     logged = write_metrics(args.metrics, summary, run, counters=("fitted_now",), did_work=bool(fitted_now or orphans))
     with stage_run("fit_loras", to_dict(cfg), tags={"lofa.base_model_hash": sidecar["base_model_hash"]}) as mlflow:
+        log_manifest(mlflow, args.data, "training")
         mlflow.log_metrics({k: float(v) for k, v in logged.items() if not isinstance(v, dict)})
-        for path in plot_fit(curves, args.out / "plots"):
-            mlflow.log_artifact(str(path), "plots")
-        for i, c in enumerate(curves):
-            mlflow.log_metrics({"clip_base_loss": c["base_loss"], "clip_final_loss": c["final_loss"]}, step=i)
+        mlflow.log_figure(plot_fit(curves, args.out / "plots"), "plots/fit_summary.png")
+        mlflow.log_table(_per_clip(curves, train_ids), "fit_per_clip.json")
     print(summary)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from lofa.config import from_dict, to_dict
 from lofa.data.preprocess import PreprocessConfig, preprocess
 from lofa.io import write_json
-from lofa.tracking import log_artifact_if_exists, stage_run
+from lofa.tracking import log_artifact_if_exists, log_manifest, stage_run
 from pipelines._common import section, stage_args, write_metrics
 
 #: Figures of the run, not of the data: never in ``<out>/summary.json``.
@@ -31,6 +31,7 @@ def main() -> None:
                             "seconds": summary["seconds"], "peak_rss_mib": summary["peak_rss_mib"],
                             "encoded_now": result["encoded_now"],
                             **{f"clips_{s}": n for s, n in summary["per_split"].items()}})
+        log_manifest(mlflow, args.out, "output")
         log_artifact_if_exists(mlflow, args.out / "rejected.csv")
         log_artifact_if_exists(mlflow, args.root / "contact_sheet.png")
         log_artifact_if_exists(mlflow, args.out / "summary.json")

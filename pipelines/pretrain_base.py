@@ -18,7 +18,7 @@ from lofa.env import process_rank
 from lofa.media import decode_latents, side_by_side, write_video
 from lofa.pretrain import PretrainConfig, pretrain
 from lofa.sampling import sample
-from lofa.tracking import stage_run
+from lofa.tracking import log_manifest, stage_run
 from lofa.train import RESUMABLE_CHANGES
 from pipelines._common import input_key, section, stage_args, write_metrics
 
@@ -31,6 +31,7 @@ def main() -> None:
     key = input_key("pretrain_base", "pretrain_base", cfg, {"data": args.data},
                     drop=tuple(f"train.{k}" for k in RESUMABLE_CHANGES))
     with stage_run("pretrain_base", to_dict(cfg)) as mlflow:
+        log_manifest(mlflow, args.data, "training")
         dit, result = pretrain(cfg, clips, args.out, logger=lambda step, m: mlflow.log_metrics(m, step=step),
                                input_key=key)
         seconds = time.perf_counter() - t0

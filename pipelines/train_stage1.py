@@ -13,7 +13,7 @@ from lofa.config import from_dict, to_dict
 from lofa.env import process_rank
 from lofa.hypertrain import Stage1Config, evaluate_stage1, summary as train_summary, train_stage1
 from lofa.lora import base_weights
-from lofa.tracking import stage_run
+from lofa.tracking import log_manifest, stage_run
 from lofa.train import RESUMABLE_CHANGES
 from pipelines._common import input_key, section, stage_args, write_metrics
 from pipelines._hyper import load_base, load_sets
@@ -29,6 +29,7 @@ def main() -> None:
     key = input_key("train_stage1", "train_stage1", cfg, {"data": args.data, "base": args.base, "loras": args.loras},
                     drop=tuple(f"train.{k}" for k in RESUMABLE_CHANGES))
     with stage_run("train_stage1", to_dict(cfg), tags={"lofa.base_model_hash": base_hash}) as mlflow:
+        log_manifest(mlflow, args.data, "training")
         model, result = train_stage1(cfg, dit, vocab, train_set, args.out, base_hash=base_hash,
                                      logger=lambda step, m: mlflow.log_metrics(m, step=step), input_key=key)
         if process_rank() != 0:  # a multi-process launch: rank 0 evaluates and writes the results

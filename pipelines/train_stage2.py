@@ -6,8 +6,8 @@ false`` is the one-stage ablation.
 
 Over GPUs or processes: ``accelerate launch --multi_gpu --num_processes N -m pipelines.train_stage2``
 (CPU: ``torchrun --nproc_per_node N -m pipelines.train_stage2``): data-parallel training with the
-global batch split over the processes; rank 0 alone evaluates, writes the metrics, registers
-the model and has the tracking run.
+global batch split over the processes; rank 0 alone evaluates, writes the metrics and has the
+tracking run. The ``evaluate`` stage registers the model, once it has been evaluated.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from lofa.config import from_dict, to_dict
 from lofa.env import compute_device, process_rank
 from lofa.hypertrain import Stage2Config, evaluate_stage2, load_hypernet, summary as train_summary, train_stage2
 from lofa.lora import base_weights
-from lofa.registry import register_hypernet
-from lofa.tracking import LocalRun, stage_run
+from lofa.tracking import log_manifest, stage_run
 from lofa.train import RESUMABLE_CHANGES
 from pipelines._common import input_key, section, stage_args, write_metrics
 from pipelines._hyper import load_base, load_sets
@@ -45,9 +44,10 @@ def main() -> None:
     key = input_key("train_stage2_naive" if args.ablation else "train_stage2", "train_stage2", cfg, inputs,
                     drop=tuple(f"train.{k}" for k in RESUMABLE_CHANGES))
     with stage_run("train_stage2_naive" if args.ablation else "train_stage2", to_dict(cfg), tags={"lofa.base_model_hash": base_hash}) as mlflow:
+        log_manifest(mlflow, args.data, "training")
         model, result = train_stage2(cfg, dit, vocab, stage1, train_set, args.out, base_hash=base_hash,
                                      logger=lambda step, m: mlflow.log_metrics(m, step=step), input_key=key)
-        if process_rank() != 0:  # a multi-process launch: rank 0 evaluates, writes and registers
+        if process_rank() != 0:  # a multi-process launch: rank 0 evaluates and writes
             return
         base = [w.detach().float() for w in base_weights(dit, vocab)]
         held = evaluate_stage2(model, stage1, heldout, base, vocab, dit, cfg)
@@ -55,14 +55,6 @@ def main() -> None:
         logged = write_metrics(args.metrics, summary, {"seconds": round(time.perf_counter() - t0, 1)})
         mlflow.log_metrics({k: v for k, v in logged.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(args.out / "model.json"))
-        if not args.ablation:  # the model users load: registered with its config and base hash
-            if isinstance(mlflow, LocalRun):
-                print(f"not registered in the MLflow model registry: tracking is local ({mlflow.reason}); "
-                      f"the model is {args.out / 'model.safetensors'}")
-            else:
-                version = register_hypernet(mlflow, args.out, args.stage1 if cfg.model.use_stage1 else None,
-                                            args.params, args.base)
-                print(f"registered {version.name} version {version.version} (base model {base_hash})")
     print(summary)
 
 

@@ -37,7 +37,10 @@ SMALL = {
     "judge": {"clips": 200, "val_clips": 50, "steps": 30, "width": 16, "batch_size": 32},
     "evaluate": {"sample_steps": 3, "bootstrap": 300, "generalist_steps": 10, "generalist_batch": 8,
                  "ceiling_renders": 2, "ceiling_steps": 10, "num_videos": 2},
+    "register": {"champion_bar": -1.0e6},  # any evaluation passes: the test checks that the alias moves
 }
+#: The execution key of this module's stage commands (one MLflow parent run, the stage runs nested).
+PIPELINE_ID = f"test-pipeline-{os.getpid()}"
 
 
 def run_stage(stage: str, tmp: Path, **paths: Path) -> dict:
@@ -45,7 +48,8 @@ def run_stage(stage: str, tmp: Path, **paths: Path) -> dict:
            "--metrics", str(tmp / "metrics" / f"{stage}.json")]
     for k, v in paths.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=1200)
+    env = {**os.environ, "LOFA_PIPELINE_ID": PIPELINE_ID}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads((tmp / "metrics" / f"{stage}.json").read_text())
 
@@ -116,15 +120,45 @@ def test_mlflow_has_one_run_per_stage(pipeline: dict) -> None:
     assert fit["metrics.loss_reduction_median"] > 0.05
 
 
-def test_train_stage2_registers_the_hypernetwork(pipeline: dict) -> None:
+def _table(client, run_id: str, name: str) -> pd.DataFrame:
+    """A table logged with ``mlflow.log_table`` (JSON, pandas' split orientation)."""
+    return pd.read_json(client.download_artifacts(run_id, name), orient="split")
+
+
+def test_stage_runs_nest_under_one_parent_with_the_dataset(pipeline: dict) -> None:
+    """Each stage is its own process; they find one parent run by LOFA_PIPELINE_ID and carry its git
+    tags; the stages that read the preprocessed manifest log it as their dataset, so does the parent."""
     import mlflow
 
-    runs = mlflow.search_runs(experiment_names=["lofa"])
-    stage2_runs = set(runs[runs["tags.lofa.stage"] == "train_stage2"]["run_id"])
-    base_hash = json.loads((pipeline["dirs"]["base"] / "dit.json").read_text())["base_model_hash"]
-    versions = [v for v in mlflow.MlflowClient().search_model_versions("name='lofa-hypernet'")
-                if v.run_id in stage2_runs]
-    assert versions and versions[0].tags["base_model_hash"] == base_hash
+    runs = mlflow.search_runs(experiment_names=["lofa"], filter_string=f"tags.`lofa.pipeline` = '{PIPELINE_ID}'")
+    parent = runs[runs["tags.lofa.role"] == "pipeline"]
+    assert len(parent) == 1, runs[["tags.mlflow.runName", "tags.lofa.role"]]
+    parent = parent.iloc[0]
+    stages = runs[runs["tags.lofa.role"] != "pipeline"]
+    assert len(stages) >= 6 and (stages["tags.mlflow.parentRunId"] == parent["run_id"]).all()
+    commit = parent["tags.lofa.git_commit"]  # HEAD when the first stage ran (this checkout may move on since)
+    assert len(commit) == 40 and subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT).returncode == 0
+    assert (stages["tags.lofa.git_commit"] == parent["tags.lofa.git_commit"]).all()
+    assert parent["tags.lofa.git_dirty"] in ("true", "false") and parent["status"] == "FINISHED"
+    name = parent["tags.mlflow.runName"]  # readable: commit and start time; stages named after it
+    assert name.startswith(f"pipeline {parent['tags.lofa.git_commit'][:7]}"), name
+    assert set(stages["tags.mlflow.runName"]) >= {f"fit_loras ({name})", f"preprocess ({name})"}
+    client = mlflow.MlflowClient()
+    digest = {}
+    for stage in ("preprocess", "fit_loras", "train_stage1", "train_stage2"):
+        run = client.get_run(stages[stages["tags.lofa.stage"] == stage]["run_id"].iloc[0])
+        (ds,) = run.inputs.dataset_inputs
+        assert ds.dataset.name == "preprocessed-manifest" and ds.dataset.source_type == "local"
+        digest[stage] = ds.dataset.digest
+    assert len(set(digest.values())) == 1, digest  # the same manifest bytes
+    assert [d.dataset.digest for d in client.get_run(parent["run_id"]).inputs.dataset_inputs] == [digest["fit_loras"]]
+    # per-clip fit values as a table (not metric steps), the fit summary through log_figure
+    fit = stages[stages["tags.lofa.stage"] == "fit_loras"]["run_id"].iloc[0]
+    table = _table(client, fit, "fit_per_clip.json")
+    assert len(table) == len(list((pipeline["dirs"]["loras"] / "loras").glob("*.safetensors")))
+    assert ((table["final_loss"] < table["base_loss"]) == (table["reduction"] > 0)).all()
+    assert "plots/fit_summary.png" in {f.path for f in client.list_artifacts(fit, "plots")}
+    assert not client.get_metric_history(fit, "clip_base_loss")
 
 
 def test_prompt_ceiling_benchmark_on_the_pipeline_outputs(pipeline: dict) -> None:
@@ -168,6 +202,9 @@ def test_stage_commands_under_two_processes(pipeline: dict) -> None:
         rng = json.loads(next((paths["out"] / "ckpt").glob("step_*/checkpoint.json")).read_text())["rng"]
         assert len(rng) == 2  # both processes trained (their RNG states are in the checkpoint)
     found = mlflow.search_runs(experiment_names=["lofa"], filter_string=f"tags.`lofa.pipeline` = '{group}'")
+    parent = found[found["tags.lofa.role"] == "pipeline"]
+    found = found[found["tags.lofa.role"] != "pipeline"]
+    assert len(parent) == 1 and (found["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]).all()
     assert sorted(found["tags.lofa.stage"]) == ["train_stage1", "train_stage2"]
     assert found["metrics.heldout_f1"].notna().sum() == 1
 
@@ -191,4 +228,26 @@ def test_evaluate_writes_every_method_with_its_interval_and_judge_scores(pipelin
     assert m["methods"]["oracle"]["fm_loss"] < m["methods"]["base"]["fm_loss"]
     assert {"dw_cos", "map_f1"} <= set(m["methods"]["ceiling"]) and set(m["judge"]["real"]) == set(judge["render_val"])
     assert len(list((tmp / "eval" / "samples").glob("*.gif"))) == 2
+    _check_evaluate_run_and_registration(d, m)
+
+
+def _check_evaluate_run_and_registration(d: dict, m: dict) -> None:
+    """The evaluate run: per-clip losses as a table, the gap figure; the model it evaluated registered
+    (base hash on the version) and, passing this world's bar, the champion."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(experiment_names=["lofa"], filter_string=f"tags.`lofa.pipeline` = '{PIPELINE_ID}'")
+    ev = runs[runs["tags.lofa.stage"] == "evaluate"]["run_id"].iloc[0]
+    per_clip = _table(client, ev, "eval_per_clip.json")
+    assert len(per_clip) == m["clips"]
+    # the per-clip mean is the table's fm_loss (float32 losses summed in another order: 1e-5 relative)
+    assert per_clip["predicted_fm_loss"].mean() == pytest.approx(m["methods"]["predicted"]["fm_loss"], rel=1e-5)
+    assert "figures/gap_closed.png" in {f.path for f in client.list_artifacts(ev, "figures")}
+    champion = client.get_model_version_by_alias("lofa-hypernet", "champion")
+    base_hash = json.loads((d["base"] / "dit.json").read_text())["base_model_hash"]
+    assert champion.run_id == ev and champion.tags["base_model_hash"] == base_hash
+    assert champion.tags["champion_passed"] == "true"
+    assert float(champion.tags["eval.predicted.gap_closed_lo"]) == pytest.approx(
+        m["methods"]["predicted"]["gap_closed_lo"], rel=1e-6)  # str(float) round trip
 
