@@ -31,6 +31,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from lofa.env import setup_env
+from pipelines.flow_artifacts import apply_overrides, publish_evaluation
 from lofa.orchestration import (Stage, StageFailed, Step, load_stages, plan, read_metrics, record_stage,
                                 run_command, save_experiment, stage_up_to_date)
 
@@ -72,16 +73,20 @@ def run_step(step: Step, root: str, pipeline_id: str, current: bool) -> dict[str
 
 @flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=4))
 def lofa_pipeline(root: str = ".", fit_shards: int = 1, shard_stage: str = "fit_loras", retries: int = 2,
-                  retry_delay_s: float = 10.0, force: bool = False) -> dict[str, dict[str, Any]]:
+                  retry_delay_s: float = 10.0, force: bool = False,
+                  params: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Run every stage of ``<root>/dvc.yaml`` that DVC finds changed; ``shard_stage`` over
     ``fit_shards`` mapped tasks. ``root`` must be a git + DVC repository.
 
     A stage waits for the stages producing its deps; independent ones may run at once.
     Retries back off exponentially from ``retry_delay_s``; ``force`` runs every stage whatever
     DVC says (as ``dvc repro --force``). Returns each step's result; the run is saved as the DVC
-    experiment named after the flow run.
+    experiment named after the flow run. ``params``: dotted overrides of ``params.yaml`` (as
+    ``dvc exp run -S``), applied first; the evaluation ends as Prefect artifacts
+    (:mod:`pipelines.flow_artifacts`).
     """
     root = str(Path(root).resolve())
+    apply_overrides(root, params)
     pipeline_id = str(flow_run.id)
     delays = exponential_backoff(retry_delay_s)(retries) if retries else 0
     base = run_step.with_options(retries=retries, retry_delay_seconds=delays, retry_jitter_factor=0.2)
@@ -101,6 +106,7 @@ def lofa_pipeline(root: str = ".", fit_shards: int = 1, shard_stage: str = "fit_
         futures[step.name] = base.submit(step, root, pipeline_id, current, wait_for=upstream)
     results = {name: f.result() for name, f in futures.items()}
     save_experiment(root, flow_run.name, load_stages(Path(root) / "dvc.yaml"))
+    publish_evaluation(root, pipeline_id)
     return results
 
 
