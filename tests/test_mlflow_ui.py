@@ -1,13 +1,17 @@
-"""MLflow's UI as a person meets it: a real ``mlflow server`` on a store holding two stage runs
-logged by ``lofa.tracking``, opened in headless Chromium (screenshots + the rendered DOM).
+"""MLflow's UI as a person meets it: a real ``mlflow server`` on a store holding one pipeline
+execution logged by ``lofa.tracking`` (a parent run, two stage runs nested under it, the manifest as
+their dataset), opened in headless Chromium (screenshots + the rendered DOM).
 
 The UI is a React app: pages are read with ``--dump-dom`` after a virtual time budget,
-so the assertions see what the browser rendered, not the HTML the server sent. The
-screenshots are copied to ``out/mlflow_ui/`` (or ``$LOFA_UI_SHOTS``), printed at the end.
+so the assertions see what the browser rendered, not the HTML the server sent. The nested view
+needs a click (the parent row's expander), driven through Chromium's DevTools protocol. The
+screenshots are copied to ``out/mlflow_ui/`` (or ``$LOFA_UI_SHOTS``), printed at the end;
+the nested view also to ``docs/screenshots/mlflow_nested.png``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -20,6 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from servers import free_port, wait_http
@@ -31,14 +36,16 @@ pytestmark = [pytest.mark.slow,
                                  "(Debian: apt-get update && apt-get install -y chromium)")]
 
 LOG_RUNS = """
-import json
-from lofa.tracking import stage_run
+import json, sys
+from lofa.tracking import log_manifest, stage_run
 out = {}
 for stage, value in (("fit_loras", 0.4321), ("train_stage1", 0.8765)):
     with stage_run(stage, {"rank": 4, "train": {"lr": 0.001}}, tags={"lofa.base_model_hash": "abc123"}) as mlflow:
+        log_manifest(mlflow, sys.argv[1], "training")
         mlflow.log_metric("loss_reduction_median", value)
-        run = mlflow.active_run().info
-        out[stage], out["experiment"] = run.run_id, run.experiment_id
+        run = mlflow.active_run()
+        out[stage], out["experiment"] = run.info.run_id, run.info.experiment_id
+        out["parent"] = run.data.tags["mlflow.parentRunId"]
 print(json.dumps(out))
 """
 
@@ -60,17 +67,91 @@ def page_text(dom: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", body))
 
 
+def mlflow_client(env: dict[str, str]):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+
+
 def png_size(path: Path) -> tuple[int, int]:
     head = path.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
     return struct.unpack(">II", head[16:24])
 
 
+class DevTools:
+    """One headless Chromium page driven through the DevTools protocol (navigate, run JS, screenshot)."""
+
+    def __init__(self, tmp: Path) -> None:
+        from websockets.sync.client import connect
+
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+             "--disable-background-networking", "--disable-component-update", f"--remote-debugging-port={port}",
+             f"--user-data-dir={tmp / 'profile-devtools'}", "--window-size=1400,900", "about:blank"],
+            env={**os.environ, "HOME": str(tmp)}, start_new_session=True, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        wait_http(f"http://127.0.0.1:{port}/json/version", self.proc, timeout=60)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+            page = next(t for t in json.loads(r.read()) if t["type"] == "page")
+        self.ws, self.next_id = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30), 0
+
+    def call(self, method: str, **params: object) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:  # events arrive in between; the reply carries our id
+            msg = json.loads(self.ws.recv(timeout=120))
+            if msg.get("id") == self.next_id:
+                assert "error" not in msg, msg
+                return msg["result"]
+
+    def js(self, expression: str) -> object:
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_text(self, text: str, timeout: float = 90) -> str:
+        """The page's visible text once it shows ``text`` (polled: the app renders after its API calls)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            body = self.js("document.body ? document.body.innerText : ''") or ""
+            if text in body:
+                return body
+            time.sleep(0.5)
+        raise AssertionError(f"the page never showed {text!r}; it shows: {body[:2000]}")
+
+    def close(self) -> None:
+        self.ws.close()
+        os.killpg(self.proc.pid, signal.SIGTERM)  # Chromium and its helpers, started above
+        self.proc.wait(timeout=30)
+
+
+def nested_view(tmp: Path, url: str, parent: str, child: str, shot: Path) -> str:
+    """Open the runs table, expand ``parent``'s row, and return the text once ``child`` shows under it."""
+    browser = DevTools(tmp)
+    try:
+        browser.call("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
+        browser.call("Page.navigate", url=url)
+        collapsed = browser.wait_text(parent)
+        assert child not in collapsed, "stage runs should be folded under their parent until expanded"
+        clicked = browser.js("""(() => { const b = document.querySelector(
+            'button[data-component-id*="runnamecellrenderer"]'); if (b) b.click(); return !!b; })()""")
+        assert clicked, "no expander on the parent run's row"
+        text = browser.wait_text(child)
+        shot.write_bytes(base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"]))
+        return text
+    finally:
+        browser.close()
+
+
 def test_mlflow_ui_shows_stage_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "LOFA_MLFLOW_ARTIFACTS": (tmp_path / "mlruns").as_uri(), "LOFA_PIPELINE_ID": "ui-check-42"}
-    logged = subprocess.run([sys.executable, "-c", LOG_RUNS], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    data = tmp_path / "preprocessed"
+    data.mkdir()
+    pd.DataFrame({"id": ["synth/wave/000001", "synth/bow/000002"], "split": ["train", "test"],
+                  "caption": ["a small red figure waves", "a large figure bows"]}).to_parquet(data / "manifest.parquet")
+    logged = subprocess.run([sys.executable, "-c", LOG_RUNS, str(data)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
     assert logged.returncode == 0, logged.stderr[-3000:]
     ids = json.loads(logged.stdout.strip().splitlines()[-1])
     port = free_port()
@@ -88,6 +169,9 @@ def test_mlflow_ui_shows_stage_runs(tmp_path: Path, capsys: pytest.CaptureFixtur
         texts = {name: page_text(chromium(tmp_path, url, "--dump-dom")) for name, url in pages.items()}
         for name, url in pages.items():
             chromium(tmp_path, url, f"--screenshot={tmp_path / f'{name}.png'}")
+        parent_name = mlflow_client(env).get_run(ids["parent"]).info.run_name
+        nested = nested_view(tmp_path, pages["experiment"], parent_name, f"fit_loras ({parent_name})",
+                             tmp_path / "nested.png")
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker, started above
@@ -95,12 +179,22 @@ def test_mlflow_ui_shows_stage_runs(tmp_path: Path, capsys: pytest.CaptureFixtur
         log.close()
 
     exp, run = texts["experiment"], texts["run"]
-    assert "lofa" in exp and "fit_loras" in exp and "train_stage1" in exp and "2 matching runs" in exp, exp[:2000]
+    # the experiment page: the parent row (its stage runs folded under it), the manifest as its dataset
+    assert "lofa" in exp and parent_name in exp and "3 matching runs" in exp, exp[:2000]
+    assert "preprocessed-manifest" in exp
+    # expanded: both stage runs under the parent, named after it
+    assert f"fit_loras ({parent_name})" in nested and f"train_stage1 ({parent_name})" in nested, nested[:2000]
+    assert nested.index(parent_name) < nested.index(f"fit_loras ({parent_name})")
     assert "loss_reduction_median 0.4321" in run, run[:3000]  # the metrics table of the fit_loras run
     assert "lofa.pipeline : ui-check-42" in run and "lofa.stage : fit_loras" in run and "train.lr" in run
+    assert "lofa.git_commit" in run and "lofa.git_dirty" in run and "preprocessed-manifest" in run
     assert "0.8765" not in run
     shots = Path(os.environ.get("LOFA_UI_SHOTS", ROOT / "out" / "mlflow_ui"))
     shots.mkdir(parents=True, exist_ok=True)
+    png = tmp_path / "nested.png"
+    assert png_size(png) == (1400, 900) and png.stat().st_size > 20_000, png
+    shutil.copy(png, shots / "nested.png")
+    shutil.copy(png, ROOT / "docs" / "screenshots" / "mlflow_nested.png")
     for name in pages:
         png = tmp_path / f"{name}.png"
         assert png_size(png) == (1400, 900) and png.stat().st_size > 20_000, png
