@@ -100,7 +100,7 @@ def log_manifest(run: Any, data_dir: str | Path, context: str) -> None:
     output) of the active run and of its parent, so the UI shows which clips a run saw.
 
     The digest is the file's sha256 (DVC tracks the same bytes); the source its absolute path.
-    Backends without dataset inputs (other ranks, local records) skip it."""
+    Ranks other than 0 (an :class:`OtherRank`) skip it."""
     import hashlib
     import warnings
 
@@ -108,7 +108,7 @@ def log_manifest(run: Any, data_dir: str | Path, context: str) -> None:
     import pandas as pd
     from mlflow.entities import DatasetInput, InputTag
 
-    if getattr(run, "__name__", "") != "mlflow":  # an OtherRank or a LocalRun
+    if getattr(run, "__name__", "") != "mlflow":  # an OtherRank
         return
     path = Path(data_dir) / "manifest.parquet"
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
