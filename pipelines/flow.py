@@ -31,7 +31,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from lofa.env import setup_env
-from pipelines.flow_artifacts import apply_overrides, publish_evaluation
+from pipelines.flow_artifacts import apply_overrides, parse_set, publish_evaluation
 from lofa.orchestration import (Stage, StageFailed, Step, load_stages, plan, read_metrics, record_stage,
                                 run_command, save_experiment, stage_up_to_date)
 
@@ -137,6 +137,8 @@ def main() -> None:
     p.add_argument("--runner", choices=RUNNERS, default="thread")
     p.add_argument("--dask-address", help="scheduler of an existing Dask cluster (else a local one)")
     p.add_argument("--workers", type=int, default=4, help="steps at once: threads, or local Dask workers")
+    p.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a params.yaml value first, as dvc exp run -S (repeatable)")
     args = p.parse_args()
     root = setup_env(Path(args.root))
     from prefect.context import SettingsContext, get_settings_context
@@ -146,7 +148,8 @@ def main() -> None:
     with SettingsContext(profile=get_settings_context().profile, settings=Settings()):
         pipeline = lofa_pipeline.with_options(task_runner=task_runner(args.runner, args.dask_address, args.workers))
         results = pipeline(root=str(root), fit_shards=args.fit_shards, shard_stage=args.shard_stage,
-                           retries=args.retries, retry_delay_s=args.retry_delay, force=args.force)
+                           retries=args.retries, retry_delay_s=args.retry_delay, force=args.force,
+                           params=parse_set(args.set_param))
     for name, res in results.items():
         print(f"{name}: {'ran' if res['ran'] else 'up to date'}, {res['seconds']} s", *res["metrics"])
 

@@ -31,6 +31,14 @@ def _parse(value: Any) -> Any:
     return yaml.safe_load(value) if isinstance(value, str) else value
 
 
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``["fit_loras.steps=300", ...]`` (the CLI's ``-S``) as overrides; values stay strings, read later."""
+    bad = [item for item in items if "=" not in item or not item.split("=", 1)[0]]
+    if bad:
+        raise SystemExit(f"-S takes KEY=VALUE (a dotted params.yaml key), not {bad}")
+    return dict(item.split("=", 1) for item in items)
+
+
 def apply_overrides(root: str | Path, overrides: dict[str, Any] | None) -> dict[str, Any]:
     """Set each dotted key of ``overrides`` in ``<root>/params.yaml`` (atomically); returns them parsed.
 

@@ -195,3 +195,12 @@ def test_evaluation_rows_carry_each_method_and_its_interval() -> None:
     rows = evaluation_rows({"clips": 72, "methods": {"predicted": m, "base": {**m, "gap_closed": 0.0}}})
     assert rows == [{"method": "predicted", "gap_closed": 0.0678, "lo": 0.0556, "hi": 0.08, "fm_loss": 0.8699},
                     {"method": "base", "gap_closed": 0.0, "lo": 0.0556, "hi": 0.08, "fm_loss": 0.8699}]
+
+
+def test_cli_set_param_pairs() -> None:
+    from pipelines.flow_artifacts import parse_set
+
+    assert parse_set(["fit_loras.steps=300", "preprocess.profile=wan=x"]) == \
+        {"fit_loras.steps": "300", "preprocess.profile": "wan=x"}
+    with pytest.raises(SystemExit, match=r"-S takes KEY=VALUE .* not \['steps', '=3'\]"):
+        parse_set(["steps", "=3", "a.b=1"])
