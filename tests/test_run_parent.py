@@ -67,9 +67,10 @@ def test_each_dvc_repro_is_one_parent_and_an_experiment_is_named(repo):
     _run(repo, env, dvc, "repro")
     _run(repo, env, dvc, "repro", "--force")
     _run(repo, env, dvc, "exp", "run", "-n", "bigger-n", "-S", "toy.n=2")
+    _run(repo, env, dvc, "exp", "run", "--temp", "-n", "in-temp", "-S", "toy.n=3")  # in a temporary clone
     runs = _runs(env)
     parents = [r for r in runs if r.data.tags.get("lofa.role") == "pipeline"]
-    assert len(parents) == 3, [r.info.run_name for r in runs]
+    assert len(parents) == 4, [r.info.run_name for r in runs]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     for parent in parents:
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -78,13 +79,16 @@ def test_each_dvc_repro_is_one_parent_and_an_experiment_is_named(repo):
                                                        f"second ({parent.info.run_name})"}
         key = parent.data.tags["lofa.pipeline"]
         assert key.startswith("dvc-") and all(r.data.tags["lofa.pipeline"] == key for r in children)
-        assert parent.data.tags["lofa.git_commit"] == head and parent.info.status == "FINISHED"
-    first, second, exp = parents
+        assert parent.info.status == "FINISHED"
+    first, second, exp, temp = parents
+    assert first.data.tags["lofa.git_commit"] == second.data.tags["lofa.git_commit"] == head
     assert first.data.tags["lofa.pipeline"] != second.data.tags["lofa.pipeline"]
     assert first.data.tags["lofa.git_dirty"] == "false" and first.info.run_name.startswith(f"pipeline {head[:7]} ")
     assert exp.info.run_name == "exp bigger-n" and exp.data.tags["lofa.dvc_exp"] == "bigger-n"
     assert exp.data.tags["lofa.dvc_exp_baseline"] == head and "bigger-n" in exp.data.tags["lofa.pipeline"]
     assert exp.data.tags["lofa.git_dirty"] == "true"  # -S wrote params.yaml before the stages ran
+    # --temp: the stages run in DVC's clone, on a commit of its own; the baseline names ours
+    assert temp.info.run_name == "exp in-temp" and temp.data.tags["lofa.dvc_exp_baseline"] == head
 
 
 def test_a_stage_run_by_hand_has_no_parent(repo):
