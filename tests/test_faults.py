@@ -194,6 +194,7 @@ def mlflow_run(run_id: str):
 
     runs = mlflow.search_runs(experiment_names=["lofa"], filter_string=f"tags.`lofa.pipeline` = '{run_id}'",
                               output_format="list")
+    runs = [r for r in runs if "lofa.stage" in r.data.tags]  # not the execution's parent run
     assert len(runs) == 1, (run_id, len(runs))
     return runs[0]
 
