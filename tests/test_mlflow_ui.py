@@ -5,8 +5,9 @@ their dataset), opened in headless Chromium (screenshots + the rendered DOM).
 The UI is a React app: pages are read with ``--dump-dom`` after a virtual time budget,
 so the assertions see what the browser rendered, not the HTML the server sent. The nested view
 needs a click (the parent row's expander), driven through Chromium's DevTools protocol. The
-screenshots are copied to ``out/mlflow_ui/`` (or ``$LOFA_UI_SHOTS``), printed at the end;
-the nested view also to ``docs/screenshots/mlflow_nested.png``.
+screenshots (``mlflow_experiment.png``, ``mlflow_run.png``, ``mlflow_nested.png``) are copied to
+``out/mlflow_ui/`` or ``$LOFA_UI_SHOTS`` (``LOFA_UI_SHOTS=docs/screenshots`` renews the documented
+ones), printed at the end.
 """
 
 from __future__ import annotations
@@ -193,11 +194,10 @@ def test_mlflow_ui_shows_stage_runs(tmp_path: Path, capsys: pytest.CaptureFixtur
     shots.mkdir(parents=True, exist_ok=True)
     png = tmp_path / "nested.png"
     assert png_size(png) == (1400, 900) and png.stat().st_size > 20_000, png
-    shutil.copy(png, shots / "nested.png")
-    shutil.copy(png, ROOT / "docs" / "screenshots" / "mlflow_nested.png")
+    shutil.copy(png, shots / "mlflow_nested.png")
     for name in pages:
         png = tmp_path / f"{name}.png"
         assert png_size(png) == (1400, 900) and png.stat().st_size > 20_000, png
-        shutil.copy(png, shots / f"{name}.png")
+        shutil.copy(png, shots / f"mlflow_{name}.png")
     with capsys.disabled():
-        print(f"\nMLflow UI screenshots: {shots / 'experiment.png'} {shots / 'run.png'}")
+        print(f"\nMLflow UI screenshots: {sorted(str(p) for p in shots.glob('mlflow_*.png'))}")
