@@ -83,6 +83,16 @@ def _kernels() -> tuple | None:
     return _flash_attn_fwd, _flash_attn_bwd
 
 
+@functools.cache
+def _import_error() -> str:
+    """Why ``flash_attn.cute`` does not import (its own exception, for the message)."""
+    try:
+        import flash_attn.cute.interface  # noqa: F401
+    except Exception as e:
+        return f"flash-attn-4 does not import ({type(e).__name__}: {e}; pip install flash-attn-4)"
+    return "flash-attn-4 imports"
+
+
 def unavailable_reason(q: Tensor, head_dim: int) -> str | None:
     """Why FA4 cannot run on ``q`` (``None``: it can)."""
     if q.device.type != "cuda":
@@ -95,7 +105,7 @@ def unavailable_reason(q: Tensor, head_dim: int) -> str | None:
     if head_dim not in _HEAD_DIMS:
         return f"head size {head_dim} outside FA4's range (multiples of 8 up to 256)"
     if _kernels() is None:
-        return "the flash-attn-4 package does not import (pip install flash-attn-4)"
+        return _import_error()
     return None
 
 
@@ -112,6 +122,8 @@ def wants_fa4(q: Tensor, head_dim: int) -> bool:
 @torch.library.custom_op("lofa::fa4_fwd", mutates_args=())
 def fa4_fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """FA4 forward: q (N, S, H, D), k and v (N, L, H, D) -> out (N, S, H, D), lse (N, H, S) float32."""
+    if _kernels() is None:
+        raise FlashUnavailable(f"FA4 called directly: {_import_error()}")
     out, lse, *_ = _kernels()[0](q, k, v, return_lse=True)
     return out, lse
 

@@ -46,7 +46,7 @@ HELD_OUT = 2  # the last clips are the val split (evaluate's held-out prompts)
 #: What the few-step run changes in params-real.yaml (the full run's values stay for the estimates).
 FEW_STEPS = {"fit_loras.steps": 4, "train_stage1.train.max_steps": 10, "train_stage1.train.ckpt_every": 5,
              "train_stage2.train.max_steps": 4, "train_stage2.train.ckpt_every": 2,
-             "train_stage2.prompts_per_batch": 2, "train_stage1.compile": False, "train_stage2.compile": False,
+             "train_stage2.prompts_per_batch": 1, "train_stage1.compile": False, "train_stage2.compile": False,
              "evaluate.eval_points": 2, "evaluate.sample_steps": 4, "evaluate.num_videos": 1,
              "evaluate.generalist_steps": 2, "evaluate.bootstrap": 200}
 #: The CPU variant: a tiny umT5 and DiT of Wan's architectures, the full-size VAE, 17x64x64.
