@@ -16,7 +16,7 @@ from lofa.data.dataset import load_clips
 from lofa.encoders.video import build_codec
 from lofa.env import process_rank
 from lofa.media import decode_latents, side_by_side, write_video
-from lofa.pretrain import PretrainConfig, pretrain
+from lofa.pretrain import PretrainConfig, import_base, pretrain
 from lofa.sampling import sample
 from lofa.tracking import log_manifest, stage_run
 from lofa.train import RESUMABLE_CHANGES
@@ -30,6 +30,15 @@ def main() -> None:
     t0 = time.perf_counter()
     key = input_key("pretrain_base", "pretrain_base", cfg, {"data": args.data},
                     drop=tuple(f"train.{k}" for k in RESUMABLE_CHANGES))
+    if cfg.weights:  # the real profile: Wan2.1's DiT is the base
+        with stage_run("pretrain_base", to_dict(cfg)) as mlflow:
+            import_base(cfg, args.out, input_key=key)
+            logged = write_metrics(args.metrics, {"final_loss": None, "steps": 0, "imported": cfg.weights},
+                                   {"seconds": round(time.perf_counter() - t0, 1)})
+            mlflow.log_metrics({k: float(v) for k, v in logged.items() if isinstance(v, (int, float))})
+            mlflow.log_artifact(str(args.out / "dit.json"))
+        print(f"pretrain_base: imported {cfg.weights} as the base model ({args.out})")
+        return
     with stage_run("pretrain_base", to_dict(cfg)) as mlflow:
         log_manifest(mlflow, args.data, "training")
         dit, result = pretrain(cfg, clips, args.out, logger=lambda step, m: mlflow.log_metrics(m, step=step),
