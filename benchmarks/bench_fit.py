@@ -393,22 +393,24 @@ def _conventional_with(sdpa: str, model, params, resolutions, result, warmup, ti
             _write(result)
 
 
-def run(tiny: bool, budget_s: float, warmup: int, timed: int) -> dict:
+def run(tiny: bool, budget_s: float, warmup: int, timed: int, only: tuple[str, ...] = ()) -> dict:
     if not tiny and not torch.cuda.is_available():
         raise SystemExit("bench_fit: the full benchmark needs a CUDA GPU; use --tiny on CPU")
     device = torch.device("cpu" if tiny else "cuda")
     t_start = time.perf_counter()
     cfg, rank, dit, vocab, resolutions, candidates = _setup(tiny, device)
+    check_shapes = resolutions.get(CHECK_RESOLUTION) or next(iter(resolutions.values()))
+    if only:  # a subset of the resolutions (the checks still run at CHECK_RESOLUTION's shapes)
+        resolutions = {r: v for r, v in resolutions.items() if r in only}
     result = {"device": device.type, "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "rank": rank, "checks": {}, "rows": []}
-    check_shapes = resolutions.get(CHECK_RESOLUTION) or next(iter(resolutions.values()))
     checks = result["checks"]
     checks["batched_vs_single_rel"] = check_batched_equals_single(dit, vocab, *check_shapes, rank, device)
     sdpa = "auto"
     if not tiny:
         shapes = {r: (candidates[r][0].k, lat[1] * lat[2] * lat[3] // 4) for r, (lat, _) in resolutions.items()}
         result["attention_probe"] = attention_probe(shapes, cfg.num_heads, cfg.dim // cfg.num_heads, device)
-        sdpa = _best_sdpa(result["attention_probe"], "33x320x512")  # one kernel: compiled graphs bake it in
+        sdpa = _best_sdpa(result["attention_probe"], "33x320x512" if "33x320x512" in shapes else next(iter(shapes)))
     result["sdpa_best"] = sdpa
     checks["fused_vs_diffsynth"] = check_impls(dit, vocab, *check_shapes, rank, device, sdpa, ("fused",))
     if not tiny:
@@ -462,8 +464,11 @@ def main(argv: list[str] | None = None) -> dict:
                    help="seconds after the start past which no new candidate starts")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timed", type=int, default=3)
+    p.add_argument("--resolutions", default="", help="comma-separated subset of " + ",".join(RESOLUTIONS))
     args = p.parse_args(argv)
-    result = run(args.tiny, args.budget_s, args.warmup if not args.tiny else 1, args.timed if not args.tiny else 2)
+    only = tuple(r for r in args.resolutions.split(",") if r)
+    result = run(args.tiny, args.budget_s, args.warmup if not args.tiny else 1, args.timed if not args.tiny else 2,
+                 only)
     print(json.dumps(result, indent=1))
     print(_table(result))
     return result
