@@ -29,7 +29,7 @@ if [ -n "$dupes" ]; then
   echo "[gpu_wheels] ERROR: two versions of $dupes in .whl/ (pip --target stops on them): remove the older" >&2
   exit 1
 fi
-whl=$(du -cb .whl/*.whl | tail -1 | cut -f1)
+whl=$(du -sb .whl | cut -f1)  # all of it travels when a call carries .whl
 tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
 bundle=$(du -cb .medium 2>/dev/null | tail -1 | cut -f1)
 total=$(( whl + tree + ${bundle:-0} ))

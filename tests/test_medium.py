@@ -191,15 +191,18 @@ def test_device_script_smoke_without_device_missing_packages(tmp_path: Path) -> 
     summary = json.loads((res / "metrics" / "evaluate.json").read_text())
     assert summary["clips"] > 0 and {"base", "oracle", "predicted", "naive"} <= set(summary["methods"])
     assert len(list((res / "eval" / "samples").glob("*.gif"))) == 2
-    assert {p.stem for p in (res / "logs").glob("*.log")} == {*GPU_STAGES, "refine"}
+    assert {p.stem for p in (res / "logs").glob("*.log")} == {*GPU_STAGES, "refine", "export"}  # export: of the runs
 
     exported = json.loads((res / "tracking" / "export" / "experiment.json").read_text())["mlflow"]["runs"]
-    assert len(exported) == len(GPU_STAGES) + 2  # the parent run, each stage, and refine
+    assert len(exported) == len(GPU_STAGES) + 1  # each stage's run and their parent (refine logs none)
     proc = subprocess.run([py, "-m", "lofa.device_runs", "import", str(res / "tracking" / "export")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("imported: ") == len(exported)
     runs = mlflow.search_runs(experiment_names=["lofa"], filter_string="tags.`lofa.pipeline` = 'medium-smoke'")
-    assert set(runs["tags.lofa.stage"].dropna()) == {*GPU_STAGES, "refine"} and (runs["status"] == "FINISHED").all()
+    imported = runs[runs["tags.mlflow_exim.run_info.run_id"].notna()]
+    assert sorted(imported["tags.mlflow_exim.run_info.run_id"]) == sorted(exported)
+    assert set(imported["tags.lofa.stage"].dropna()) == set(GPU_STAGES) and (imported["status"] == "FINISHED").all()
+    assert set(runs["tags.lofa.stage"].dropna()) == {"synthesize", "preprocess", *GPU_STAGES}  # the bundle's, here
     ev = runs[runs["tags.lofa.stage"] == "evaluate"].iloc[0]
     assert ev["metrics.oracle.gap_closed"] == pytest.approx(1.0)
