@@ -125,10 +125,12 @@ def _run_tool(export_dir: Path, uri: str) -> None:
 
 
 def _restore_status(client: Any, runs: dict[str, Any]) -> None:
-    """Each imported run's status and end time as on the device (the tool ends every run FINISHED)."""
+    """Each imported run's status and end time as on the device (the tool ends every run FINISHED);
+    one still RUNNING there when it was exported had its process stopped: KILLED."""
     for run in runs.values():
         tags = run.data.tags
         status, end = tags.get("mlflow_exim.run_info.status"), tags.get("mlflow_exim.run_info.end_time")
+        status = "KILLED" if status in ("RUNNING", "SCHEDULED") else status
         if status and status != run.info.status:
             client.set_terminated(run.info.run_id, status, int(end) if end and end != "None" else None)
 
