@@ -12,7 +12,7 @@ runs the tool's ``import-experiment`` into the ``lofa`` experiment of the projec
 artifacts and the parent/stage nesting. With ``--import-source-tags`` the tool also keeps each
 source run's id, status, start and end time as ``mlflow_exim.run_info.*`` tags; this command then
 gives each run its source status and end time back (the tool marks every imported run FINISHED)
-and refuses to import an export twice.
+and imports only runs not imported before (a later call's archive holds the earlier calls' runs).
 
 mlflow-export-import 1.2.0 writes through the tracking REST API: against a sqlite URI its
 ``import-experiment`` stops at the second run with "Experiment(name=lofa) already exists" (it
@@ -26,10 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -135,11 +137,50 @@ def _restore_status(client: Any, runs: dict[str, Any]) -> None:
             client.set_terminated(run.info.run_id, status, int(end) if end and end != "None" else None)
 
 
-def import_export(export_dir: str | Path) -> tuple[dict[str, Any], bool]:
-    """Import an ``export-experiment`` folder into the project's ``lofa`` experiment.
+def _new_runs_only(export_dir: Path, new_ids: list[str], before: dict[str, Any], dest: Path) -> dict[str, str]:
+    """Copy into ``dest`` the export of ``new_ids`` alone (its manifest lists just those); returns
+    new run -> its parent, for the parents imported before, whose tag is taken out of the copy
+    (the tool maps parents only within one import and stops on any other)."""
+    manifest = json.loads((export_dir / "experiment.json").read_text())
+    manifest["mlflow"]["runs"] = new_ids
+    dest.mkdir()
+    (dest / "experiment.json").write_text(json.dumps(manifest))
+    earlier_parent = {}
+    for run_id in new_ids:
+        shutil.copytree(export_dir / run_id, dest / run_id)
+        run_json = dest / run_id / "run.json"
+        run = json.loads(run_json.read_text())
+        parent = run["mlflow"]["tags"].get("mlflow.parentRunId")
+        if parent in before:
+            earlier_parent[run_id] = run["mlflow"]["tags"].pop("mlflow.parentRunId")
+            run_json.write_text(json.dumps(run))
+    return earlier_parent
 
-    Returns (source run id -> imported run, whether imported now); an export imported before is
-    not imported again, and one imported in part is refused (its runs are named)."""
+
+def _reattach(client: Any, runs: dict[str, Any], earlier_parent: dict[str, str], before: dict[str, Any]) -> None:
+    """Nest each new run under its parent that an earlier import brought."""
+    for src, parent in earlier_parent.items():
+        client.set_tag(runs[src].info.run_id, "mlflow.parentRunId", before[parent].info.run_id)
+
+
+def _import_dir(export_dir: Path, exp_id: str, log: Path) -> None:
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        _run_tool(export_dir, uri)
+        return
+    with tracking_server(uri, mlflow.get_experiment(exp_id).artifact_location, log) as url:
+        _run_tool(export_dir, url)
+
+
+def import_export(export_dir: str | Path) -> dict[str, tuple[Any, bool]]:
+    """Import the runs of an ``export-experiment`` folder that are not in the project's ``lofa``
+    experiment yet; returns source run id -> (its run here, whether imported now).
+
+    A later call on the same GPU machine exports that machine's whole store again: the runs an
+    earlier archive brought are skipped, and new stage runs are nested under their parent even
+    when that parent came with the earlier archive."""
     import mlflow
 
     export_dir = Path(export_dir).resolve()
@@ -147,21 +188,19 @@ def import_export(export_dir: str | Path) -> tuple[dict[str, Any], bool]:
     client = mlflow.MlflowClient()
     exp_id = experiment_id(mlflow)  # created here first, so its artifacts go where the project's go
     before = imported_runs(client, exp_id, source_ids)
-    if len(before) == len(source_ids):
-        return before, False
-    if before:
-        raise ValueError(f"{export_dir}: runs {sorted(before)} were imported before, the others not; "
-                         "import an export whose runs are all new (delete the partial import first)")
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        _run_tool(export_dir, uri)
-    else:
-        artifacts = mlflow.get_experiment(exp_id).artifact_location
-        with tracking_server(uri, artifacts, export_dir.parent / "import-server.log") as url:
-            _run_tool(export_dir, url)
+    new_ids = [r for r in source_ids if r not in before]
+    if new_ids:
+        with tempfile.TemporaryDirectory(prefix="lofa-import-") as tmp:
+            todo, earlier_parent = export_dir, {}
+            if before:
+                todo = Path(tmp) / "export"
+                earlier_parent = _new_runs_only(export_dir, new_ids, before, todo)
+            _import_dir(todo, exp_id, export_dir.parent / "import-server.log")
+        runs = imported_runs(client, exp_id, source_ids)
+        _restore_status(client, runs)
+        _reattach(client, runs, earlier_parent, before)
     runs = imported_runs(client, exp_id, source_ids)
-    _restore_status(client, runs)
-    return imported_runs(client, exp_id, source_ids), True
+    return {src: (run, src not in before) for src, run in runs.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,10 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     import mlflow
 
     try:
-        runs, new = import_export(args.dir)
+        runs = import_export(args.dir)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise SystemExit(f"lofa.device_runs import: {e}") from None
-    for src, run in sorted(runs.items(), key=lambda kv: kv[1].info.start_time):
+    for src, (run, new) in sorted(runs.items(), key=lambda kv: kv[1][0].info.start_time):
         print(f"{'imported' if new else 'already imported'}: {run.info.run_name} {run.info.status} "
               f"(lofa.pipeline={run.data.tags.get('lofa.pipeline')}) {src} -> run {run.info.run_id}")
     print(f"experiment '{EXPERIMENT}' at {mlflow.get_tracking_uri()}")

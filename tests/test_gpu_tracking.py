@@ -21,6 +21,11 @@ import yaml
 from lofa.device_runs import SOURCE_ID_TAG, export_runs
 
 ROOT = Path(__file__).resolve().parents[1]
+LATER = """
+from lofa.tracking import stage_run
+with stage_run("refine", {"clips": 4}) as mlflow:
+    mlflow.log_metrics({"steps_from_zero": 30.0})
+"""
 FAIL = """
 from lofa.tracking import stage_run
 with stage_run("train_stage1", {"train": {"lr": 0.001}}) as mlflow:
@@ -130,3 +135,16 @@ def test_device_runs_come_back_with_export_import(tmp_path: Path) -> None:
     assert stages["train_stage1"].info.status == "FAILED" and stages["preprocess"].info.status == "FINISHED"
     assert stages["preprocess"].data.metrics["clips"] == 40
     assert _artifacts(dst, stages["synthesize"].info.run_id)  # the contact sheet & co. came along
+
+    # a later call on the same machine: one more stage, the whole store exported again
+    _run([sys.executable, "-c", LATER], device)
+    export2 = tmp_path / "archive2" / "tracking" / "export"
+    _run([sys.executable, "-m", "mlflow_export_import.experiment.export_experiment", "--experiment", "lofa",
+          "--output-dir", str(export2)], _store(dev))
+    out = _run([sys.executable, "-m", "lofa.device_runs", "import", str(export2)], _store(here)).stdout
+    assert out.count("already imported: ") == 4 and out.count("\nimported: ") + out.startswith("imported: ") == 1
+    runs = dst.search_runs([dst.get_experiment_by_name("lofa").experiment_id])
+    later = [r for r in runs if r.data.tags.get("lofa.stage") == "refine"]
+    assert len(runs) == 5 and len(later) == 1
+    assert later[0].data.tags["mlflow.parentRunId"] == parent.info.run_id  # under the parent the first import made
+    assert later[0].data.metrics == {"steps_from_zero": 30.0}
