@@ -41,7 +41,7 @@ class EvalConfig:
     """The ``evaluate`` params section."""
 
     eval_points: int = 8  # fixed timesteps per clip, spread over the training grid
-    tau: float = 0.2  # response-map threshold (= train_stage1.loss.tau)
+    tau: float = 0.2  # response-map threshold: the evaluate stage sets train_stage1.loss.tau (no params key)
     sample_steps: int = 20
     guidance: float = 3.0
     # The LoRA runs in guidance's conditional branch only; the unconditional branch is the base model's.

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lofa.config import from_dict, to_dict
+from lofa.config import ConfigError, from_dict, to_dict
 from lofa.data.dataset import ClipSet, load_clips
 from lofa.fit import lora_path
 from lofa.hypernet import HyperNet, HyperNetConfig, MatrixGroup, group_by_shape
@@ -85,6 +85,35 @@ def load_lora_set(lora_dir: str | Path, pre_dir: str | Path, vocab: Vocabulary,
     A = tuple(torch.stack([f.A[j] for f in files]).float() for j in range(len(vocab)))
     B = tuple(torch.stack([f.B[j] for f in files]).float() for j in range(len(vocab)))
     return LoRASet(clips, A, B)
+
+
+def check_shared(section: str, model: HyperNetConfig, data: LoRASet, *, params: str | Path, loras: str | Path,
+                 pre: str | Path, stage1: HyperNet | None = None, stage1_file: str | Path | None = None) -> None:
+    """Values that ``section``'s model shares with what it consumes, checked before any training step.
+
+    The params keys are copies of values other stages fixed: ``<section>.model.rank`` must be the rank
+    the LoRAs in ``loras`` were fitted with (``fit_loras.rank``), ``text_dim`` the width of the
+    preprocessed text in ``pre``; stage II attends to stage-I tokens, so its ``d_model`` and
+    ``text_dim`` must be those of the stage-I model's sidecar ``stage1_file``. A mismatch otherwise
+    surfaces as a shape error inside the first step, or, for the rank, never (a stage-II model of
+    another rank than its oracles)."""
+    fit_rank, width = data.A[0].shape[1], data.clips.text.shape[-1]
+    errors = []
+    if model.rank != fit_rank:
+        errors.append(f"{section}.model.rank is {model.rank} but the LoRAs in {loras} have rank {fit_rank} "
+                      "(fit_loras.rank): set them equal")
+    if model.text_dim != width:
+        errors.append(f"{section}.model.text_dim is {model.text_dim} but the text in {pre} is {width}-d "
+                      "(the preprocess section's text encoder)")
+    if stage1 is not None:
+        sidecar = Path(stage1_file).with_suffix(".json") if stage1_file else "the stage-I model"
+        if stage1.cfg.stage != 1:
+            errors.append(f"{sidecar} is no stage-I model (meta.hypernet.stage {stage1.cfg.stage})")
+        errors += [f"{section}.model.{name} is {getattr(model, name)} but {sidecar} has meta.hypernet.{name} "
+                   f"{getattr(stage1.cfg, name)} (stage II attends to the stage-I tokens)"
+                   for name in ("d_model", "text_dim") if getattr(model, name) != getattr(stage1.cfg, name)]
+    if errors:
+        raise ConfigError(f"{params}: " + "; ".join(errors))
 
 
 def _generator(seed: int, draw: int, rank: int) -> torch.Generator:

@@ -18,7 +18,7 @@ import time
 import pandas as pd
 
 from lofa.ceiling import ceiling_loras, generalist_lora
-from lofa.config import from_dict, to_dict
+from lofa.config import ConfigError, from_dict, to_dict
 from lofa.data.preprocess import PreprocessConfig, codec_for
 from lofa.data.synthetic import STATED, SynthConfig, read_meta
 from lofa.env import compute_device
@@ -30,6 +30,7 @@ from lofa.hypertrain import load_hypernet
 from lofa.io import atomic_path, read_json, write_text
 from lofa.judge import SIDECAR, load_judge
 from lofa.media import decode_latents, side_by_side, write_video
+from lofa.objectives import Stage1LossConfig
 from lofa.registry import CHAMPION, RegisterConfig, promote, register_hypernet
 from lofa.tracking import log_manifest, model_registry_off, stage_run
 from pipelines._common import section, stage_args, write_metrics
@@ -44,12 +45,27 @@ def _world(args, pre: PreprocessConfig) -> tuple[SynthConfig | None, dict[str, d
     return synth, {r["id"]: r for r in read_meta(args.synth)}, ""
 
 
+def _no_tau(args) -> dict:
+    """The evaluate section, which must not set tau: its one source is train_stage1.loss.tau."""
+    raw = section(args, "evaluate")
+    if "tau" in raw:
+        raise ConfigError(f"{args.params}: evaluate.tau is no params key: evaluate reads the response-map "
+                          "threshold stage I was trained with, train_stage1.loss.tau; delete evaluate.tau")
+    return raw
+
+
+def _stage1_tau(args) -> float:
+    """train_stage1.loss.tau (its default when the section leaves it out, as stage I reads it)."""
+    loss = (section(args, "train_stage1").get("loss") or {})
+    return from_dict(Stage1LossConfig, loss, "train_stage1.loss").tau
+
+
 def main() -> None:
     args = stage_args(__doc__, data="data/preprocessed", base="data/base", loras="data/loras",
                       synth="data/motionx_synth",
                       stage1="data/stage1", stage2="data/stage2", naive="data/stage2_naive", judge="data/judge",
                       out="data/eval", metrics="metrics/evaluate.json", plots="metrics/eval_methods.csv")
-    cfg = from_dict(EvalConfig, section(args, "evaluate"), "evaluate")
+    cfg = from_dict(EvalConfig, {**_no_tau(args), "tau": _stage1_tau(args)}, "evaluate")
     fit = from_dict(FitConfig, section(args, "fit_loras"), "fit_loras")
     pre = from_dict(PreprocessConfig, section(args, "preprocess"), "preprocess")
     reg = from_dict(RegisterConfig, section(args, "register"), "register")

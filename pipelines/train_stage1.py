@@ -11,7 +11,7 @@ import time
 
 from lofa.config import from_dict, to_dict
 from lofa.env import process_rank
-from lofa.hypertrain import Stage1Config, evaluate_stage1, summary as train_summary, train_stage1
+from lofa.hypertrain import Stage1Config, check_shared, evaluate_stage1, summary as train_summary, train_stage1
 from lofa.lora import base_weights
 from lofa.tracking import log_manifest, stage_run
 from lofa.train import RESUMABLE_CHANGES
@@ -25,6 +25,7 @@ def main() -> None:
     cfg = from_dict(Stage1Config, section(args, "train_stage1"), "train_stage1")
     dit, vocab, base_hash = load_base(args.base)
     train_set, heldout = load_sets(args.loras, args.data, vocab)
+    check_shared("train_stage1", cfg.model, train_set, params=args.params, loras=args.loras, pre=args.data)
     t0 = time.perf_counter()
     key = input_key("train_stage1", "train_stage1", cfg, {"data": args.data, "base": args.base, "loras": args.loras},
                     drop=tuple(f"train.{k}" for k in RESUMABLE_CHANGES))

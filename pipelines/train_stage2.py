@@ -17,7 +17,8 @@ import time
 
 from lofa.config import from_dict, to_dict
 from lofa.env import compute_device, process_rank
-from lofa.hypertrain import Stage2Config, evaluate_stage2, load_hypernet, summary as train_summary, train_stage2
+from lofa.hypertrain import (Stage2Config, check_shared, evaluate_stage2, load_hypernet, summary as train_summary,
+                             train_stage2)
 from lofa.lora import base_weights
 from lofa.tracking import log_manifest, stage_run
 from lofa.train import RESUMABLE_CHANGES
@@ -37,6 +38,8 @@ def main() -> None:
     dit.to(dev)
     stage1 = load_hypernet(args.stage1 / "model.safetensors").to(dev) if cfg.model.use_stage1 else None
     train_set, heldout = load_sets(args.loras, args.data, vocab)
+    check_shared("train_stage2", cfg.model, train_set, params=args.params, loras=args.loras, pre=args.data,
+                 stage1=stage1, stage1_file=args.stage1 / "model.safetensors")
     t0 = time.perf_counter()
     inputs = {"data": args.data, "base": args.base, "loras": args.loras}
     if stage1 is not None:

@@ -489,6 +489,7 @@ BAD_PARAMS = [  # (stage, how the real params.yaml is spoiled, what the error mu
      r"pretrain_base\.train\.lr: expected a number, got '1e-3'"),
     ("synthesize", lambda p: p.update(synthetic=5), r"SynthConfig: expected a mapping of keys, got 5"),
     ("train_stage2", lambda p: p.pop("train_stage2"), r"missing section 'train_stage2'"),
+    ("evaluate", lambda p: p["evaluate"].update(tau=0.2), r"evaluate\.tau is no params key: .*train_stage1\.loss\.tau"),
 ]
 
 

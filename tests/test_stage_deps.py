@@ -1,4 +1,5 @@
-"""dvc.yaml's code deps against each stage's import closure (lofa/stagedeps.py), statically: no torch import.
+"""dvc.yaml's code deps against each stage's import closure (lofa/stagedeps.py, statically: ast, no
+import), and the values stages share checked where they are consumed (lofa.hypertrain.check_shared).
 
 A stale dep (declared, never imported) fails as a missing one does: DVC reruns the stage on its
 every change and lofa/inputkey.py discards the stage's checkpoints and LoRAs for it, which on the
@@ -7,10 +8,17 @@ real profile costs GPU hours for nothing; the message lists the lines to delete.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
+from tiny_artifacts import DIT, RANK, hypernet_config, write_hypernet
 
+from lofa.config import ConfigError
+from lofa.data.dataset import ClipSet
+from lofa.hypertrain import LoRASet, check_shared, load_hypernet
+from lofa.layers import Vocabulary
 from lofa.orchestration import PipelineError
 from lofa.stagedeps import check_stages, entry_module, import_closure, report
 
@@ -86,3 +94,62 @@ def test_missing_and_stale_deps_are_named(tmp_path):
 def test_a_stage_without_python_m_is_refused():
     with pytest.raises(PipelineError, match=r"stage s: cmd 'bash run.sh' runs no 'python -m <module>'"):
         entry_module("bash run.sh", "s")
+
+
+# --------------------------------------------------------------------------- values stages share
+
+
+def _lora_set(rank: int, text_dim: int) -> LoRASet:
+    """Two clips' fitted LoRAs over the tiny DiT's vocabulary (zeros: only shapes are checked)."""
+    vocab, n = Vocabulary.from_dit_config(DIT), 2
+    clips = ClipSet(["a", "b"], ["x", "y"], ["train", "train"], torch.zeros(n, 16, 1, 2, 2),
+                    torch.zeros(n, 3, text_dim), torch.ones(n, 3, dtype=torch.bool))
+    return LoRASet(clips, tuple(torch.zeros(n, rank, m.in_features) for m in vocab),
+                   tuple(torch.zeros(n, m.out_features, rank) for m in vocab))
+
+
+
+@pytest.fixture(scope="module")
+def stage1_file(tmp_path_factory) -> Path:
+    """A stage-I export (safetensors + sidecar) as train_stage1 writes it, d_model 32, text_dim 384."""
+    out = tmp_path_factory.mktemp("stage1")
+    write_hypernet(out, hypernet_config(1), "hash")
+    return out / "model.safetensors"
+
+
+def _check(model, data, **kw) -> None:
+    check_shared("train_stage2", model, data, params="p.yaml", loras="data/loras", pre="data/pre", **kw)
+
+
+def test_matching_shared_values_pass(stage1_file):
+    _check(hypernet_config(2), _lora_set(RANK, 384), stage1=load_hypernet(stage1_file), stage1_file=stage1_file)
+
+
+@pytest.mark.parametrize("change, data, message", [
+    ({"rank": RANK + 1}, (RANK, 384), rf"p\.yaml: train_stage2\.model\.rank is {RANK + 1} but the LoRAs in data/loras "
+                                      rf"have rank {RANK} \(fit_loras\.rank\)"),
+    ({}, (RANK, 256), r"p\.yaml: train_stage2\.model\.text_dim is 384 but the text in data/pre is 256-d"),
+])
+def test_rank_and_text_width_mismatches_name_the_keys(change, data, message):
+    with pytest.raises(ConfigError, match=message):
+        _check(dataclasses.replace(hypernet_config(2), **change), _lora_set(*data))
+
+
+def test_stage2_refuses_a_stage1_of_other_dimensions(stage1_file):
+    """Stage II's cross-attention reads stage-I tokens of width d_model, from the same text: both
+    must be the sidecar's; both mismatches in one message, naming the sidecar and the field."""
+    model = dataclasses.replace(hypernet_config(2), d_model=64, text_dim=256)
+    sidecar = stage1_file.with_suffix(".json")
+    with pytest.raises(ConfigError) as e:
+        _check(model, _lora_set(RANK, 256), stage1=load_hypernet(stage1_file), stage1_file=stage1_file)
+    assert str(e.value) == (
+        f"p.yaml: train_stage2.model.d_model is 64 but {sidecar} has meta.hypernet.d_model 32 (stage II attends "
+        f"to the stage-I tokens); train_stage2.model.text_dim is 256 but {sidecar} has meta.hypernet.text_dim 384 "
+        "(stage II attends to the stage-I tokens)")
+
+
+def test_a_stage2_model_given_as_stage1_is_refused(tmp_path):
+    write_hypernet(tmp_path, hypernet_config(2), "hash")
+    with pytest.raises(ConfigError, match=r"model\.json is no stage-I model \(meta\.hypernet\.stage 2\)"):
+        _check(hypernet_config(2), _lora_set(RANK, 384), stage1=load_hypernet(tmp_path / "model.safetensors"),
+               stage1_file=tmp_path / "model.safetensors")
