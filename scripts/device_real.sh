@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The real profile on a lent GPU machine (README "Real profile"): carry .whl (diffsynth, decord,
-# mlflow-skinny + mlflow-export-import: scripts/gpu_wheels.sh) and .real (the mp4 clips:
-# `python scripts/real_profile.py clips --root .real/motionx`), then run this from the repo root.
+# The real profile on a lent GPU machine (docs/real_profile.md): carry .whl (diffsynth, mlflow-skinny,
+# mlflow-export-import: scripts/gpu_wheels.sh) and .real (decord in .real/whl: scripts/gpu_extra_wheels.sh;
+# the mp4 clips: `python scripts/real_profile.py clips --root .real/motionx`), then run this from the repo root.
 # Runs are recorded by MLflow in a local sqlite store and exported with mlflow-export-import into
 # $OUT/real_runs.tar.gz (import here: `python -m lofa.device_runs import DIR`).
 set -uo pipefail
 OUT=${OUT:-/tmp/real_out}; WORK=${WORK:-/tmp/real}; mkdir -p "$OUT" "$WORK/track"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .real/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 LOFA_REGISTER_MODEL=0
 export MLFLOW_TRACKING_URI=sqlite:///$WORK/track/mlflow.db LOFA_MLFLOW_ARTIFACTS=$WORK/track/artifacts
 export LOFA_PIPELINE_ID=${LOFA_PIPELINE_ID:-real-$(date -u +%Y%m%dT%H%M%SZ)}
