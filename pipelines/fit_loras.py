@@ -24,7 +24,7 @@ import time
 import pandas as pd
 import torch
 
-from lofa.config import from_dict, to_dict
+from lofa.config import ConfigError, from_dict, to_dict
 from lofa.data.preprocess import load_manifest
 from lofa.fit import ClipRecord, FitConfig, drop_orphans, fit_shard, fit_shard_distributed
 from lofa.fit_report import collect_curves, plot_fit, summarize
@@ -49,6 +49,16 @@ def _per_clip(curves: list[dict], train_ids: set[str]) -> pd.DataFrame:
                           "reduction": 1 - c["final_loss"] / c["base_loss"]} for c in curves])
 
 
+def _check_text_width(args: argparse.Namespace, text_dim: int, widths: set[int]) -> None:
+    """The base DiT reads text of its ``text_dim``; the preprocessed text must have that width
+    (else every clip's fit fails inside the DiT's text projection)."""
+    if widths != {text_dim}:
+        raise ConfigError(f"{args.params}: the base model {args.base / 'dit.json'} has config.text_dim {text_dim} "
+                          f"(pretrain_base.dit.text_dim) but the text in {args.data} is "
+                          f"{'/'.join(map(str, sorted(widths)))}-d "
+                          "(the preprocess section's text encoder)")
+
+
 def main() -> None:
     args = stage_args(__doc__, extra=_shard_options, data="data/preprocessed", base="data/base", out="data/loras",
                       metrics="metrics/fit_loras.json")
@@ -57,8 +67,9 @@ def main() -> None:
     cfg = from_dict(FitConfig, section(args, "fit_loras"), "fit_loras")
     sidecar = read_json(args.base / "dit.json")
     dit_cfg = dit_config_from_sidecar(sidecar)
-    records = [ClipRecord(r.id, str(args.data / r.path), r.caption)
-               for r in load_manifest(args.data).itertuples()]
+    manifest = load_manifest(args.data)
+    _check_text_width(args, dit_cfg.text_dim, {int(shape[-1]) for shape in manifest["text_shape"]})
+    records = [ClipRecord(r.id, str(args.data / r.path), r.caption) for r in manifest.itertuples()]
     # per clip, the LoRA's header records its clip's content hash, the base hash and fit params;
     # the stage's code is the part of the input key common to all clips
     key = InputKey(code=code_hashes(code_deps("fit_loras", ROOT), ROOT))

@@ -9,11 +9,16 @@ real profile costs GPU hours for nothing; the message lists the lines to delete.
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
-from tiny_artifacts import DIT, RANK, hypernet_config, write_hypernet
+import yaml
+from tiny_artifacts import DIT, PARAMS, RANK, hypernet_config, write_base, write_hypernet
 
 from lofa.config import ConfigError
 from lofa.data.dataset import ClipSet
@@ -153,3 +158,24 @@ def test_a_stage2_model_given_as_stage1_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.json is no stage-I model \(meta\.hypernet\.stage 2\)"):
         _check(hypernet_config(2), _lora_set(RANK, 384), stage1=load_hypernet(tmp_path / "model.safetensors"),
                stage1_file=tmp_path / "model.safetensors")
+
+
+@pytest.mark.slow  # one stage command in a subprocess (its imports take seconds)
+def test_fit_loras_refuses_text_of_another_width_than_the_base(tmp_path):
+    """The base DiT (text_dim 384 in dit.json) and a manifest whose text is 256-d: the stage
+    stops before fitting anything, naming both files and the keys."""
+    write_base(tmp_path / "base")
+    (tmp_path / "pre").mkdir()
+    pd.DataFrame({"id": ["c0"], "split": ["train"], "caption": ["x"], "path": ["clips/c0.safetensors"],
+                  "text_shape": [[16, 256]]}).to_parquet(tmp_path / "pre" / "manifest.parquet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    proc = subprocess.run([sys.executable, "-m", "pipelines.fit_loras", "--params", str(tmp_path / "params.yaml"),
+                           "--data", str(tmp_path / "pre"), "--base", str(tmp_path / "base"), "--out",
+                           str(tmp_path / "loras"), "--metrics", str(tmp_path / "m.json"), "--no-progress"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"lofa.config.ConfigError: {tmp_path / 'params.yaml'}: the base model {tmp_path / 'base' / 'dit.json'} has "
+        f"config.text_dim 384 (pretrain_base.dit.text_dim) but the text in {tmp_path / 'pre'} is 256-d "
+        "(the preprocess section's text encoder)")
+    assert not (tmp_path / "loras").exists()
