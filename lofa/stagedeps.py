@@ -26,6 +26,7 @@ holds code (a function, a call, a class) is required like any module.
 from __future__ import annotations
 
 import ast
+import functools
 import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -66,6 +67,19 @@ def module_file(name: str, root: Path) -> Path | None:
     return None
 
 
+def _tree(path: Path) -> ast.Module:
+    """The parsed module (three walks read each file: parsed once per version of it)."""
+    try:
+        return _parse(path, path.stat().st_mtime_ns)
+    except (OSError, SyntaxError) as e:
+        raise PipelineError(f"{path}: cannot parse its imports ({e})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(path: Path, mtime_ns: int) -> ast.Module:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
 def _package_of(path: Path, root: Path) -> list[str]:
     """The package a module file belongs to, as name parts (for relative imports)."""
     parts = list(path.relative_to(root).with_suffix("").parts)
@@ -76,12 +90,8 @@ def imported_names(path: Path, root: Path) -> set[str]:
     """Every module name ``path`` may import (anywhere in it), absolute, with each package
     above it (importing ``a.b.c`` runs ``a`` and ``a.b``) and ``from m import x`` as ``m.x``
     too (``x`` may be a submodule; names that are no module are dropped by the caller)."""
-    try:
-        tree = ast.parse(path.read_text(), filename=str(path))
-    except (OSError, SyntaxError) as e:
-        raise PipelineError(f"{path}: cannot parse its imports ({e})") from None
     names: set[str] = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -114,8 +124,7 @@ def import_closure(entry: str, root: str | Path) -> set[str]:
 
 def sibling_files(path: Path) -> list[Path]:
     """Sibling ``.py`` files that ``path`` names as a call's argument (read or run by path)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    names = {a.value for node in ast.walk(tree) if isinstance(node, ast.Call) for a in node.args
+    names = {a.value for node in ast.walk(_tree(path)) if isinstance(node, ast.Call) for a in node.args
              if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.endswith(".py")}
     return [path.parent / n for n in sorted(names) if "/" not in n and (path.parent / n).is_file()]
 
@@ -127,8 +136,7 @@ def _parents(name: str) -> list[str]:
 
 def is_declarative(path: Path) -> bool:
     """True for a module of only a docstring, imports and constant assignments (see the module docstring)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    for node in tree.body:
+    for node in _tree(path).body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             continue
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
