@@ -244,10 +244,33 @@ def check_impls(dit, vocab, lat_shape, ctx_shape, rank, device, sdpa: str, impls
     return res
 
 
+def _timed_fwd_bwd(fwd, inputs: tuple[torch.Tensor, ...], gout: torch.Tensor, reps: int) -> tuple[float, torch.Tensor]:
+    """Median milliseconds of ``fwd()`` + its backward over ``reps`` calls after one warm-up (the
+    inputs' gradients cleared before each), and the last output."""
+    ms = []
+    for _ in range(reps + 1):
+        for t in inputs:
+            t.grad = None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        o = fwd()
+        o.backward(gout)
+        end.record()
+        torch.cuda.synchronize()
+        ms.append(start.elapsed_time(end))
+    return statistics.median(ms[1:]), o.detach()
+
+
+def _probe_row(ms: float, got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor],
+               flops: float) -> dict:
+    return {"ms": ms, "tflops": flops / ms / 1e9, "out_rel": float((got[0] - ref[0]).norm() / ref[0].norm()),
+            "dq_rel": float((got[1] - ref[1]).norm() / ref[1].norm())}
+
+
 def attention_probe(shapes: dict[str, tuple[int, int]], heads: int, head_dim: int, device: torch.device,
                     reps: int = 5) -> dict:
-    """SDPA forward+backward per kernel at (K clips, S tokens) shapes, in the fused block's layout;
-    milliseconds, TFLOP/s, and the output/gradient difference against the first kernel."""
+    """SDPA forward+backward per kernel at (K clips, S tokens) shapes, in the fused block's layout,
+    and FlashAttention 4; milliseconds, TFLOP/s, and the output/gradient difference against the first kernel."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -262,21 +285,11 @@ def attention_probe(shapes: dict[str, tuple[int, int]], heads: int, head_dim: in
         for name in SDPA_PROBE:
             try:
                 with sdpa_kernel(names[name]):
-                    ms = []
-                    for i in range(reps + 1):
-                        q.grad = kk.grad = v.grad = None
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        o = torch.nn.functional.scaled_dot_product_attention(q, kk, v)
-                        o.backward(gout)
-                        end.record()
-                        torch.cuda.synchronize()
-                        ms.append(start.elapsed_time(end))
-                got = (o.detach().float(), q.grad.float())
+                    ms, o = _timed_fwd_bwd(lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, v),
+                                           (q, kk, v), gout, reps)
+                got = (o.float(), q.grad.float())
                 ref = ref or got
-                row[name] = {"ms": statistics.median(ms[1:]), "tflops": flops / statistics.median(ms[1:]) / 1e9,
-                             "out_rel": float((got[0] - ref[0]).norm() / ref[0].norm()),
-                             "dq_rel": float((got[1] - ref[1]).norm() / ref[1].norm())}
+                row[name] = _probe_row(ms, got, ref, flops)
             except Exception as e:  # a kernel that cannot serve this shape
                 row[name] = {"status": f"error: {type(e).__name__}: {str(e).strip()[:200]}"}
         row["fa4"] = _attempt(_probe_fa4, q, kk, v, gout, ref, flops, reps)
@@ -290,21 +303,9 @@ def _probe_fa4(q, kk, v, gout, ref, flops: float, reps: int) -> dict:
     from lofa import flash
 
     q4, k4, v4 = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, kk, v))
-    g4 = gout.transpose(1, 2).contiguous()
-    ms = []
-    for _ in range(reps + 1):
-        q4.grad = None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        o, _lse = flash.fa4_fwd(q4, k4, v4)
-        o.backward(g4)
-        end.record()
-        torch.cuda.synchronize()
-        ms.append(start.elapsed_time(end))
-    got = (o.detach().float().transpose(1, 2), q4.grad.float().transpose(1, 2))
-    return {"ms": statistics.median(ms[1:]), "tflops": flops / statistics.median(ms[1:]) / 1e9,
-            "out_rel": float((got[0] - ref[0]).norm() / ref[0].norm()),
-            "dq_rel": float((got[1] - ref[1]).norm() / ref[1].norm()), "lse_shape": list(_lse.shape)}
+    ms, o = _timed_fwd_bwd(lambda: flash.fa4_fwd(q4, k4, v4)[0], (q4, k4, v4), gout.transpose(1, 2).contiguous(),
+                           reps)
+    return _probe_row(ms, (o.float().transpose(1, 2), q4.grad.float().transpose(1, 2)), ref, flops)
 
 
 def _best_sdpa(probe: dict, resolution: str) -> str:

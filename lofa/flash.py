@@ -75,22 +75,18 @@ def backend() -> str:
 
 
 @functools.cache
-def _kernels() -> tuple | None:
+def _load() -> tuple | str:
+    """FA4's (forward, backward) kernels, or why ``flash_attn.cute`` does not import."""
     try:
         from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
-    except Exception:  # not installed, or its CUDA libraries do not load here
-        return None
+    except Exception as e:  # not installed, or its CUDA libraries do not load here
+        return f"flash-attn-4 does not import ({type(e).__name__}: {e}; pip install flash-attn-4)"
     return _flash_attn_fwd, _flash_attn_bwd
 
 
-@functools.cache
-def _import_error() -> str:
-    """Why ``flash_attn.cute`` does not import (its own exception, for the message)."""
-    try:
-        import flash_attn.cute.interface  # noqa: F401
-    except Exception as e:
-        return f"flash-attn-4 does not import ({type(e).__name__}: {e}; pip install flash-attn-4)"
-    return "flash-attn-4 imports"
+def _kernels() -> tuple | None:
+    kernels = _load()
+    return None if isinstance(kernels, str) else kernels
 
 
 def unavailable_reason(q: Tensor, head_dim: int) -> str | None:
@@ -105,7 +101,7 @@ def unavailable_reason(q: Tensor, head_dim: int) -> str | None:
     if head_dim not in _HEAD_DIMS:
         return f"head size {head_dim} outside FA4's range (multiples of 8 up to 256)"
     if _kernels() is None:
-        return _import_error()
+        return _load()
     return None
 
 
@@ -123,7 +119,7 @@ def wants_fa4(q: Tensor, head_dim: int) -> bool:
 def fa4_fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """FA4 forward: q (N, S, H, D), k and v (N, L, H, D) -> out (N, S, H, D), lse (N, H, S) float32."""
     if _kernels() is None:
-        raise FlashUnavailable(f"FA4 called directly: {_import_error()}")
+        raise FlashUnavailable(f"FA4 called directly: {_load()}")
     out, lse, *_ = _kernels()[0](q, k, v, return_lse=True)
     return out, lse
 

@@ -26,11 +26,10 @@ from pipelines._common import input_key, section, stage_args, write_metrics
 def main() -> None:
     args = stage_args(__doc__, data="data/preprocessed", out="data/base", metrics="metrics/pretrain_base.json")
     cfg = from_dict(PretrainConfig, section(args, "pretrain_base"), "pretrain_base")
-    clips = load_clips(args.data, ("train",))
-    t0 = time.perf_counter()
     key = input_key("pretrain_base", "pretrain_base", cfg, {"data": args.data},
                     drop=tuple(f"train.{k}" for k in RESUMABLE_CHANGES))
-    if cfg.weights:  # the real profile: Wan2.1's DiT is the base
+    t0 = time.perf_counter()
+    if cfg.weights:  # the real profile: Wan2.1's DiT is the base (the clips' latents are not read)
         with stage_run("pretrain_base", to_dict(cfg)) as mlflow:
             import_base(cfg, args.out, input_key=key)
             logged = write_metrics(args.metrics, {"final_loss": None, "steps": 0, "imported": cfg.weights},
@@ -39,6 +38,8 @@ def main() -> None:
             mlflow.log_artifact(str(args.out / "dit.json"))
         print(f"pretrain_base: imported {cfg.weights} as the base model ({args.out})")
         return
+    clips = load_clips(args.data, ("train",))
+    t0 = time.perf_counter()
     with stage_run("pretrain_base", to_dict(cfg)) as mlflow:
         log_manifest(mlflow, args.data, "training")
         dit, result = pretrain(cfg, clips, args.out, logger=lambda step, m: mlflow.log_metrics(m, step=step),

@@ -133,15 +133,6 @@ def build_tokenizer(out: Path, vocab_size: int = UMT5_VOCAB) -> None:
                             model_max_length=512).save_pretrained(out)
 
 
-def _save(module, path: Path, dtype) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".tmp-{path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to(dtype).cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 def build_models(models: Path, tiny: bool) -> dict[str, float]:
     """Random-weight model files at full size (``tiny``: small umT5 and DiT), skipping those present."""
     import torch
@@ -149,6 +140,7 @@ def build_models(models: Path, tiny: bool) -> dict[str, float]:
     from diffsynth.models.wan_video_vae import WanVideoVAE
 
     from lofa.encoders.text import T5Dims
+    from lofa.io import save_tensors
     from lofa.wan import WAN21_T2V_1_3B, WanDiTConfig, build_dit
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -161,7 +153,7 @@ def build_models(models: Path, tiny: bool) -> dict[str, float]:
         if path.is_file():
             return
         t0 = time.perf_counter()
-        _save(build(), path, dtype)
+        save_tensors(path, {k: v.to(dtype) for k, v in build().state_dict().items()})
         seconds[name] = round(time.perf_counter() - t0, 1)
         print(f"[real_profile] {path}: {path.stat().st_size / 2**30:.2f} GiB in {seconds[name]} s", flush=True)
 

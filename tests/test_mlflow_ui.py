@@ -80,6 +80,19 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+def keep_screenshots(tmp: Path, names, prefix: str, capsys: pytest.CaptureFixture) -> None:
+    """Check each ``<tmp>/<name>.png`` is a full 1400x900 page and copy it to ``$LOFA_UI_SHOTS``
+    (default out/<prefix>_ui) as ``<prefix>_<name>.png``."""
+    shots = Path(os.environ.get("LOFA_UI_SHOTS", ROOT / "out" / f"{prefix}_ui"))
+    shots.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        png = tmp / f"{name}.png"
+        assert png_size(png) == (1400, 900) and png.stat().st_size > 20_000, png
+        shutil.copy(png, shots / f"{prefix}_{name}.png")
+    with capsys.disabled():
+        print(f"\n{prefix} UI screenshots: {sorted(str(p) for p in shots.glob(f'{prefix}_*.png'))}")
+
+
 class DevTools:
     """One headless Chromium page driven through the DevTools protocol (navigate, run JS, screenshot)."""
 
@@ -190,14 +203,4 @@ def test_mlflow_ui_shows_stage_runs(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "lofa.pipeline : ui-check-42" in run and "lofa.stage : fit_loras" in run and "train.lr" in run
     assert "lofa.git_commit" in run and "lofa.git_dirty" in run and "preprocessed-manifest" in run
     assert "0.8765" not in run
-    shots = Path(os.environ.get("LOFA_UI_SHOTS", ROOT / "out" / "mlflow_ui"))
-    shots.mkdir(parents=True, exist_ok=True)
-    png = tmp_path / "nested.png"
-    assert png_size(png) == (1400, 900) and png.stat().st_size > 20_000, png
-    shutil.copy(png, shots / "mlflow_nested.png")
-    for name in pages:
-        png = tmp_path / f"{name}.png"
-        assert png_size(png) == (1400, 900) and png.stat().st_size > 20_000, png
-        shutil.copy(png, shots / f"mlflow_{name}.png")
-    with capsys.disabled():
-        print(f"\nMLflow UI screenshots: {sorted(str(p) for p in shots.glob('mlflow_*.png'))}")
+    keep_screenshots(tmp_path, ["nested", *pages], "mlflow", capsys)

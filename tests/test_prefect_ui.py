@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import yaml
 
 from servers import free_port, wait_http
 from test_flow import stop, tiny_workspace
-from test_mlflow_ui import CHROMIUM, chromium, page_text, png_size
+from test_mlflow_ui import CHROMIUM, chromium, keep_screenshots, page_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 2400  # a hang guard for the tiny pipeline: 6.3 min seen on a crowded 2-core host
@@ -157,14 +156,7 @@ def test_deployment_run_shows_evaluation_artifacts_in_the_ui(tmp_path: Path, cap
     assert "MLflow run evaluate" in texts["link"], texts["link"][:3000]
     assert "evaluate" in texts["mlflow_run"] and f"lofa.pipeline : {run.id}" in texts["mlflow_run"], \
         texts["mlflow_run"][:3000]
-    shots = Path(os.environ.get("LOFA_UI_SHOTS", ROOT / "out" / "prefect_ui"))
-    shots.mkdir(parents=True, exist_ok=True)
-    for name in pages:
-        png = tmp_path / f"{name}.png"
-        assert png_size(png) == (1400, 900) and png.stat().st_size > 20_000, png
-        shutil.copy(png, shots / f"prefect_{name}.png")
-    with capsys.disabled():
-        print(f"\nPrefect UI screenshots: {sorted(str(p) for p in shots.glob('prefect_*.png'))}")
+    keep_screenshots(tmp_path, pages, "prefect", capsys)
 
 
 # ---------------------------------------------------------------- the flow's parameters and artifacts, no server
