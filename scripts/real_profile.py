@@ -12,7 +12,8 @@ peak memory (nvidia-smi), and from the measured rates estimates what a full run 
     python scripts/real_profile.py run --root .real/motionx --work /tmp/real --out $OUT
 
 ``--phase setup`` builds the model files, ``--phase stages`` runs the stages (a killed run
-resumes: model files that exist are kept, and the stages resume as under DVC); ``--tiny`` runs
+resumes: model files that exist are kept, stages recorded in ``<work>/rows.json`` are skipped, and
+the stage that was cut off resumes as under DVC); ``--tiny`` runs
 the same path on a CPU with a tiny umT5 / DiT of the same architectures at 17x64x64
 (tests/test_real_profile.py).
 """
@@ -237,20 +238,37 @@ def _run(name: str, argv: list[str], cwd: Path, log: Path) -> dict:
     return row
 
 
-def run_stages(root: Path, work: Path, params: Path, size: str, log: Path) -> list[dict]:
+class Rows:
+    """The rows measured so far, kept in ``<work>/rows.json`` after each stage: a call that ran out
+    of time leaves them, and the next call on the same machine runs only the stages not yet done."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
+
+    def run(self, name: str, argv: list[str], cwd: Path, log: Path, size: str) -> None:
+        if any(r["stage"] == name and r["size"] == size for r in self.rows):
+            print(f"[real_profile] {name} at {size}: done in an earlier call, skipped", flush=True)
+            return
+        self.rows.append({**_run(name, argv, cwd, log), "size": size})
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.rows, indent=1) + "\n")
+        tmp.replace(self.path)
+
+
+def run_stages(root: Path, work: Path, params: Path, size: str, log: Path, rows: Rows) -> None:
     """Every stage, then predict and generate at ``size`` (frames x height x width)."""
-    rows = [{**_run(name, argv, work, log), "size": size} for name, argv in stage_commands(root, params)]
+    for name, argv in stage_commands(root, params):
+        rows.run(name, argv, work, log, size)
     pre = yaml.safe_load(params.read_text())["preprocess"]
     device = "cuda" if pre["device"] == "cuda" else "cpu"
     cli = [sys.executable, "-m", "lofa.cli"]
     common = ["--params", str(params), "--device", device]
-    rows.append({**_run("predict", [*cli, "predict", CAPTIONS[-1], "-o", "predicted.safetensors", *common,
-                                    "--dtype", "bfloat16" if device == "cuda" else "float32"], work, log), "size": size})
+    rows.run("predict", [*cli, "predict", CAPTIONS[-1], "-o", "predicted.safetensors", *common,
+                         "--dtype", "bfloat16" if device == "cuda" else "float32"], work, log, size)
     f, h, w = (int(x) for x in size.split("x"))
-    rows.append({**_run("generate", [*cli, "generate", CAPTIONS[-1], "-o", "generated.gif", "--steps", "4",
-                                     "--frames", str(f), "--height", str(h), "--width", str(w), *common], work, log),
-                 "size": size})
-    return rows
+    rows.run("generate", [*cli, "generate", CAPTIONS[-1], "-o", "generated.gif", "--steps", "4",
+                          "--frames", str(f), "--height", str(h), "--width", str(w), *common], work, log, size)
 
 
 # --------------------------------------------------------------------------- estimates
@@ -318,14 +336,15 @@ def main(argv: list[str] | None = None) -> None:
         params = run_params(work, models, args.tiny)
         pre = yaml.safe_load(params.read_text())["preprocess"]
         size = f"{pre['num_frames']}x{pre['height']}x{pre['width']}"
-        rows = run_stages(args.root.resolve(), work, params, size, work / "stages.log")
+        rows = Rows(work / "rows.json")
+        run_stages(args.root.resolve(), work, params, size, work / "stages.log", rows)
         if args.small and not args.tiny:
             small = work / f"size_{args.small}"
             sp = run_params(small, models, args.tiny, tuple(int(x) for x in args.small.split("x")))
             for name, argv in stage_commands(args.root.resolve(), sp)[:3]:  # preprocess, base, fit
-                rows.append({**_run(name, argv, small, work / "stages.log"), "size": args.small})
-        report["rows"] = rows
-        report["estimates"] = estimates(work, rows)
+                rows.run(name, argv, small, work / "stages.log", args.small)
+        report["rows"] = rows.rows
+        report["estimates"] = estimates(work, rows.rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "real_profile.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
