@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the tests on CPU; the two tiers are described in docs/testing.md.
-#   bash scripts/test.sh              the fast tier: every test not marked slow (about 2 minutes on 2 cores)
+#   bash scripts/test.sh              the fast tier: every test not marked slow (under 2 minutes on 2 cores)
 #   bash scripts/test.sh --slow       the slow tier only (end-to-end runs, servers, faults; about 30 minutes)
 #   bash scripts/test.sh --all        both tiers
 #   bash scripts/test.sh --coverage   the fast tier under coverage.py, then fail unless it imported and
