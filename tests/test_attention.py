@@ -73,6 +73,7 @@ _INTERPRETED = textwrap.dedent("""
 _OLD_INTERPRETER = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8)
 
 
+@pytest.mark.slow  # Triton's interpreter in a subprocess (~45 s)
 @pytest.mark.skipif(_OLD_INTERPRETER, reason="Triton < 3.8's interpreter fails on a loop bounded by a kernel "
                                                "argument under numpy 2 (int() of a 1-element array)")
 def test_kernel_matches_the_torch_math_under_the_interpreter():

@@ -45,6 +45,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+@pytest.mark.slow  # a `python -m lofa.cli` subprocess (~8 s); test_hostile runs `lofa predict` in-process
 def test_predict_subprocess_writes_one_file_per_prompt(art, tmp_path):
     out = tmp_path / "loras"
     r = _run("predict", PROMPT, "un danseur saute 🙂", "-o", str(out), *_models(art))

@@ -37,6 +37,7 @@ def test_gelu_mlp_function_matches_the_plain_mlp_on_cpu():
                               torch.autograd.grad(torch.nn.functional.gelu(h).sum(), h)[0], atol=1e-4)
 
 
+@pytest.mark.slow  # torch.compile (~9 s)
 def test_gelu_mlp_function_compiles_on_cpu():
     torch.manual_seed(1)
     mlp = MLP(16, 2.0)

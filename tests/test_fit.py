@@ -187,6 +187,7 @@ def test_fit_shard_writes_and_resumes(tmp_path, dit):
     assert not list((out / "loras").glob(".tmp-*"))
 
 
+@pytest.mark.slow  # two processes under torch.distributed.run (~10 s)
 def test_two_processes_split_the_shard(tmp_path):
     recs = _records(tmp_path, n=4)
     spec = {"dit": to_dict(CFG), "fit": to_dict(FitConfig(rank=2, steps=1, clips_per_batch=2, eval_points=1)),

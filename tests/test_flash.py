@@ -105,6 +105,7 @@ def test_selective_checkpoint_keeps_the_fa4_output(reference_kernels) -> None:
         assert reference_kernels["fwd"] == runs, policy
 
 
+@pytest.mark.slow  # a fresh interpreter importing diffsynth (~7 s)
 def test_diffsynth_guard_against_fa4_namespace(tmp_path: Path) -> None:
     """A ``flash_attn`` that is only FA4's namespace package must not send diffsynth's blocks to
     FlashAttention 2's missing function."""

@@ -166,6 +166,7 @@ def test_load_stages_orders_and_rejects(tmp_path: Path) -> None:
         load_stages(tmp_path / "tmpl.yaml")
 
 
+@pytest.mark.slow  # dvc repro/commit subprocesses on a toy repository
 def test_dvc_decides_and_records(tmp_path: Path) -> None:
     """DVC's status is the cache key: a stage run by its command and recorded with ``dvc commit`` is
     up to date for ``dvc repro`` too; a params change or a deleted output makes it stale again."""

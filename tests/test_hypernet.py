@@ -202,6 +202,7 @@ def test_stage2_ablation_has_no_stage1_blocks():
         full(groups, text, torch.zeros_like(mask), [torch.zeros(16, 17, 32)])
 
 
+@pytest.mark.slow  # the whole benchmark script, compile included (~11 s)
 def test_benchmark_tiny_smoke(tmp_path, monkeypatch):
     import importlib.util
     from pathlib import Path
@@ -488,6 +489,7 @@ def test_moving_a_group_or_batch_leaves_the_host_read_metadata_on_the_host():
     assert batch.groups[0].lora_A.is_meta and batch.groups[0].matrices.prompt_ids.device.type == "cpu"
 
 
+@pytest.mark.slow  # torch.compile (~12 s)
 def test_compiled_regions_give_the_same_prediction():
     """HyperNet.compile_regions (the blocks, the embedding, the text K / V and the heads through
     torch.compile; what Predictor(compile=True) and the GPU benchmark use) changes no output."""
@@ -507,6 +509,7 @@ def test_compiled_regions_give_the_same_prediction():
     assert a.B_scaled.abs().sum() > 0
 
 
+@pytest.mark.slow  # torch.compile (~9 s)
 def test_whole_trunk_compile_gives_the_same_prediction_and_gradients():
     torch.manual_seed(0)
     vocab = Vocabulary.from_dims(32, 48, 1, modules=("self_attn.q",))

@@ -155,6 +155,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow  # fault injection: SIGKILLs a training subprocess
 def test_kill_9_then_resume_is_exact(tmp_path: Path, fault_seed_offset: int) -> None:
     rng = random.Random(fault_seed_offset)
     target, extra = rng.randrange(3, 61, 3), rng.uniform(0.0, 6.0)  # checkpoint step; steps of its own pace after
@@ -179,6 +180,7 @@ def test_kill_9_then_resume_is_exact(tmp_path: Path, fault_seed_offset: int) -> 
     assert not list(pointer.parent.glob(".tmp-*"))
 
 
+@pytest.mark.slow  # two processes under torch.distributed.run (~7 s)
 def test_two_processes_ddp(tmp_path: Path, reference: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(WORKER), "ddp", str(tmp_path)]

@@ -291,6 +291,7 @@ def test_rope_matches_diffsynth(dit, monkeypatch):
         assert float((diff / rope_apply(xb, table, 2).float().abs().clamp_min(1e-3)).max()) <= 2 ** -7
 
 
+@pytest.mark.slow  # torch.compile tracing (~10 s)
 def test_compiled_block_one_graph_for_all_blocks_and_shapes(dit, monkeypatch):
     """The compiled path traced (aot_eager: dynamo + autograd tracing, no code generation on this
     CPU): one graph serves every block, clip count and resolution; K = 1 adds one."""
