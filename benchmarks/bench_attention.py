@@ -1,4 +1,4 @@
-"""lofa.attention's kernel against cuDNN's SDPA at the Wan2.1-1.3B prediction shapes (CUDA, bf16).
+"""lofa.kernels.attention's kernel against cuDNN's SDPA at the Wan2.1-1.3B prediction shapes (CUDA, bf16).
 
 Self-attention: 240 matrices x 12 heads x 257 tokens x 64, q / k / v strided in one qkv product's
 output. Cross-attention: one prompt, the 240 x 257 queries as one sequence against 512 text keys.
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lofa import attention
+from lofa.kernels import attention
 
 
 def timed(fn: Callable[[], object], repeats: int = 50) -> float:

@@ -59,7 +59,7 @@ class Candidate:
     blocks: int | None = None  # checkpoint only the first ``blocks`` blocks
     save_attention: bool = False
     sdpa: str = "best"
-    attention: str = "sdpa"  # the fused block's kernel (lofa.flash): "sdpa" or "fa4"
+    attention: str = "sdpa"  # the fused block's kernel (lofa.kernels.flash): "sdpa" or "fa4"
 
     @property
     def label(self) -> str:
@@ -299,8 +299,8 @@ def attention_probe(shapes: dict[str, tuple[int, int]], heads: int, head_dim: in
 
 
 def _probe_fa4(q, kk, v, gout, ref, flops: float, reps: int) -> dict:
-    """FlashAttention 4 (lofa.flash's custom operator) on the probe's tensors, (N, S, H, D) layout."""
-    from lofa import flash
+    """FlashAttention 4 (lofa.kernels.flash's custom operator) on the probe's tensors, (N, S, H, D) layout."""
+    from lofa.kernels import flash
 
     q4, k4, v4 = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, kk, v))
     ms, o = _timed_fwd_bwd(lambda: flash.fa4_fwd(q4, k4, v4)[0], (q4, k4, v4), gout.transpose(1, 2).contiguous(),

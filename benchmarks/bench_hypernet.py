@@ -7,7 +7,7 @@ is rewritten after every section so a timeout keeps what finished):
                    eager: median ms, peak memory, error against the fp32 model
   mlp_check        the fused no-grad MLP (cuBLASLt bias+GELU epilogue) vs the plain one
   mlp_train        one MLP's forward + backward, compiled, plain against the cuBLASLt GELU
-                   epilogues (lofa.cublaslt), with errors against fp32
+                   epilogues (lofa.kernels.cublaslt), with errors against fp32
   residual_epilogue  a residual add after a linear, as a pass of its own or in cuBLASLt's
                    epilogue (C = x): what fusing the trunk's residual adds would save
   train1           one stage-I training step over all matrices (AdamW, bf16 autocast,
@@ -21,7 +21,7 @@ is rewritten after every section so a timeout keeps what finished):
                    (graph_predict) also one call at a time after idle, and the card's clock and
                    power while it runs back to back,
                    without the residual adds in cuBLASLt epilogues (_no_epilogues), with QK
-                   norms + SDPA instead of lofa.attention's kernel (_sdpa)
+                   norms + SDPA instead of lofa.kernels.attention's kernel (_sdpa)
   predictor        the user's API, Predictor(dtype="bfloat16", compile=True).predict(prompt), with
                    a base DiT of these shapes (random weights): back to back and after idle; also
                    prompts of other lengths (padded to their bucket, one graph per bucket)
@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lofa.hypernet import EmbeddedGroup, HyperNet, HyperNetConfig, HyperOutput, MatrixGroup  # noqa: E402
 from lofa.layers import Vocabulary  # noqa: E402
 from lofa.objectives import HyperBatch, LoraGroup, Stage1LossConfig, stage1_loss, stage2_loss  # noqa: E402
-from lofa.predict_graph import PredictionGraph  # noqa: E402
+from lofa.serving.predict_graph import PredictionGraph  # noqa: E402
 
 FULL = dict(dims=(1536, 8960, 30), text_len=512,
             cfg=dict(d_model=768, num_heads=12, num_blocks=8, patch_size=96, rank=32, text_dim=4096))
@@ -529,7 +529,7 @@ class Bench:
         replayed from the Predictor's CUDA graph, the factors as fp32 on the card. The peak leaves out
         the DiT's weights, which the Predictor keeps only to generate videos."""
         from lofa.encoders.text import TextEmbedding
-        from lofa.predict import BaseModel, Predictor
+        from lofa.serving.predict import BaseModel, Predictor
         from lofa.wan import WAN21_T2V_1_3B, WanDiTConfig, build_dit
 
         dev, (dim, ffn, layers) = self.device, TINY["dims"]
@@ -569,7 +569,7 @@ class Bench:
                 res["profile"] = kernel_profile(run)
             pred = run()
             res["factors"] = {"dtype": str(pred.A[0].dtype), "matrices": len(pred.A), "device": str(pred.A[0].device)}
-            # prompts of other lengths: padded to their bucket (lofa.predict.text_bucket), one graph per bucket
+            # prompts of other lengths: padded to their bucket (lofa.serving.predict.text_bucket), one graph per bucket
             length = self.text.shape[1]
             for name, sizes in (("short_prompts", (max(1, length // 25), length // 14 + 1, length // 10 + 2)),
                                 ("long_prompts", (length * 3 // 5, length * 4 // 5, length - 12))):
@@ -587,7 +587,7 @@ class Bench:
         """The fused stage-I loss (Triton) against the compiled torch loss at full shapes, bf16 autocast:
         time of forward + backward, and the differences in loss, counts and gradients."""
         from lofa.objectives import _compiled_stage1_terms, _stage1_terms
-        from lofa.stage1_kernel import stage1_terms
+        from lofa.kernels.stage1_kernel import stage1_terms
 
         n, (o, i), r = len(self.vocab), self.W.shape[1:], self.cfg1.rank
         g = torch.Generator(self.device).manual_seed(1)
@@ -639,9 +639,9 @@ class Bench:
 
     def mlp_train(self) -> dict[str, object]:
         """One trunk MLP under autograd at the prediction's token count, bf16 autocast: forward +
-        backward compiled, plain against the cuBLASLt GELU epilogues (lofa.cublaslt), the parts
+        backward compiled, plain against the cuBLASLt GELU epilogues (lofa.kernels.cublaslt), the parts
         timed alone, and each variant's error against fp32."""
-        from lofa import cublaslt
+        from lofa.kernels import cublaslt
 
         dev, d = self.device, self.cfg1.d_model
         rows = self.tokens
@@ -681,8 +681,8 @@ class Bench:
     def residual_epilogue(self) -> dict[str, object]:
         """What a residual add costs at the prediction's token count: an output projection
         (K = d) and a second MLP linear (K = 4d) with their bias, alone, followed by the add,
-        and with the residual added in cuBLASLt's epilogue (C = x, beta = 1; lofa.cublaslt)."""
-        from lofa import cublaslt
+        and with the residual added in cuBLASLt's epilogue (C = x, beta = 1; lofa.kernels.cublaslt)."""
+        from lofa.kernels import cublaslt
 
         dev, d = self.device, self.cfg1.d_model
         rows = self.tokens

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_hypernet import call_ms, gpu_state, rel_err, timeit  # noqa: E402
-from lofa import cublaslt  # noqa: E402
+from lofa.kernels import cublaslt  # noqa: E402
 
 SOURCE = Path(__file__).with_suffix(".cu")
 M, D, H, EPS = 240 * 257, 768, 3072, 1e-6

@@ -34,7 +34,7 @@ from lofa.fit import FitConfig, init_lora  # noqa: E402
 from lofa.hypertrain import LoRASet, load_lora_set  # noqa: E402
 from lofa.layers import Vocabulary  # noqa: E402
 from lofa.lora import LoRAWeights  # noqa: E402
-from lofa.predict import load_base  # noqa: E402
+from lofa.serving.predict import load_base  # noqa: E402
 from lofa.wan import flow_loss, sample_timesteps  # noqa: E402
 
 

@@ -73,14 +73,14 @@ def _predictor(args: argparse.Namespace):
     if getattr(args, "model", None):
         if not args.model.startswith(("models:/", "runs:/")) and not Path(args.model).exists():
             raise UsageError(f"{args.model}: not a models:/NAME/VERSION or runs:/ URI, nor a model directory")
-        from lofa.registry import load_predictor
+        from lofa.serving.registry import load_predictor
 
         with _quiet_stdout():  # no --base: the base model where it was registered
             return load_predictor(args.model, base_dir=args.base, device=args.device, dtype=dtype)
     args.base = args.base or DEFAULT_BASE
     for name in ("base", "stage1", "stage2", "params"):
         _existing(getattr(args, name), {"params": "params file"}.get(name, f"{name} directory"))
-    from lofa.predict import Predictor
+    from lofa.serving.predict import Predictor
 
     with _quiet_stdout():
         return Predictor.from_dirs(args.base, args.stage1, args.stage2, args.params, device=args.device,
@@ -121,7 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     _existing(args.params, "params file")
     from lofa.media import side_by_side
-    from lofa.predict import (codec_for, generate_video, load_base, load_preprocess, load_user_lora,
+    from lofa.serving.predict import (codec_for, generate_video, load_base, load_preprocess, load_user_lora,
                               text_encoder_for, write_videos)
 
     pre = load_preprocess(args.params)
@@ -314,7 +314,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that describe a bad input (file, config, prompt), printed without a traceback."""
     from lofa.config import ConfigError
     from lofa.io import ArtifactError
-    from lofa.predict import PredictError
+    from lofa.serving.predict import PredictError
 
     return ArtifactError, ConfigError, PredictError, FileNotFoundError
 

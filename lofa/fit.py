@@ -27,7 +27,7 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
-from lofa import flash
+from lofa.kernels import flash
 from lofa.config import to_dict
 from lofa.inputkey import InputKey
 from lofa.io import SCHEMA_VERSION, ArtifactError, load_tensors, read_metadata, sha256_file, write_json
@@ -78,7 +78,7 @@ class FitConfig:
     # SDPA kernel: "auto" torch's own choice, a name restricts to that kernel,
     # "cudnn_first" prefers cuDNN's and falls back to the others where it cannot run
     sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "cudnn_first"] = "auto"
-    # fused block's attention kernel (lofa.flash): "auto" FlashAttention 4 where it runs, else SDPA
+    # fused block's attention kernel (lofa.kernels.flash): "auto" FlashAttention 4 where it runs, else SDPA
     attention: Literal["auto", "fa4", "sdpa"] = "auto"
     fused_rms_norm: bool = True  # diffsynth block: F.rms_norm in its RMSNorms (same function, faster)
     # DiT block: lofa's fused block ("fused"; "compiled" runs it through torch.compile), or
@@ -217,7 +217,7 @@ def autocast(dit: nn.Module, cfg: FitConfig) -> torch.autocast:
 def attention_backend(cfg: FitConfig) -> Iterator[None]:
     """Restrict (or, for "cudnn_first", order) scaled_dot_product_attention's kernels as
     ``cfg.sdpa_backend`` says (forward, recompute, backward); the fused block's kernel is
-    ``cfg.attention`` (:mod:`lofa.flash`)."""
+    ``cfg.attention`` (:mod:`lofa.kernels.flash`)."""
     with ExitStack() as stack:
         stack.enter_context(flash.use(cfg.attention))
         if _SDPA_BACKENDS[cfg.sdpa_backend] is not None:

@@ -25,14 +25,14 @@ Efficiency decisions (the public release's defects, DESIGN section 1):
   ``HyperBatch.to`` leave them there), so a forward never waits on the GPU;
 - ``HyperNet.embed`` caches everything before the first read of the prompt (the
   matrix embedding and block 0's self-attention and MLP) for a predictor serving
-  many prompts of one base model (``lofa.predict_graph`` then replays the rest as
+  many prompts of one base model (``lofa.serving.predict_graph`` then replays the rest as
   one CUDA graph); ``compile_regions`` compiles blocks, embedding, text K / V, heads;
 - each block's last residual add is deferred into the next norm (``_deferred``): a block
   boundary is a compiled-region boundary, and an add there would be a pass of its own;
-- on CUDA in bf16, cuBLASLt epilogues (``lofa.cublaslt``) take the MLP's GELU under autograd
+- on CUDA in bf16, cuBLASLt epilogues (``lofa.kernels.cublaslt``) take the MLP's GELU under autograd
   (forward and backward) and, without autograd, the residual adds of the output linears
   (``_residual``);
-- without autograd on CUDA every attention is one of ``lofa.attention``'s Triton kernels, with the q
+- without autograd on CUDA every attention is one of ``lofa.kernels.attention``'s Triton kernels, with the q
   norm inside, and for a matrix's own 257 tokens as keys (its self-attention, stage II's attention
   to its stage-I tokens) the k norm too (``_fused_attention``);
 - matrices of one shape are batched; shapes are the only Python-level loop;
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lofa import attention, cublaslt
+from lofa.kernels import attention, cublaslt
 from lofa.config import ConfigError
 from lofa.layers import ALL_MODULES, Vocabulary
 
@@ -300,13 +300,13 @@ def _heads(x: Tensor, lead: int, num_heads: int, norm: nn.Module) -> Tensor:
 
 
 def _fused_attention(x: Tensor) -> bool:
-    """Whether ``lofa.attention``'s kernel (the q norm inside) serves an attention over tensors
+    """Whether ``lofa.kernels.attention``'s kernel (the q norm inside) serves an attention over tensors
     like x: no autograd (it has no backward), CUDA, bf16 / fp16, Triton installed."""
     return not torch.is_grad_enabled() and attention.available(x.device, x.dtype)
 
 
 def _norm_gain(norm: nn.Module, dtype: torch.dtype) -> tuple[Tensor | None, float]:
-    """A q or k norm as ``lofa.attention.attention`` takes it: the gain (the kernel rounds it to the
+    """A q or k norm as ``lofa.kernels.attention.attention`` takes it: the gain (the kernel rounds it to the
     input's dtype, as ``RMSNorm`` does) or None for no norm, and its eps (the q and k norms of one
     attention are made with the same)."""
     if isinstance(norm, nn.Identity):
@@ -412,9 +412,9 @@ class SelfAttention(nn.Module):
 class MLP(nn.Sequential):
     """Linear -> GELU(tanh) -> Linear. On CUDA the GELU runs in cuBLASLt epilogues (tanh GELU,
     as here), so the hidden activations get no passes of their own:
-    - under autograd in bf16 / fp16 (autocast included), ``lofa.cublaslt.gelu_mlp``: the first
+    - under autograd in bf16 / fp16 (autocast included), ``lofa.kernels.cublaslt.gelu_mlp``: the first
       product writes GELU and its input at once, and the backward's product applies the GELU
-      gradient (``lofa.cublaslt.ENABLED`` = False turns this off);
+      gradient (``lofa.kernels.cublaslt.ENABLED`` = False turns this off);
     - without autograd or autocast, ``torch._addmm_activation``.
     (On CPU that op uses the exact GELU, so the CPU path stays unfused.)"""
 
@@ -452,7 +452,7 @@ def _fuses_residuals(x: Tensor) -> bool:
 
 def _residual(x: Tensor, sublayer: nn.Module, *args: Tensor | None) -> Tensor:
     """x + sublayer(*args). Where ``_fuses_residuals``, the sublayer's output linear adds x in its
-    cuBLASLt epilogue (``lofa.cublaslt.linear_residual``): the branch's output is never written
+    cuBLASLt epilogue (``lofa.kernels.cublaslt.linear_residual``): the branch's output is never written
     and read back, and the next norm reads one tensor, not two."""
     if not _fuses_residuals(x) or type(sublayer.out) is not nn.Linear:  # e.g. the bench's FP8 linears
         return x + sublayer(*args)

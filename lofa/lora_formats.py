@@ -273,7 +273,7 @@ def hypernet_card(name: str, base_model_hash: str, stages: Mapping[str, Mapping[
               "license": LICENSE, "library_name": "lofa", "producer": f"lofa {lofa.__version__}"}
     lines = [f"# {name}", "",
              "The LoFA hypernetwork (arXiv 2512.08785): reads the base DiT's weights and a prompt and "
-             "predicts a LoRA for it (`lofa predict`, or `lofa.registry.load_predictor`).", "",
+             "predicts a LoRA for it (`lofa predict`, or `lofa.serving.registry.load_predictor`).", "",
              f"- **Base model**: content hash `{base_model_hash}` (not copied into the registry)",
              "- **How it was made**: trained by lofa's pipeline (`dvc repro`): per-clip LoRAs fitted as "
              "supervision, stage I on their response maps, stage II on their weights",

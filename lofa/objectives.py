@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lofa import stage1_kernel
+from lofa.kernels import stage1_kernel
 from lofa.hypernet import HyperNet, HyperOutput, MatrixGroup, group_by_shape
 from lofa.layers import Vocabulary
 from lofa.lora import LoRAWeights, delta_response_map, dw_scores, map_counts, map_scores, response_map
@@ -134,7 +134,7 @@ class Stage1LossConfig:
     """tau: response threshold; logit_scale: s; eps: floor of the ratio (sets the lowest logit);
     l2_weight: weight of mean(A^2) + mean(B^2); pos_weight: BCE weight of positives (None = 1);
     compile: fuse the per-entry map, logit and BCE with torch.compile (GPU);
-    fused: the one-kernel Triton loss (``lofa.stage1_kernel``, never materialises dW);
+    fused: the one-kernel Triton loss (``lofa.kernels.stage1_kernel``, never materialises dW);
     None = on CUDA when triton is there."""
 
     tau: float = 0.02

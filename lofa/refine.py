@@ -179,7 +179,7 @@ def refine_files(lora_path: str | Path, clip_path: str | Path, *, steps: int, ba
     Writes the refined LoRA to ``output`` (export format; the header keeps the prompt
     and names the start file and the clip) and the report to ``report_path`` as JSON.
     """
-    from lofa.predict import PredictError, load_base, load_user_lora
+    from lofa.serving.predict import PredictError, load_base, load_user_lora
 
     base = load_base(base_dir, device)
     cfg = load_section(FitConfig, "fit_loras", params_path)

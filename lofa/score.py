@@ -185,7 +185,7 @@ def score_files(base_dir: str | Path, lora_paths: Sequence[str | Path], clip_fil
     file and the key. Returns a JSON-ready dict: per entry (``base``, then each path as given), the mean
     and per-clip flow loss and, when generating, the judge's report.
     """
-    from lofa.predict import PredictError, load_base, load_user_lora
+    from lofa.serving.predict import PredictError, load_base, load_user_lora
 
     base = load_base(base_dir, device)
     loras: dict[str, LoRAWeights | None] = {"base": None}

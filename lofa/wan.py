@@ -30,8 +30,8 @@ from torch.utils.checkpoint import checkpoint
 
 from lofa.io import ArtifactError, read_metadata, tensors_hash
 from lofa.lora import LoRAWeights, apply_lora
-from lofa import flash, wan_fast
-from lofa.wan_fast import BLOCK_IMPLS, BlockImpl
+from lofa.kernels import flash, wan_fast
+from lofa.kernels.wan_fast import BLOCK_IMPLS, BlockImpl
 
 NUM_TRAIN_TIMESTEPS = 1000
 WAN_SHIFT = 5.0
@@ -298,7 +298,7 @@ def dit_forward(dit: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, c
             recomputed blocks re-bind their LoRA.
         block_impl: "diffsynth" runs diffsynth's block modules (LoRAs through
             :class:`lofa.lora.LoRALinear`); "fused" lofa's functional block
-            (:mod:`lofa.wan_fast`, same function within rounding, faster); "compiled"
+            (:mod:`lofa.kernels.wan_fast`, same function within rounding, faster); "compiled"
             that block through ``torch.compile`` where gradients flow into it.
     Returns:
         (B, out_dim, T, H, W), in the DiT's parameter dtype (or the autocast dtype).

@@ -8,7 +8,7 @@ from torch import nn
 
 from lofa.hypertrain import LoRASet, load_lora_set
 from lofa.layers import Vocabulary
-from lofa.predict import load_base as load_base_model
+from lofa.serving.predict import load_base as load_base_model
 
 HELDOUT = ("val", "test")
 

@@ -6,7 +6,7 @@ gap_closed and its bootstrap interval, dW / map metrics and judge accuracies),
 videos (real | base | oracle | predicted) and the printed table (``table.txt``), all logged to
 one MLflow run with the per-clip losses as a table, the gap-closed bars as a figure and the
 preprocessed manifest as its dataset. Then it registers the evaluated hypernetwork and moves the
-``champion`` alias to it when it passes the ``register`` section's bar (:mod:`lofa.registry`).
+``champion`` alias to it when it passes the ``register`` section's bar (:mod:`lofa.serving.registry`).
 The caption ceiling and the judge need the synthetic world (``--synth``: meta.csv,
 synth.json); on the real profile they are skipped, with a message.
 """
@@ -31,7 +31,7 @@ from lofa.io import atomic_path, read_json, write_text
 from lofa.judge import SIDECAR, load_judge
 from lofa.media import decode_latents, side_by_side, write_video
 from lofa.objectives import Stage1LossConfig
-from lofa.registry import CHAMPION, RegisterConfig, promote, register_hypernet
+from lofa.serving.registry import CHAMPION, RegisterConfig, promote, register_hypernet
 from lofa.tracking import log_manifest, model_registry_off, stage_run
 from pipelines._common import section, stage_args, write_metrics
 from pipelines._hyper import load_base, load_sets

@@ -32,7 +32,7 @@ from prefect.tasks import exponential_backoff
 
 from lofa.env import setup_env
 from pipelines.flow_artifacts import apply_overrides, parse_set, publish_evaluation
-from lofa.orchestration import (Stage, StageFailed, Step, load_stages, plan, read_metrics, record_stage,
+from pipelines.orchestration import (Stage, StageFailed, Step, load_stages, plan, read_metrics, record_stage,
                                 run_command, save_experiment, stage_up_to_date)
 
 FLOW_NAME = "lofa-pipeline"
@@ -40,7 +40,7 @@ RUNNERS = ("thread", "dask")
 
 
 def pipeline_plan(root: str | Path = ".", fit_shards: int = 1, shard_stage: str = "fit_loras") -> list[Step]:
-    """The steps the flow runs for ``<root>/dvc.yaml``, in order (see :func:`lofa.orchestration.plan`)."""
+    """The steps the flow runs for ``<root>/dvc.yaml``, in order (see :func:`pipelines.orchestration.plan`)."""
     return plan(load_stages(Path(root) / "dvc.yaml"), fit_shards, shard_stage)
 
 

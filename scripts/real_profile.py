@@ -210,7 +210,7 @@ class GpuPeak:
 
 def stage_commands(root: Path, params: Path) -> list[tuple[str, list[str]]]:
     """(stage, argv) for STAGES: the commands of dvc.yaml with the MotionX root and params file."""
-    from lofa.orchestration import load_stages
+    from pipelines.orchestration import load_stages
 
     stages = {s.name: s for s in load_stages(REPO / "dvc.yaml")}
     out = []

@@ -1,4 +1,4 @@
-"""lofa.attention: the prediction attention kernel (QK norms inside) against the torch math.
+"""lofa.kernels.attention: the prediction attention kernel (QK norms inside) against the torch math.
 
 On a CPU the Triton kernel runs under Triton's interpreter (in a subprocess: the interpreter
 is chosen when Triton is imported), in fp32 and fp16 (the interpreter has no bf16); on CUDA
@@ -17,14 +17,14 @@ import textwrap
 import pytest
 import torch
 
-from lofa import attention
+from lofa.kernels import attention
 
 triton = pytest.importorskip("triton")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 _INTERPRETED = textwrap.dedent("""
     import json, torch
-    from lofa import attention as A
+    from lofa.kernels import attention as A
     torch.manual_seed(0)
     worst = {}
     cases = [(70, 37, False), (65, 65, False), (64, 33, True), (33, 70, True), (129, 66, True),

@@ -22,7 +22,7 @@ from lofa.config import from_dict
 from lofa.io import load_tensors, read_json, read_metadata, save_tensors
 from lofa.layers import Vocabulary
 from lofa.lora import load_lora
-from lofa.predict import load_base
+from lofa.serving.predict import load_base
 from tiny_artifacts import CAPTION, CLIP_ID, DIT, PARAMS, RANK, write_artifacts, write_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_refine_reports_curves_and_steps_to_the_oracle(art, tmp_path, capsys):
 
 
 def test_predict_from_the_model_registry_matches_the_directories(art, tmp_path):
-    from lofa.registry import register_hypernet
+    from lofa.serving.registry import register_hypernet
     from lofa.tracking import stage_run
 
     with stage_run("train_stage2", {}) as ml:

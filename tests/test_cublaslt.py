@@ -1,11 +1,11 @@
-"""The MLP with GELU epilogues (lofa.cublaslt): the same values and gradients as the plain MLP."""
+"""The MLP with GELU epilogues (lofa.kernels.cublaslt): the same values and gradients as the plain MLP."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lofa import cublaslt
+from lofa.kernels import cublaslt
 from lofa.hypernet import MLP
 
 

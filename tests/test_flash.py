@@ -1,4 +1,4 @@
-"""lofa.flash: the attention switch, the FA4 custom operators' autograd and checkpoint wiring, and
+"""lofa.kernels.flash: the attention switch, the FA4 custom operators' autograd and checkpoint wiring, and
 diffsynth's guard against FA4's ``flash_attn`` namespace.
 
 FA4's kernels need a Hopper GPU (benchmarks/bench_fit.py checks them there against SDPA). Here the
@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lofa import flash
+from lofa.kernels import flash
 from lofa.fit import FitConfig
 from lofa.wan import Checkpointing, _checkpoint_kwargs
 

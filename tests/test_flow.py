@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from servers import free_port, wait_http
-from lofa.orchestration import (DvcFailed, PipelineError, Stage, StageFailed, Step, load_stages, record_stage,
+from pipelines.orchestration import (DvcFailed, PipelineError, Stage, StageFailed, Step, load_stages, record_stage,
                                 run_command, stage_up_to_date)
 from pipelines.flow import lofa_pipeline, pipeline_plan, task_runner
 

@@ -107,7 +107,7 @@ def art(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def base(art: dict[str, Path]):
-    from lofa.predict import load_base
+    from lofa.serving.predict import load_base
 
     return load_base(art["base"])
 
@@ -193,7 +193,7 @@ def loras(pre: Path, base, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_non_finite_lora_is_named_by_every_consumer(loras: Path, pre: Path, base, tmp_path: Path) -> None:
     from lofa.hypertrain import load_lora_set
-    from lofa.predict import load_user_lora
+    from lofa.serving.predict import load_user_lora
 
     out = tmp_path / "loras"
     shutil.copytree(loras, out)
@@ -352,7 +352,7 @@ def _loaders(art, base, pre, tokenizer_dir) -> dict[str, Callable[[Path, Path], 
     from lofa.encoders import WanT5TextEncoder, WanVAECodec
     from lofa.fit import load_clip
     from lofa.hypertrain import load_hypernet
-    from lofa.predict import load_base, load_stage, load_user_lora
+    from lofa.serving.predict import load_base, load_stage, load_user_lora
     from lofa.refine import load_clip_file
     from lofa.train import load_checkpoint_weights
     from lofa.wan import load_dit

@@ -278,7 +278,7 @@ def test_prediction_graph_schedule_matches_the_model(use_stage1):
     """PredictionGraph's two-stream schedule (stage II's first blocks beside stage I, then the
     rest) gives exactly what the two models' own forwards give; text must be trimmed and
     embedded groups must be the models' own, for one prompt."""
-    from lofa.predict_graph import PredictionGraph
+    from lofa.serving.predict_graph import PredictionGraph
 
     vocab = Vocabulary.from_dims(32, 48, 2, modules=("self_attn.q", "ffn.0", "ffn.2"))
     w = _weights(vocab)
@@ -327,7 +327,7 @@ def test_prediction_graph_replays_on_cuda_like_the_models(autocast):
     """Captured (two streams) and replayed for new texts, the graph gives the models' own forwards."""
     from contextlib import nullcontext
 
-    from lofa.predict_graph import PredictionGraph
+    from lofa.serving.predict_graph import PredictionGraph
 
     vocab = Vocabulary.from_dims(32, 48, 2, modules=("self_attn.q", "ffn.0", "ffn.2"))
     w = [t.cuda() for t in _weights(vocab)]
@@ -398,7 +398,7 @@ def _assert_same_prediction(fused: list, plain: list, what: object = None) -> No
 def test_residual_adds_in_cublaslt_epilogues_give_the_plain_prediction(monkeypatch):
     """Without autograd on CUDA in bf16 the output linears add the residual in their epilogue;
     the prediction is the plain one up to bf16 rounding, and the epilogue path did run."""
-    from lofa import cublaslt
+    from lofa.kernels import cublaslt
 
     s1, s2, groups = _cuda_world(d_model=32, prompts=2)
     s1, s2 = s1.bfloat16(), s2.bfloat16()
@@ -422,12 +422,12 @@ def test_residual_adds_in_cublaslt_epilogues_give_the_plain_prediction(monkeypat
 
 @_needs_cuda
 def test_fused_attention_kernel_gives_the_plain_prediction(monkeypatch):
-    """Without autograd on CUDA in bf16 every attention runs one of lofa.attention's kernels (the q
+    """Without autograd on CUDA in bf16 every attention runs one of lofa.kernels.attention's kernels (the q
     norm inside; head_dim 16, the smallest they take). Attention to a matrix's own tokens (self,
     and stage II's to the stage-I tokens) runs the short-sequence kernel with the k norm inside
     where the tokens are a whole tile + CLS (32x32 matrices: 16 + 1), else the general one. The
     prediction is the plain one (norms and SDPA) up to bf16 rounding."""
-    from lofa import attention
+    from lofa.kernels import attention
 
     s1, s2, groups = _cuda_world(d_model=64, prompts=1)
     s1, s2 = s1.bfloat16(), s2.bfloat16()
@@ -460,7 +460,7 @@ def test_fused_attention_under_dynamic_compile_with_text_masks(monkeypatch):
     """The kernel inside compiled regions with dynamic shapes (as the training stages compile, where
     stage II runs the frozen stage I without autograd): prompts of different lengths, some keys
     masked, batches of changing text length; each equals the eager prediction with the kernel off."""
-    from lofa import attention
+    from lofa.kernels import attention
 
     model, _, groups = _cuda_world(d_model=64, prompts=2)
     compiled = copy.deepcopy(model).compile_regions(dynamic=None)

@@ -358,7 +358,7 @@ def test_predicted_file_is_dated_with_a_card_and_refine_reads_its_musubi_twin(tm
     """Predictor.save dates the file and writes its card; ``refine`` (through load_user_lora) starts from
     a kohya/musubi-tuner copy of that file exactly as from the file itself, and the refined file has
     its own card and no date."""
-    from lofa.predict import Predictor
+    from lofa.serving.predict import Predictor
     from lofa.refine import refine_files
     from tiny_artifacts import write_artifacts, write_clip
 

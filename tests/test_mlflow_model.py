@@ -1,4 +1,4 @@
-"""The MLflow pyfunc model (``lofa.mlflow_model``) called directly, as MLflow calls it after loading.
+"""The MLflow pyfunc model (``lofa.serving.mlflow_model``) called directly, as MLflow calls it after loading.
 
 test_registry.py loads it through the registry, where MLflow runs a copy of the file stored with the
 model; this file runs the module itself on tiny artifacts: one file per prompt (a repeat overwrites
@@ -16,7 +16,7 @@ import torch
 from mlflow.pyfunc import PythonModelContext
 
 from lofa.lora import load_lora
-from lofa.predict import PredictError, Predictor
+from lofa.serving.predict import PredictError, Predictor
 from tiny_artifacts import write_artifacts
 
 PROMPTS = ["a small red figure waves quickly", "the large figure in yellow claps while facing left"]
@@ -25,7 +25,7 @@ PROMPTS = ["a small red figure waves quickly", "the large figure in yellow claps
 def _loaded(art: dict[str, Path], **config: str) -> object:
     """``load_context`` with the artifacts and model config ``register_hypernet`` stores. (Imported here:
     importing the module registers its model with MLflow, which warns, at collection otherwise.)"""
-    from lofa.mlflow_model import LoFAHypernet
+    from lofa.serving.mlflow_model import LoFAHypernet
 
     base_hash = json.loads((art["base"] / "dit.json").read_text())["base_model_hash"]
     model = LoFAHypernet()

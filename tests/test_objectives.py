@@ -222,7 +222,7 @@ print("FUSED-OK", l1)
 
 
 def test_fused_stage1_loss_kernel_matches_the_reference_under_the_triton_interpreter():
-    """lofa.stage1_kernel (the CUDA stage-I loss) run by Triton's CPU interpreter: the same
+    """lofa.kernels.stage1_kernel (the CUDA stage-I loss) run by Triton's CPU interpreter: the same
     loss, precision / recall and gradients of every parameter as the torch reference."""
     pytest.importorskip("triton")
     import os

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from lofa.predict import PredictError, Predictor
+from lofa.serving.predict import PredictError, Predictor
 from lofa.lora import load_lora
-from lofa.registry import CHAMPION, RegisterConfig, load_predictor, promote, register_hypernet
+from lofa.serving.registry import CHAMPION, RegisterConfig, load_predictor, promote, register_hypernet
 from lofa.tracking import stage_run
 from tiny_artifacts import write_artifacts, write_base
 
@@ -81,7 +81,7 @@ def test_model_has_signature_code_and_requirements(registered):
     assert {c["name"] for c in json.loads(sig["outputs"])} == {"prompt", "lora_path", "lora_safetensors"}
     assert {p["name"]: p["default"] for p in json.loads(sig["params"])} == {"output": "path", "out_dir": ""}
     root = Path(mlflow.artifacts.download_artifacts(f"models:/lofa-hypernet-test/{version.version}"))
-    assert (root / "code" / "lofa" / "predict.py").is_file()  # the project code travels with the model
+    assert (root / "code" / "lofa" / "serving" / "predict.py").is_file()  # the project code travels with the model
     reqs = (root / "requirements.txt").read_text().split()
     assert {r.split("==")[0] for r in reqs} >= {"torch", "diffsynth", "safetensors", "transformers"}, reqs
     assert all("==" in r for r in reqs), reqs  # pinned to the versions it was registered with

@@ -14,7 +14,7 @@ from lofa.cli import main
 from lofa.config import from_dict
 from lofa.io import load_tensors, save_tensors
 from lofa.lora import LoRAWeights, save_lora
-from lofa.predict import load_base
+from lofa.serving.predict import load_base
 from lofa.score import ScoreConfig, bootstrap_gap, flow_losses
 from tiny_artifacts import CAPTION, CLIP_ID, DIT, PARAMS, RANK, write_artifacts, write_clip
 

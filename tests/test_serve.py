@@ -24,8 +24,8 @@ import torch
 from packaging.requirements import Requirement
 
 from lofa.lora import load_lora
-from lofa.predict import Predictor
-from lofa.registry import CHAMPION, RegisterConfig, promote, register_hypernet
+from lofa.serving.predict import Predictor
+from lofa.serving.registry import CHAMPION, RegisterConfig, promote, register_hypernet
 from lofa.tracking import stage_run
 from servers import free_port, wait_http
 from tiny_artifacts import write_artifacts

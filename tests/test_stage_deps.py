@@ -1,4 +1,4 @@
-"""dvc.yaml's code deps against each stage's import closure (lofa/stagedeps.py, statically: ast, no
+"""dvc.yaml's code deps against each stage's import closure (pipelines/stagedeps.py, statically: ast, no
 import), and the values stages share checked where they are consumed (lofa.hypertrain.check_shared).
 
 A stale dep (declared, never imported) fails as a missing one does: DVC reruns the stage on its
@@ -24,8 +24,8 @@ from lofa.config import ConfigError
 from lofa.data.dataset import ClipSet
 from lofa.hypertrain import LoRASet, check_shared, load_hypernet
 from lofa.layers import Vocabulary
-from lofa.orchestration import PipelineError
-from lofa.stagedeps import check_stages, entry_module, import_closure, report
+from pipelines.orchestration import PipelineError
+from pipelines.stagedeps import check_stages, entry_module, import_closure, report
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = check_stages(ROOT)
@@ -43,10 +43,10 @@ def test_stage_declares_nothing_it_does_not_import(deps):
 
 def test_closures_hold_the_files_the_issue_found_undeclared():
     """Issue 22: train_stage1 imports lofa/lora.py (its target), evaluate lofa/hypernet.py; and
-    evaluate runs lofa/mlflow_model.py by path (MLflow's model from code), not by import."""
+    evaluate runs lofa/serving/mlflow_model.py by path (MLflow's model from code), not by import."""
     by_stage = {d.stage: d for d in STAGES}
     assert "lofa/lora.py" in by_stage["train_stage1"].closure
-    assert {"lofa/hypernet.py", "lofa/mlflow_model.py"} <= set(by_stage["evaluate"].closure)
+    assert {"lofa/hypernet.py", "lofa/serving/mlflow_model.py"} <= set(by_stage["evaluate"].closure)
     assert by_stage["train_stage2_naive"].entry == "pipelines.train_stage2"  # `-m` read past --ablation's place
     assert all("lofa/tracking.py" not in d.closure for d in STAGES)  # RECORDING: run records only
 

@@ -277,7 +277,7 @@ def test_rope_matches_diffsynth(dit, monkeypatch):
     from diffsynth.models.wan_video_dit import rope_apply
 
     from lofa.wan import _rope_freqs
-    from lofa.wan_fast import rope
+    from lofa.kernels.wan_fast import rope
 
     table = _rope_freqs(dit, 3, 4, 4, torch.device("cpu"))  # (48, 1, 24) complex128, as diffsynth's
     assert table.dtype == torch.complex128
@@ -297,7 +297,7 @@ def test_compiled_block_one_graph_for_all_blocks_and_shapes(dit, monkeypatch):
     CPU): one graph serves every block, clip count and resolution; K = 1 adds one."""
     from torch._dynamo.utils import counters
 
-    from lofa import wan_fast
+    from lofa.kernels import wan_fast
     from lofa.layers import Vocabulary
 
     torch._dynamo.reset()

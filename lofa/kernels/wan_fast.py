@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lofa import flash
+from lofa.kernels import flash
 from lofa.lora import LoRAWeights
 
 BlockImpl = Literal["diffsynth", "fused", "compiled"]
@@ -153,7 +153,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
     """diffsynth's ``flash_attention``: (N, S, dim) x3 -> (N, S, dim), through FlashAttention 4 or
-    SDPA as :mod:`lofa.flash`'s switch says."""
+    SDPA as :mod:`lofa.kernels.flash`'s switch says."""
     n, s, d = q.shape
     if flash.wants_fa4(q, d // num_heads):
         return flash.attention(q, k, v, num_heads)  # v comes as a column slice of the fused projection: made dense for the kernels

@@ -1,6 +1,6 @@
 """Attention kernels of the DiT block: FlashAttention 4 (CuTe DSL) where it serves, SDPA otherwise.
 
-One switch picks the kernel of lofa's fused Wan block (:func:`lofa.wan_fast.attention`): the
+One switch picks the kernel of lofa's fused Wan block (:func:`lofa.kernels.wan_fast.attention`): the
 ``attention`` field of ``fit_loras`` (:class:`lofa.fit.FitConfig`), or :func:`use` around any
 call, or ``LOFA_ATTENTION`` for a whole process. Values:
 

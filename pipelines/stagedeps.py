@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lofa.inputkey import CODE_DIRS
-from lofa.orchestration import PipelineError, load_stages
+from pipelines.orchestration import PipelineError, load_stages
 
 #: Top-level packages whose modules are project files (the rest is third party).
 PACKAGES = tuple(d.rstrip("/") for d in CODE_DIRS)

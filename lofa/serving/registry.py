@@ -3,7 +3,7 @@
 ``register_hypernet`` logs stage I + stage II (their safetensors and sidecars) and the
 preprocess params as one MLflow pyfunc model, registered under a name, with the
 hypernetwork config and the base model's hash on the version. The model is a
-"model from code" (``lofa/mlflow_model.py``): MLflow stores the code file and the
+"model from code" (``lofa/serving/mlflow_model.py``): MLflow stores the code file and the
 artifacts, and loading runs that code; nothing is pickled.
 
 The base model is not copied into the registry (Wan2.1 is 5 GiB); loading names it
@@ -29,14 +29,14 @@ from typing import Any
 
 from lofa.io import read_json
 from lofa.lora_formats import hypernet_card
-from lofa.predict import Predictor, PredictError
+from lofa.serving.predict import Predictor, PredictError
 
 #: The registered model's default name.
 MODEL_NAME = "lofa-hypernet"
 #: The alias of the last registered version whose evaluation passed the bar.
 CHAMPION = "champion"
 _CODE = Path(__file__).with_name("mlflow_model.py")
-_PACKAGE = Path(__file__).parent
+_PACKAGE = Path(__file__).parents[1]  # the whole lofa package
 #: What the model's code imports (lofa's predict path; tests/test_serve.py checks the module-level
 #: imports), pinned to this environment's versions.
 REQUIREMENTS = ("torch", "safetensors", "diffsynth", "accelerate", "mlflow", "pyyaml", "numpy", "pandas", "tqdm",
@@ -111,13 +111,13 @@ def register_hypernet(mlflow: Any, stage2_dir: str | Path, stage1_dir: str | Pat
         client.set_model_version_tag(name, version.version, k, v[:5000])
     client.update_model_version(name, version.version, description=(
         f"LoFA hypernetwork (stage {'I + II' if 'stage1' in artifacts else 'II only'}) for base model "
-        f"{s2['base_model_hash']}; load with lofa.registry.load_predictor('models:/{name}/{version.version}')"))
+        f"{s2['base_model_hash']}; load with lofa.serving.registry.load_predictor('models:/{name}/{version.version}')"))
     return client.get_model_version(name, version.version)
 
 
 def signature() -> Any:
     """Input: a string column ``prompt``; output: the prompt and the LoRA's path or bytes (the columns
-    ``lofa/mlflow_model.py`` returns); params ``output`` (path | bytes) and ``out_dir``."""
+    ``lofa/serving/mlflow_model.py`` returns); params ``output`` (path | bytes) and ``out_dir``."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -162,7 +162,7 @@ def promote(client: Any, version: Any, methods: dict[str, dict[str, float]], cfg
 
 def load_predictor(model_uri: str, *, base_dir: str | Path | None = None, device: str = "cpu",
                    dtype: str = "float32") -> Predictor:
-    """A :class:`lofa.predict.Predictor` from a registered model (``models:/NAME/VERSION``).
+    """A :class:`lofa.serving.predict.Predictor` from a registered model (``models:/NAME/VERSION``).
 
     ``base_dir``: the base model to adapt (default: the registered location); its hash
     must equal the registered one.

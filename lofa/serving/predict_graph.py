@@ -17,7 +17,7 @@ What a replay needs is fixed at capture: the embedded matrices (``HyperNet.embed
 one prompt), the models' weights (read in place: later in-place updates are seen,
 replaced tensors are not), the text length, and whether the text comes with a key mask
 (``masked``): without one every token must be valid (``trim_text`` gives that for one
-prompt); with one, a text padded to a fixed length (``lofa.predict.text_bucket``) serves
+prompt); with one, a text padded to a fixed length (``lofa.serving.predict.text_bucket``) serves
 prompts of any length up to it from one graph.
 """
 

@@ -124,7 +124,7 @@ def _parse_stage(name: str, spec: Mapping[str, Any], where: str) -> Stage:
     where = f"{where}: stage {name}"
     bad = [k for k in _UNSUPPORTED if isinstance(spec, Mapping) and k in spec]
     if bad:
-        raise PipelineError(f"{where}: {bad} not supported by lofa.orchestration (plain stages only)")
+        raise PipelineError(f"{where}: {bad} not supported by pipelines.orchestration (plain stages only)")
     if not isinstance(spec, Mapping) or "cmd" not in spec:
         raise PipelineError(f"{where}: no cmd")
     cmd = spec["cmd"] if isinstance(spec["cmd"], str) else " && ".join(spec["cmd"])

@@ -1,5 +1,5 @@
 """The MLflow pyfunc model of the LoFA hypernetwork (a "model from code": MLflow runs this
-file to load it, so nothing is pickled). Registered by :func:`lofa.registry.register_hypernet`,
+file to load it, so nothing is pickled). Registered by :func:`lofa.serving.registry.register_hypernet`,
 with the ``lofa`` package shipped beside it (``code_paths``), so ``mlflow models serve`` runs it
 from an environment that has only the model's requirements.
 
@@ -27,7 +27,7 @@ OUTPUTS = ("path", "bytes")
 
 class LoFAHypernet(PythonModel):
     def load_context(self, context: Any) -> None:
-        from lofa.predict import PredictError, Predictor
+        from lofa.serving.predict import PredictError, Predictor
 
         cfg = dict(context.model_config or {})
         self.predictor = Predictor.from_dirs(
@@ -47,7 +47,7 @@ class LoFAHypernet(PythonModel):
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate against them
         import pandas as pd
 
-        from lofa.predict import PredictError
+        from lofa.serving.predict import PredictError
 
         params = params or {}
         output, out_dir = params.get("output") or "path", params.get("out_dir") or self.out_dir

@@ -38,7 +38,7 @@ from lofa.lora import LoRAFile, LoRAFormatError, LoRAWeights, base_weights, load
 from lofa.lora_formats import modules_in
 from lofa.media import decode_latents, write_video
 from lofa.objectives import predicted_lora
-from lofa.predict_graph import PredictionGraph
+from lofa.serving.predict_graph import PredictionGraph
 from lofa.pretrain import dit_config_from_sidecar
 from lofa.sampling import sample
 from lofa.wan import WanDiTConfig, load_dit
@@ -210,7 +210,7 @@ class Predictor:
             (sections ``graph_predict`` and ``predictor``). Under autocast instead, every call
             would cast every weight again and the MLPs' GELU would run as passes of their own.
         cuda_graph: on a GPU, a one-prompt prediction replays one captured CUDA graph per
-            text length bucket (``lofa.predict_graph``; the trimmed text is padded to
+            text length bucket (``lofa.serving.predict_graph``; the trimmed text is padded to
             ``text_bucket`` with the padding masked, so prompts of 20 and 50 tokens share a
             graph; captured on first use, up to ``MAX_GRAPHS`` kept); elsewhere the same
             schedule runs uncaptured.
