@@ -314,7 +314,7 @@ def _best_sdpa(probe: dict, resolution: str) -> str:
     if not row:
         return "auto"
     best = min(row, key=lambda n: row[n]["ms"])
-    return "cudnn_first" if best == "cudnn" else "flash"
+    return "cudnn" if best == "cudnn" else "flash"
 
 
 def _write(result: dict) -> None:

@@ -5,30 +5,23 @@ is rewritten after every section so a timeout keeps what finished):
   ceiling          a large bf16 matmul: the achievable TFLOP/s on this card
   predict          stage I + stage II over all matrices of one prompt, bf16 weights,
                    eager: median ms, peak memory, error against the fp32 model
-  mlp_check        the fused no-grad MLP (cuBLASLt bias+GELU epilogue) vs the plain one
-  mlp_train        one MLP's forward + backward, compiled, plain against the cuBLASLt GELU
-                   epilogues (lofa.kernels.cublaslt), with errors against fp32
-  residual_epilogue  a residual add after a linear, as a pass of its own or in cuBLASLt's
-                   epilogue (C = x): what fusing the trunk's residual adds would save
   train1           one stage-I training step over all matrices (AdamW, bf16 autocast,
                    fp32 weights), without and with gradient checkpointing
   compiled_*       the same with the trunk blocks compiled (regional torch.compile; also the
                    embedding, text K / V and heads) and the fused stage-I loss, with a
                    kernel-time profile; ``_cached``: the prompt-independent matrix tokens
                    embedded once (HyperNet.embed)
-  graph*_predict   the cached prediction replayed from one CUDA graph (PredictionGraph,
-                   the Predictor's GPU path), one or two streams, compiled or eager blocks,
+  graph_predict*   the cached prediction replayed from one CUDA graph (PredictionGraph,
+                   the Predictor's GPU path), compiled or eager (_eager) blocks,
                    (graph_predict) also one call at a time after idle, and the card's clock and
-                   power while it runs back to back,
-                   without the residual adds in cuBLASLt epilogues (_no_epilogues), with QK
-                   norms + SDPA instead of lofa.kernels.attention's kernel (_sdpa)
+                   power while it runs back to back; with QK norms + SDPA instead of
+                   lofa.kernels.attention's kernel (_sdpa)
   predictor        the user's API, Predictor(dtype="bfloat16", compile=True).predict(prompt), with
                    a base DiT of these shapes (random weights): back to back and after idle; also
                    prompts of other lengths (padded to their bucket, one graph per bucket)
   loss_check       the fused Triton stage-I loss against the compiled torch loss and an
                    fp32 evaluation: time of forward + backward, loss, counts, gradients
-  train1_*         compiled stage-I step variants: the MLPs without the cuBLASLt GELU epilogues
-                   (_plain_mlp), torch loss, CUDA-graph trees, blocks only, whole trunk
+  train1_*         compiled stage-I step variants: torch loss, CUDA-graph trees, blocks only
   fp8              prediction with the trunk's linears in FP8 (row-wise scales,
                    torch._scaled_mm), compiled; dW error against the bf16 result
   dit              (--dit) one stage-II training step with the flow-matching loss
@@ -226,24 +219,21 @@ def to_fp8(model: HyperNet) -> HyperNet:
     return model
 
 
-def compile_blocks(model: HyperNet, mode: str | None = None, edges: bool = True, trunk: bool = False) -> HyperNet:
-    """``HyperNet.compile_regions``: the blocks, or with ``trunk`` all of them as one graph (and with
-    ``edges`` the embedding, text K / V, heads)."""
-    return model.compile_regions(mode, edges, trunk)
+def compile_blocks(model: HyperNet, mode: str | None = None, edges: bool = True) -> HyperNet:
+    """``HyperNet.compile_regions``: the blocks (and with ``edges`` the embedding, text K / V, heads)."""
+    return model.compile_regions(mode, edges)
 
 
-def switched_off(module: str, fn: Callable[[], object]) -> object:
-    """``fn()`` with ``lofa.<module>.ENABLED`` off: "cublaslt", the epilogue kernels (the MLPs' GELU
-    under autograd, the residual adds of a prediction); "attention", the prediction attention
-    kernel (QK norms and SDPA as torch operations instead)."""
-    import importlib
+def attention_off(fn: Callable[[], object]) -> object:
+    """``fn()`` with ``lofa.kernels.attention.ENABLED`` off: QK norms and SDPA as torch operations
+    instead of the prediction attention kernel."""
+    from lofa.kernels import attention
 
-    mod = importlib.import_module(f"lofa.{module}")
-    mod.ENABLED = False
+    attention.ENABLED = False
     try:
         return fn()
     finally:
-        mod.ENABLED = True
+        attention.ENABLED = True
 
 
 def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]:
@@ -397,8 +387,7 @@ class Bench:
         return {"peak_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30} if self.device.type == "cuda" else {}
 
     def run_train(self, compiled: bool, ckpts: tuple[bool, ...] = (False, True), profile: bool = False,
-                  mode: str | None = None, fused: bool = True, edges: bool = True,
-                  trunk: bool = False) -> dict[str, object]:
+                  mode: str | None = None, fused: bool = True, edges: bool = True) -> dict[str, object]:
         """One stage-I step; eager uses the torch loss, compiled the fused Triton loss unless not ``fused``."""
         res: dict[str, object] = {}
         for ckpt in ckpts:
@@ -407,7 +396,7 @@ class Bench:
             model.to(self.device).train()
             if compiled:
                 torch._dynamo.reset()
-                compile_blocks(model, mode, edges, trunk)
+                compile_blocks(model, mode, edges)
             step = self.train_step_fn(model, Stage1LossConfig(compile=compiled, fused=fused if compiled else False),
                                       graphs=mode == "reduce-overhead")
             key = "ckpt" if ckpt else "no_ckpt"
@@ -506,18 +495,18 @@ class Bench:
         b1, b2 = (compile_blocks(copy.deepcopy(m), mode) for m in self.bf16_models)
         return self.measure_predict(b1, b2, cached, profile, graphs=mode == "reduce-overhead")
 
-    def run_graph_predict(self, streams: bool, compiled: bool = True, profile: bool = False,
-                          trunk: bool = False, latency: bool = False) -> dict[str, object]:
+    def run_graph_predict(self, compiled: bool = True, profile: bool = False,
+                          latency: bool = False) -> dict[str, object]:
         """The Predictor's GPU path: W embedded once, then stage I + II replayed from one CUDA graph
-        (``PredictionGraph``), with stage II's first blocks on a second stream when ``streams``."""
+        (``PredictionGraph``)."""
         torch._dynamo.reset()
         b1, b2 = (copy.deepcopy(m) for m in self.bf16_models)
         if compiled:
-            b1, b2 = compile_blocks(b1, trunk=trunk), compile_blocks(b2, trunk=trunk)
+            b1, b2 = compile_blocks(b1), compile_blocks(b2)
         e1, e2 = self.embedded(b1, b2)
 
         def make_run() -> Callable[[], HyperOutput]:
-            graph = PredictionGraph(b1, b2, [e1], [e2], self.text_len, streams=streams)
+            graph = PredictionGraph(b1, b2, [e1], [e2], self.text_len)
             return lambda: graph(self.text)[0]
         return self.time_prediction(make_run, cached=True, profile=profile, latency=latency)
 
@@ -628,85 +617,6 @@ class Bench:
         res["tflops_equiv"] = res.pop("tflops")
         return res
 
-    def mlp_check(self) -> dict[str, float]:
-        """The fused no-grad MLP (cuBLASLt bias+GELU epilogue) against the plain one."""
-        mlp = self.bf16_models[0].blocks[0].mlp1
-        x = torch.randn(4096, self.cfg1.d_model, device=self.device, dtype=torch.bfloat16)
-        with torch.no_grad():
-            fused = mlp(x)
-        plain = nn.Sequential.forward(mlp, x)
-        return {"rel_err": rel_err(fused, plain)}
-
-    def mlp_train(self) -> dict[str, object]:
-        """One trunk MLP under autograd at the prediction's token count, bf16 autocast: forward +
-        backward compiled, plain against the cuBLASLt GELU epilogues (lofa.kernels.cublaslt), the parts
-        timed alone, and each variant's error against fp32."""
-        from lofa.kernels import cublaslt
-
-        dev, d = self.device, self.cfg1.d_model
-        rows = self.tokens
-        mlp = copy.deepcopy(self.s1.blocks[0].mlp1).float()
-        torch.manual_seed(0)
-        x = torch.randn(rows, d, device=dev)
-        dy = torch.randn(rows, d, device=dev) * 1e-2
-        res: dict[str, object] = {"rows": rows}
-
-        def grads(fused: bool, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
-            mlp.zero_grad(set_to_none=True)
-            xi = x.detach().to(dtype).requires_grad_(True)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype != torch.float64):
-                y = cublaslt.gelu_mlp(xi, mlp[0], mlp[2]) if fused else nn.Sequential.forward(mlp, xi)
-            y.backward(dy.to(y.dtype))
-            return [y.detach(), xi.grad] + [p.grad for p in mlp.parameters()]
-        mlp.double()
-        ref = [t.clone() for t in grads(False, torch.float64)]
-        mlp.float()
-        names = ["y", "dx", "dW1", "db1", "dW2", "db2"]
-        for fused in (False, True):
-            key = "epilogues" if fused else "plain"
-            res[f"err_{key}"] = {n: rel_err(a, r) for n, a, r in zip(names, grads(fused), ref)}
-            torch._dynamo.reset()
-            step = torch.compile(lambda fused=fused: grads(fused))
-            res[f"fwd_bwd_compiled_{key}"] = timeit(step, dev, self.warmup, self.repeats)
-        xb = x.bfloat16()
-        w1, b1 = mlp[0].weight.bfloat16(), mlp[0].bias.bfloat16()
-        h = torch.addmm(b1, xb, w1.t())
-        res["fc1"] = timeit(lambda: torch.addmm(b1, xb, w1.t()), dev, self.warmup, self.repeats)
-        res["gelu"] = timeit(lambda: torch.nn.functional.gelu(h, approximate="tanh"), dev, self.warmup, self.repeats)
-        if cublaslt.available(dev, torch.bfloat16):
-            res["fc1_gelu_aux_bias"] = timeit(lambda: cublaslt.linear_gelu_aux(xb, w1, b1), dev, self.warmup,
-                                              self.repeats)
-        return res
-
-    def residual_epilogue(self) -> dict[str, object]:
-        """What a residual add costs at the prediction's token count: an output projection
-        (K = d) and a second MLP linear (K = 4d) with their bias, alone, followed by the add,
-        and with the residual added in cuBLASLt's epilogue (C = x, beta = 1; lofa.kernels.cublaslt)."""
-        from lofa.kernels import cublaslt
-
-        dev, d = self.device, self.cfg1.d_model
-        rows = self.tokens
-        x = torch.randn(rows, d, device=dev, dtype=torch.bfloat16)
-        res: dict[str, object] = {"rows": rows}
-        for k in (d, round(d * self.cfg1.mlp_ratio)):
-            y = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
-            w = torch.randn(d, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
-            b = torch.randn(d, device=dev, dtype=torch.bfloat16)
-            out = torch.empty_like(x)
-            r = {"linear": timeit(lambda: torch.addmm(b, y, w.t()), dev, self.warmup, self.repeats),
-                 "linear_then_add": timeit(lambda: x + torch.addmm(b, y, w.t()), dev, self.warmup, self.repeats)}
-            if cublaslt.available(dev, torch.bfloat16):
-                lt = cublaslt._lt()
-
-                def fused() -> torch.Tensor:  # the product alone, into a kept output: not the op's checks
-                    lt.matmul(cublaslt._OP_T, cublaslt._OP_N, d, rows, k, w, k, y, k, out, cublaslt._EPILOGUE_BIAS,
-                              b, None, c=x)
-                    return out
-                r["linear_residual_epilogue"] = timeit(fused, dev, self.warmup, self.repeats)
-                r["rel_err"] = rel_err(fused(), x.float() + y.float() @ w.float().t() + b.float())
-            res[f"K{k}"] = r
-        return res
-
     def run_dit(self) -> dict[str, object]:
         from lofa.wan import WAN21_T2V_1_3B, build_dit
 
@@ -771,7 +681,6 @@ def table(report: dict[str, object]) -> str:
             ("predict one graph", r.get("graph_predict")),
             ("Predictor.predict", r.get("predictor")),
             ("... attention not fused", r.get("graph_predict_sdpa")),
-            ("predict one graph 2 streams", r.get("graph2_predict")),
             ("... blocks not compiled", r.get("graph_predict_eager")),
             ("predict cached max-autotune", r.get("autotune_predict")),
             ("train1 max-autotune", tr("autotune_train1", "no_ckpt")), ("predict fp8 compiled", r.get("fp8")),
@@ -780,8 +689,6 @@ def table(report: dict[str, object]) -> str:
             ("train1 compiled torch loss", tr("train1_compiled_torch_loss", "no_ckpt")),
             ("train1 cudagraphs", tr("train1_graphs", "no_ckpt")),
             ("train1 compiled blocks only", tr("train1_compiled_blocks_only", "no_ckpt")),
-            ("train1 compiled whole trunk", tr("train1_compiled_trunk", "no_ckpt")),
-            ("predict one graph, whole trunk", r.get("graph_predict_trunk")),
             ("train2 + DiT", r.get("dit"))]
     lines.append(f"{'what':24s} {'ms':>9s} {'TFLOP/s':>8s} {'peak GiB':>9s} {'compile s':>9s}")
     for name, v in rows:
@@ -842,29 +749,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     gpu = not args.tiny
     b.setup()
     plan = [("ceiling", lambda: matmul_ceiling(b.device, 8192 if gpu else 256), True),
-            ("predict", b.run_predict, True), ("mlp_check", b.mlp_check, gpu),
-            ("mlp_train", b.mlp_train, True), ("residual_epilogue", b.residual_epilogue, gpu),
+            ("predict", b.run_predict, True),
             ("train1", lambda: b.run_train(False), True),
             ("compiled_predict", lambda: b.run_compiled_predict(profile=True), gpu),
             ("compiled_predict_cached", lambda: b.run_compiled_predict(cached=True, profile=True), gpu),
             ("graphs_predict_cached", lambda: b.run_compiled_predict("reduce-overhead", cached=True), gpu),
-            ("graph_predict", lambda: b.run_graph_predict(streams=False, profile=True, latency=True), gpu),
+            ("graph_predict", lambda: b.run_graph_predict(profile=True, latency=True), gpu),
             ("predictor", b.run_predictor, True),
-            ("graph_predict_no_epilogues", lambda: switched_off("cublaslt", lambda: b.run_graph_predict(
-                streams=False)), gpu),
-            ("graph_predict_sdpa", lambda: switched_off("attention", lambda: b.run_graph_predict(
-                streams=False, profile=True)), gpu),
-            ("graph2_predict", lambda: b.run_graph_predict(streams=True, profile=True, latency=True), gpu),
-            ("graph_predict_eager", lambda: b.run_graph_predict(streams=False, compiled=False), gpu),
+            ("graph_predict_sdpa", lambda: attention_off(lambda: b.run_graph_predict(profile=True)), gpu),
+            ("graph_predict_eager", lambda: b.run_graph_predict(compiled=False), gpu),
             ("loss_check", b.loss_check, gpu),
             ("train1_compiled", lambda: b.run_train(True, (False, True) if args.ckpt else (False,), profile=True), gpu),
-            ("train1_compiled_plain_mlp", lambda: switched_off("cublaslt", lambda: b.run_train(
-                True, (False,), profile=True)), gpu),
             ("train1_compiled_torch_loss", lambda: b.run_train(True, (False,), fused=False), gpu),
             ("train1_graphs", lambda: b.run_train(True, (False,), profile=True, mode="reduce-overhead"), gpu),
             ("train1_compiled_blocks_only", lambda: b.run_train(True, (False,), edges=False), gpu),
-            ("train1_compiled_trunk", lambda: b.run_train(True, (False,), trunk=True), gpu),
-            ("graph_predict_trunk", lambda: b.run_graph_predict(streams=False, trunk=True), gpu),
             ("dit", b.run_dit, gpu and args.dit), ("fp8", b.run_fp8, gpu),
             ("autotune_predict", lambda: b.run_compiled_predict("max-autotune-no-cudagraphs", cached=True,
                                                                 profile=True), gpu and args.autotune),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
-import inspect
 import json
 import math
 import re
@@ -40,7 +39,7 @@ LATENTS_KEY = "latents"
 CONTEXT_KEY = "context"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-                  "efficient": "EFFICIENT_ATTENTION", "math": "MATH", "cudnn_first": "CUDNN_ATTENTION"}
+                  "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 _BLOCK_IMPLS = ("auto", *BLOCK_IMPLS)
 
 
@@ -54,7 +53,7 @@ class FitConfig:
     (72-94 GiB), 0.58/s with 1 at 81x480x832 (66 GiB). On 80 GB cards use fewer
     clips, or checkpointing with ``checkpoint_save_attention`` and
     ``checkpoint_blocks`` below the block count. torch 2.11 already picks cuDNN's
-    attention on that card ("auto" measured as fast as "cudnn_first").
+    attention on that card.
     """
 
     rank: int = 32
@@ -75,9 +74,8 @@ class FitConfig:
     grad_checkpointing: bool = False
     checkpoint_blocks: int | None = None  # checkpoint only the first n blocks
     checkpoint_save_attention: bool = False  # recompute skips the attention kernels
-    # SDPA kernel: "auto" torch's own choice, a name restricts to that kernel,
-    # "cudnn_first" prefers cuDNN's and falls back to the others where it cannot run
-    sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "cudnn_first"] = "auto"
+    # SDPA kernel: "auto" torch's own choice, a name restricts to that kernel
+    sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     # fused block's attention kernel (lofa.kernels.flash): "auto" FlashAttention 4 where it runs, else SDPA
     attention: Literal["auto", "fa4", "sdpa"] = "auto"
     fused_rms_norm: bool = True  # diffsynth block: F.rms_norm in its RMSNorms (same function, faster)
@@ -215,20 +213,14 @@ def autocast(dit: nn.Module, cfg: FitConfig) -> torch.autocast:
 
 @contextmanager
 def attention_backend(cfg: FitConfig) -> Iterator[None]:
-    """Restrict (or, for "cudnn_first", order) scaled_dot_product_attention's kernels as
-    ``cfg.sdpa_backend`` says (forward, recompute, backward); the fused block's kernel is
-    ``cfg.attention`` (:mod:`lofa.kernels.flash`)."""
+    """Restrict scaled_dot_product_attention to the kernel ``cfg.sdpa_backend`` names (forward,
+    recompute, backward); the fused block's kernel is ``cfg.attention`` (:mod:`lofa.kernels.flash`)."""
     with ExitStack() as stack:
         stack.enter_context(flash.use(cfg.attention))
         if _SDPA_BACKENDS[cfg.sdpa_backend] is not None:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            first = getattr(SDPBackend, _SDPA_BACKENDS[cfg.sdpa_backend])
-            if cfg.sdpa_backend == "cudnn_first" and "set_priority" in inspect.signature(sdpa_kernel).parameters:
-                order = [first, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-                stack.enter_context(sdpa_kernel(order, set_priority=True))
-            else:  # (a torch without priorities: cuDNN only)
-                stack.enter_context(sdpa_kernel(first))
+            stack.enter_context(sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[cfg.sdpa_backend])))
         yield
 
 

@@ -4,42 +4,21 @@ One model serves both stages (DESIGN section 1). Per adapted matrix W the input 
 W / RMS(W) cut into ``patch x patch`` tiles (zero-padded where the patch does not
 divide a side), embedded by a stride-``patch`` conv (a matmul over the unfolded
 tiles), normalised, plus learned row / column / depth / module-type embeddings and
-a CLS token. The trunk is ``num_blocks`` x [self-attn, MLP, cross-attn to the text,
-MLP], pre-norm, QK-norm, SDPA. Tokens are mean-pooled into per-shape linear heads:
-A (r x in) and B (out x r), B scaled by RMS(W) so dW = B A is in W's units. Stage
-II adds cross-attention blocks to the frozen stage-I tokens of the same matrix
+a CLS token. The prompt enters through cross-attention to the projected text (its keys
+and values computed once per prompt, shared by its matrices). The trunk is
+``num_blocks`` x [self-attn, MLP, cross-attn to the text, MLP], pre-norm, QK-norm.
+Tokens are mean-pooled into per-shape linear heads: A (r x in) and B (out x r), B
+scaled by RMS(W) so dW = B A is in W's units; the B head starts at (stage I: near)
+zero. Stage I's loss reads the response map of dW (lofa.objectives). Stage II adds cross-attention blocks to the frozen stage-I tokens of the same matrix
 (after the trunk blocks in ``cross_stage1_after``) and a per-matrix scale alpha.
 
-Efficiency decisions (the public release's defects, DESIGN section 1):
-- the text is projected once per prompt and each trunk block's cross-attention
-  K / V are computed once per prompt, shared by every matrix of that prompt: when
-  a group holds the same number of consecutive matrices per prompt, their queries
-  are folded into one long query sequence against the prompt's keys (no copy);
-- text columns that no prompt uses are dropped, so a batch whose kept keys are
-  all valid runs SDPA without a mask (the flash kernel);
-- under autograd those long query sequences are cut into chunks with their own copy
-  of K / V, so the attention backward has enough blocks to fill the GPU;
-- per-head QK norms run before the head transpose, so q / k / v reach SDPA in
-  (batch, tokens, heads, head_dim) layout and its output merges heads as a view;
-- the text mask and prompt ids are read on the host (``MatrixGroup.to`` and
-  ``HyperBatch.to`` leave them there), so a forward never waits on the GPU;
-- ``HyperNet.embed`` caches everything before the first read of the prompt (the
-  matrix embedding and block 0's self-attention and MLP) for a predictor serving
-  many prompts of one base model (``lofa.serving.predict_graph`` then replays the rest as
-  one CUDA graph); ``compile_regions`` compiles blocks, embedding, text K / V, heads;
-- each block's last residual add is deferred into the next norm (``_deferred``): a block
-  boundary is a compiled-region boundary, and an add there would be a pass of its own;
-- on CUDA in bf16, cuBLASLt epilogues (``lofa.kernels.cublaslt``) take the MLP's GELU under autograd
-  (forward and backward) and, without autograd, the residual adds of the output linears
-  (``_residual``);
-- without autograd on CUDA every attention is one of ``lofa.kernels.attention``'s Triton kernels, with the q
-  norm inside, and for a matrix's own 257 tokens as keys (its self-attention, stage II's attention
-  to its stage-I tokens) the k norm too (``_fused_attention``);
-- matrices of one shape are batched; shapes are the only Python-level loop;
-- gradient checkpointing passes each block itself to ``checkpoint`` (no late
-  binding); parameters stay in the dtype they were created in (fp32 under autocast);
-  activations, the residual stream included, are in the compute dtype (bf16 under
-  autocast), norm statistics in fp32.
+Matrices of one shape are batched; shapes are the only Python-level loop. Parameters
+stay in the dtype they were created in (fp32 under autocast); activations, the
+residual stream included, are in the compute dtype (bf16 under autocast), norm
+statistics in fp32. Gradient checkpointing passes each block itself to ``checkpoint``
+(no late binding: the public release's defect). Which kernel runs an attention or an
+MLP (Triton, cuBLAS epilogues, plain PyTorch) is ``lofa.kernels.dispatch``'s choice;
+its docstring holds the efficiency decisions behind this layout.
 """
 
 from __future__ import annotations
@@ -53,14 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lofa.kernels import attention, cublaslt
 from lofa.config import ConfigError
+from lofa.hypertypes import EmbeddedGroup, HyperOutput, MatrixGroup, TextContext, trim_text
+from lofa.kernels import dispatch
 from lofa.layers import ALL_MODULES, Vocabulary
 
 #: Bytes of unfolded weight tiles handled at once by the patch embedding.
 _PATCH_CHUNK_BYTES = 1 << 28
-#: Query rows per cross-attention chunk under autograd (see CrossAttention.forward).
-_BWD_QUERY_CHUNK = 4096
 #: B-head init std used by stage I when ``b_init_std`` is unset (see HyperNetConfig).
 STAGE1_B_INIT_STD = 1e-5
 
@@ -127,107 +105,11 @@ class HyperNetConfig:
         return self.stage == 2 and self.use_stage1
 
 
-@dataclass(frozen=True)
-class MatrixGroup:
-    """Adapted matrices of one shape: the unit the hypernetwork batches over.
-
-    Attributes:
-        weight: (n, out, in) base weights W.
-        matrix_ids: (n,) long, indices into the model's Vocabulary.
-        prompt_ids: (n,) long, the prompt (row of the text batch) each matrix is for.
-    """
-
-    weight: Tensor
-    matrix_ids: Tensor
-    prompt_ids: Tensor
-
-    def __post_init__(self) -> None:
-        n = self.weight.shape[0]
-        if self.weight.dim() != 3 or self.matrix_ids.shape != (n,) or self.prompt_ids.shape != (n,):
-            raise ValueError(f"MatrixGroup: weight {tuple(self.weight.shape)} must be (n, out, in) with "
-                             f"matrix_ids {tuple(self.matrix_ids.shape)} and prompt_ids "
-                             f"{tuple(self.prompt_ids.shape)} both (n,)")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.weight.shape[1]), int(self.weight.shape[2])
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MatrixGroup":
-        """W and the matrix ids on ``device``; the prompt ids stay where they are: the model reads
-        them on the host (which prompt's K / V), and on the host that read needs no GPU sync."""
-        return MatrixGroup(self.weight.to(device, non_blocking=non_blocking),
-                           self.matrix_ids.to(device, non_blocking=non_blocking), self.prompt_ids)
-
-
-@dataclass(frozen=True)
-class HyperOutput:
-    """The prediction for one MatrixGroup of n matrices.
-
-    Attributes:
-        A: (n, r, in).
-        B: (n, out, r), unscaled.
-        alpha: (n,) positive scale (stage II) or None (stage I).
-        tokens: (n, S, d_model) final normalised tokens (stage II attends to stage I's).
-    """
-
-    A: Tensor
-    B: Tensor
-    alpha: Tensor | None
-    tokens: Tensor
-
-    @property
-    def B_scaled(self) -> Tensor:
-        """(n, out, r): B with alpha folded in; what the DiT and an exported file use."""
-        return self.B if self.alpha is None else self.B * self.alpha[:, None, None].to(self.B.dtype)
-
-    def delta(self) -> Tensor:
-        """(n, out, in) dW = alpha B A."""
-        return torch.bmm(self.B_scaled, self.A)
-
-
-@dataclass(frozen=True)
-class EmbeddedGroup:
-    """A MatrixGroup with the part of the forward that depends on W only, not on the prompt.
-
-    Made by ``HyperNet.embed`` for inference: a predictor serving many prompts of one
-    base model embeds its matrices once. Valid only for the model that made it and
-    only while that model's weights do not change.
-
-    Attributes:
-        group: the matrices; tokens: (n, S, d_model) the tokens after the first trunk
-            block's self-attention and MLP (nothing before them reads the prompt);
-        rms: (n,) RMS(W).
-    """
-
-    group: MatrixGroup
-    tokens: Tensor
-    rms: Tensor
-    model_id: int
-
-
-@dataclass(frozen=True)
-class _TextContext:
-    """Per trunk block K / V of the prompts, computed once per forward.
-
-    keys, values: one (P, heads, L, head_dim) per trunk block; mask: (P, L) bool or
-    None when every kept key is valid.
-    """
-
-    keys: tuple[Tensor, ...]
-    values: tuple[Tensor, ...]
-    mask: Tensor | None
-
-
 def group_by_shape(vocab: Vocabulary, matrix_ids: Tensor, prompt_ids: Tensor
                    ) -> list[tuple[tuple[int, int], Tensor]]:
-    """Positions of each shape in a flat list of (matrix, prompt) pairs.
-
-    Args:
-        matrix_ids: (N,) vocabulary indices; prompt_ids: (N,) prompt rows.
-    Returns:
-        [((out, in), positions (n,) long)], shapes in sorted order; positions sorted
-        by prompt (stable), which lets the model share each prompt's text K / V.
-    """
+    """Positions of each shape in a flat list of (matrix, prompt) pairs: matrix_ids, prompt_ids (N,)
+    -> [((out, in), positions (n,) long)], shapes in sorted order, positions sorted by prompt
+    (stable), which lets the model share each prompt's text K / V."""
     ids = matrix_ids.tolist()
     order = torch.argsort(prompt_ids.cpu(), stable=True).tolist()
     by_shape: dict[tuple[int, int], list[int]] = {}
@@ -237,81 +119,11 @@ def group_by_shape(vocab: Vocabulary, matrix_ids: Tensor, prompt_ids: Tensor
     return [(s, torch.tensor(by_shape[s], dtype=torch.long)) for s in sorted(by_shape)]
 
 
-def trim_text(text: Tensor, mask: Tensor, text_dim: int) -> tuple[Tensor, Tensor | None]:
-    """Drop the text columns no prompt uses; the mask becomes None when every kept token is valid.
-
-    Reads the mask on the host (one sync when it lives on the GPU; none for a host mask,
-    which is how ``HyperBatch.to`` leaves it), so callers that replay a captured prediction
-    trim before it. The returned mask is on the text's device.
-
-    Args:
-        text: (P, L, text_dim); mask: (P, L), True = token.
-    Returns:
-        text (P, L', text_dim) and mask (P, L') bool or None.
-    """
-    if text.dim() != 3 or text.shape[-1] != text_dim or mask.shape != text.shape[:2]:
-        raise ValueError(f"HyperNet: text {tuple(text.shape)} must be (P, L, {text_dim}) "
-                         f"with mask (P, L), got mask {tuple(mask.shape)}")
-    device = mask.device
-    mask = mask.bool()
-    if device.type != "cpu":  # one read of the mask; a host mask (HyperBatch.to keeps it there) needs no sync
-        mask = mask.cpu()
-    used = mask.any(0)
-    length, all_valid, empty = torch.stack([
-        torch.where(used, torch.arange(1, used.numel() + 1, device=used.device), 0).max(),
-        (mask | ~used).all(), (~mask.any(1)).any()]).tolist()
-    if empty:
-        raise ValueError("HyperNet: a prompt has no valid text token (its mask row is all False)")
-    if all_valid:
-        return text[:, :length], None
-    mask = mask[:, :length]
-    if text.device.type == "cuda":
-        mask = mask.pin_memory()
-    return text[:, :length], mask.to(text.device, non_blocking=True)
-
-
 class RMSNorm(nn.RMSNorm):
     """RMSNorm whose gain is cast to the input's dtype (the fused kernel under bf16 autocast)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
-
-
-_identity = nn.Identity()
-
-
-def _query_chunks(m: int, s: int) -> int:
-    """The largest divisor c of m (matrices per prompt) with chunks of >= _BWD_QUERY_CHUNK query rows."""
-    best = 1
-    for c in range(1, m + 1):
-        if m % c == 0 and (m // c) * s >= _BWD_QUERY_CHUNK:
-            best = c
-    return best
-
-
-def _heads(x: Tensor, lead: int, num_heads: int, norm: nn.Module) -> Tensor:
-    """(..., d) with n*S rows -> ``norm`` over each head -> (lead, heads, rows/lead, head_dim).
-
-    The norm runs before the transpose, so its output (a new tensor) is laid out
-    (lead, rows, heads, head_dim): the attention kernel reads that layout as is and
-    writes its output the same way, so merging the heads back is a view, not a copy.
-    """
-    return norm(x.reshape(lead, -1, num_heads, x.shape[-1] // num_heads)).transpose(1, 2)
-
-
-def _fused_attention(x: Tensor) -> bool:
-    """Whether ``lofa.kernels.attention``'s kernel (the q norm inside) serves an attention over tensors
-    like x: no autograd (it has no backward), CUDA, bf16 / fp16, Triton installed."""
-    return not torch.is_grad_enabled() and attention.available(x.device, x.dtype)
-
-
-def _norm_gain(norm: nn.Module, dtype: torch.dtype) -> tuple[Tensor | None, float]:
-    """A q or k norm as ``lofa.kernels.attention.attention`` takes it: the gain (the kernel rounds it to the
-    input's dtype, as ``RMSNorm`` does) or None for no norm, and its eps (the q and k norms of one
-    attention are made with the same)."""
-    if isinstance(norm, nn.Identity):
-        return None, 0.0
-    return norm.weight, torch.finfo(dtype).eps if norm.eps is None else norm.eps
 
 
 class CrossAttention(nn.Module):
@@ -329,48 +141,17 @@ class CrossAttention(nn.Module):
 
     def context(self, c: Tensor, norm_k: bool = True) -> tuple[Tensor, Tensor]:
         """c: (P, L, d) -> K, V each (P, heads, L, head_dim), K normalised unless ``norm_k`` is False
-        (then pass ``k_normed=False`` to ``forward`` / ``inner``, which normalise it)."""
+        (then pass ``k_normed=False`` to ``forward``, whose attention normalises it)."""
         k, v = self.kv(c).chunk(2, dim=-1)
-        k_norm = self.k_norm if norm_k else _identity
-        return _heads(k, c.shape[0], self.num_heads, k_norm), _heads(v, c.shape[0], self.num_heads, _identity)
+        return (dispatch.heads(k, c.shape[0], self.num_heads, self.k_norm if norm_k else None),
+                dispatch.heads(v, c.shape[0], self.num_heads))
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, k_normed: bool = True) -> Tensor:
-        """x: (n, S, d) -> (n, S, d); see ``inner``."""
-        return self.o(self.inner(x, k, v, mask, k_normed))
-
-    @property
-    def out(self) -> nn.Linear:
-        """The output projection (``_residual`` runs it with the residual add)."""
-        return self.o
-
-    def inner(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, k_normed: bool = True) -> Tensor:
-        """The attention before the output projection, heads merged (n, S, d).
-
-        x: (n, S, d) with n = P * m; the m consecutive matrices of a prompt share its K, V (P, ...).
-        ``k_normed`` False: K comes from ``context(..., norm_k=False)`` and is normalised here (inside
-        the attention kernel where ``_fused_attention``).
-
-        Without autograd a prompt's m*S queries form one sequence. With autograd they are
-        cut into chunks of about ``_BWD_QUERY_CHUNK`` rows that each get their own copy of
-        the (small) K / V: the attention backward parallelises over key blocks, and a few
-        heads x key blocks of one long sequence would leave most of the GPU idle.
-        """
-        n, s, d = x.shape
-        lead = k.shape[0]
-        if _fused_attention(k):  # the q norm inside the kernel, q read where the product wrote it
-            q = self.q(x).view(lead, -1, self.num_heads, d // self.num_heads).transpose(1, 2)
-            k_gain = None if k_normed else _norm_gain(self.k_norm, k.dtype)[0]
-            return attention.attention(q, k, v, mask, *_norm_gain(self.q_norm, q.dtype), k_gain).view(n, s, d)
-        if not k_normed:
-            k = self.k_norm(k)
-        chunks = _query_chunks(n // lead, s) if torch.is_grad_enabled() else 1
-        q = _heads(self.q(x), lead * chunks, self.num_heads, self.q_norm)  # (P*c, h, m*S/c, hd)
-        if chunks > 1:
-            k, v = (t.repeat_interleave(chunks, dim=0) for t in (k, v))
-            mask = None if mask is None else mask.repeat_interleave(chunks, dim=0)
-        attn_mask = None if mask is None else mask[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return y.transpose(1, 2).reshape(n, s, d)
+        """x: (n, S, d) with n = P * m: the m consecutive matrices of a prompt share its K, V
+        (P, heads, L, head_dim); mask: (P, L) or None. Returns (n, S, d)."""
+        y = dispatch.cross_attention(self.q(x), k, v, mask, self.num_heads, self.q_norm,
+                                     None if k_normed else self.k_norm)
+        return self.o(y)
 
 
 class SelfAttention(nn.Module):
@@ -387,90 +168,18 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (n, S, d) -> (n, S, d)."""
-        return self.o(self.inner(x))
-
-    @property
-    def out(self) -> nn.Linear:
-        """The output projection (``_residual`` runs it with the residual add)."""
-        return self.o
-
-    def inner(self, x: Tensor) -> Tensor:
-        """The attention before the output projection, heads merged: (n, S, d) -> (n, S, d).
-        Without autograd on CUDA the q norm and the attention are one kernel (``_fused_attention``)."""
-        n, s, d = x.shape
-        qkv = self.qkv(x)
-        if _fused_attention(qkv):  # q and k read where the product wrote them, both normalised in the kernel
-            q, k, v = (t.view(n, s, self.num_heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-            q_gain, eps = _norm_gain(self.q_norm, q.dtype)
-            return attention.attention(q, k, v, None, q_gain, eps, _norm_gain(self.k_norm, k.dtype)[0]).view(n, s, d)
-        q, k, v = (_heads(t, n, self.num_heads, norm) for t, norm in
-                   zip(qkv.chunk(3, dim=-1), (self.q_norm, self.k_norm, _identity)))
-        y = F.scaled_dot_product_attention(q, k, v)
-        return y.transpose(1, 2).reshape(n, s, d)
+        return self.o(dispatch.self_attention(self.qkv(x), self.num_heads, self.q_norm, self.k_norm))
 
 
 class MLP(nn.Sequential):
-    """Linear -> GELU(tanh) -> Linear. On CUDA the GELU runs in cuBLASLt epilogues (tanh GELU,
-    as here), so the hidden activations get no passes of their own:
-    - under autograd in bf16 / fp16 (autocast included), ``lofa.kernels.cublaslt.gelu_mlp``: the first
-      product writes GELU and its input at once, and the backward's product applies the GELU
-      gradient (``lofa.kernels.cublaslt.ENABLED`` = False turns this off);
-    - without autograd or autocast, ``torch._addmm_activation``.
-    (On CPU that op uses the exact GELU, so the CPU path stays unfused.)"""
+    """Linear -> GELU(tanh) -> Linear (the GELU module holds no weights; ``dispatch.mlp`` runs it)."""
 
     def __init__(self, d: int, ratio: float):
         hidden = int(round(d * ratio))
         super().__init__(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
 
-    @property
-    def out(self) -> nn.Linear:
-        """The second linear (``_residual`` runs it with the residual add)."""
-        return self[2]
-
     def forward(self, x: Tensor) -> Tensor:
-        fc1, fc2 = self[0], self[2]
-        if x.is_cuda and torch.is_grad_enabled() and type(fc1) is nn.Linear and type(fc2) is nn.Linear:
-            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-            if cublaslt.available(x.device, dtype):
-                return cublaslt.gelu_mlp(x, fc1, fc2)
-        return fc2(self.inner(x))
-
-    def inner(self, x: Tensor) -> Tensor:
-        """GELU(first linear): the hidden activations (..., hidden)."""
-        fc1 = self[0]
-        if (not x.is_cuda or torch.is_grad_enabled() or torch.is_autocast_enabled("cuda")
-                or type(fc1) is not nn.Linear):
-            return self[1](fc1(x))
-        h = torch._addmm_activation(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t(), use_gelu=True)
-        return h.view(*x.shape[:-1], -1)
-
-
-def _fuses_residuals(x: Tensor) -> bool:
-    """Whether ``_residual`` adds x in the output linear's epilogue: no autograd, CUDA, bf16 / fp16."""
-    return not torch.is_grad_enabled() and cublaslt.available(x.device, x.dtype)
-
-
-def _residual(x: Tensor, sublayer: nn.Module, *args: Tensor | None) -> Tensor:
-    """x + sublayer(*args). Where ``_fuses_residuals``, the sublayer's output linear adds x in its
-    cuBLASLt epilogue (``lofa.kernels.cublaslt.linear_residual``): the branch's output is never written
-    and read back, and the next norm reads one tensor, not two."""
-    if not _fuses_residuals(x) or type(sublayer.out) is not nn.Linear:  # e.g. the bench's FP8 linears
-        return x + sublayer(*args)
-    return cublaslt.linear_residual(sublayer.inner(*args), sublayer.out, x)
-
-
-def _last_residual(x: Tensor, sublayer: nn.Module, *args: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """A block's last residual sublayer as the stream (x, pending): the add runs in the output
-    linear's epilogue where ``_fuses_residuals`` (nothing pending), else it is left to the
-    consumer (``_deferred``)."""
-    if _fuses_residuals(x):
-        return _residual(x, sublayer, *args), None
-    return x, sublayer(*args)
-
-
-def _deferred(x: Tensor, pending: Tensor | None) -> Tensor:
-    """The residual stream ``x + pending`` (a block's last add, deferred to its consumer)."""
-    return x if pending is None else x + pending
+        return dispatch.mlp(x, self[0], self[2])
 
 
 class TrunkBlock(nn.Module):
@@ -485,29 +194,18 @@ class TrunkBlock(nn.Module):
         self.cross = CrossAttention(d, cfg.num_heads, cfg.qk_norm, eps)
         self.mlp2 = MLP(d, cfg.mlp_ratio)
 
-    def forward(self, x: Tensor, pending: Tensor | None, k: Tensor, v: Tensor, mask: Tensor | None,
-                skip_self: bool = False) -> tuple[Tensor, Tensor | None]:
-        """x: (n, S, d), the stream being ``x + pending``; k, v: (P, heads, L, head_dim) with n a
-        multiple of P. Returns the new stream the same way: (x, the last MLP's output).
-
-        The last residual add is left to the consumer (see ``_deferred``), where it fuses with
-        the next norm: a block boundary is also a compiled-region boundary, and an add there
-        would be a pass of its own over the stream. Where the adds run in the output linears'
-        epilogues (``_fuses_residuals``) there is nothing to defer: pending is None.
-
-        ``skip_self``: x already went through ``self_part`` (the first block's self half
-        does not depend on the prompt and is cached by ``HyperNet.embed``).
-        """
-        x = _deferred(x, pending)
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, skip_self: bool = False) -> Tensor:
+        """x: (n, S, d); k, v: (P, heads, L, head_dim) with n a multiple of P. ``skip_self``: x
+        went through ``self_part`` already (it does not read the prompt: ``HyperNet.embed``)."""
         if not skip_self:
             x = self.self_part(x)
-        x = _residual(x, self.cross, self.norm3(x), k, v, mask)
-        return _last_residual(x, self.mlp2, self.norm4(x))
+        x = x + self.cross(self.norm3(x), k, v, mask)
+        return x + self.mlp2(self.norm4(x))
 
     def self_part(self, x: Tensor) -> Tensor:
         """[self-attn, MLP]: the half of the block that does not read the prompt."""
-        x = _residual(x, self.attn, self.norm1(x))
-        return _residual(x, self.mlp1, self.norm2(x))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp1(self.norm2(x))
 
 
 class Stage1Block(nn.Module):
@@ -520,14 +218,12 @@ class Stage1Block(nn.Module):
         self.cross = CrossAttention(d, cfg.num_heads, cfg.qk_norm, eps)
         self.mlp = MLP(d, cfg.mlp_ratio)
 
-    def forward(self, x: Tensor, pending: Tensor | None, stage1_tokens: Tensor) -> tuple[Tensor, Tensor | None]:
-        """x: (n, S, d), the stream being ``x + pending``; stage1_tokens: (n, S1, d). Returns the
-        stream as (x, the MLP's output), like ``TrunkBlock``."""
-        x = _deferred(x, pending)
-        fused = _fused_attention(x)  # the attention kernel normalises K itself: no pass over it here
-        k, v = self.cross.context(self.norm_ctx(stage1_tokens), norm_k=not fused)
-        x = _residual(x, self.cross, self.norm_x(x), k, v, None, not fused)
-        return _last_residual(x, self.mlp, self.norm_mlp(x))
+    def forward(self, x: Tensor, stage1_tokens: Tensor) -> Tensor:
+        """x: (n, S, d); stage1_tokens: (n, S1, d), one context per matrix: its K norm is left to the
+        attention (inside the kernel where one runs)."""
+        k, v = self.cross.context(self.norm_ctx(stage1_tokens), norm_k=False)
+        x = x + self.cross(self.norm_x(x), k, v, None, k_normed=False)
+        return x + self.mlp(self.norm_mlp(x))
 
 
 class LoraHead(nn.Module):
@@ -545,8 +241,7 @@ class LoraHead(nn.Module):
         n = h.shape[0]
         a = self.A(h).view(n, self.rank, self.in_features)
         b = self.B(h).view(n, self.out_features, self.rank)
-        b = b * rms[:, None, None].to(b.dtype)
-        return a, b
+        return a, b * rms[:, None, None].to(b.dtype)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -624,25 +319,19 @@ class HyperNet(nn.Module):
                              "and accepted by no other model")
         if stage1_tokens is not None and len(stage1_tokens) != len(groups):
             raise ValueError(f"HyperNet: {len(stage1_tokens)} stage1_tokens for {len(groups)} groups")
-        ctx = self._encode_text(text, text_mask)
+        ctx = self.text_context(*trim_text(text, text_mask, self.cfg.text_dim))
         return [self._predict_group(g, ctx, None if stage1_tokens is None else stage1_tokens[i])
                 for i, g in enumerate(groups)]
 
-    def compile_regions(self, mode: str | None = None, edges: bool = True, trunk: bool = False,
+    def compile_regions(self, mode: str | None = None, edges: bool = True,
                         dynamic: bool | None = False) -> "HyperNet":
         """Regional ``torch.compile``: each trunk (and stage-I) block, one compiled code per block
-        type, or with ``trunk`` the whole run of blocks as one graph (fuses across block
-        boundaries; longer to compile); with ``edges`` also the matrix embedding, the text's
-        K / V and the heads. ``dynamic``: torch.compile's; False (static shapes: one compile per
-        matrix shape and text length) for a predictor, None (a shape that changes is recompiled
-        once, dynamic) for training, whose batches vary. Returns self."""
-        if torch.cuda.is_available():  # load cuBLASLt outside the traces (MLP asks whether it is there)
-            cublaslt.available(torch.device("cuda"), torch.bfloat16)
-        if trunk:
-            self.run_blocks = torch.compile(self.run_blocks, dynamic=dynamic, mode=mode)
-        else:
-            for block in [*self.blocks, *self.stage1_blocks.values()]:
-                block.compile(dynamic=dynamic, mode=mode)
+        type; with ``edges`` also the matrix embedding, the text's K / V and the heads.
+        ``dynamic``: torch.compile's; False (static shapes: one compile per matrix shape and text
+        length) for a predictor, None (a shape that changes is recompiled once, dynamic) for
+        training, whose batches vary. Returns self."""
+        for block in [*self.blocks, *self.stage1_blocks.values()]:
+            block.compile(dynamic=dynamic, mode=mode)
         if edges:
             for name in ("_embed", "text_context", "final_tokens", "finish"):
                 setattr(self, name, torch.compile(getattr(self, name), dynamic=dynamic, mode=mode))
@@ -660,27 +349,16 @@ class HyperNet(nn.Module):
             return torch.get_autocast_dtype(device.type)
         return self.patch_embed.weight.dtype
 
-    def _encode_text(self, text: Tensor, mask: Tensor) -> _TextContext:
-        """Project the prompts once and compute every trunk block's K / V once per prompt."""
-        text, mask = trim_text(text, mask, self.cfg.text_dim)
-        return self.text_context(text, mask)
-
-    def text_context(self, text: Tensor, mask: Tensor | None) -> _TextContext:
-        """Every trunk block's K / V of already trimmed prompts (``trim_text``); no host sync.
-
-        Args:
-            text: (P, L, text_dim); mask: (P, L) bool, or None when every token is valid.
-        """
+    def text_context(self, text: Tensor, mask: Tensor | None) -> TextContext:
+        """Project the prompts once and compute every trunk block's K / V once per prompt, for text
+        (P, L, text_dim) and mask (P, L) bool or None (every token valid) trimmed by ``trim_text``."""
         c = self.text_norm(self.text_proj(text.to(self._compute_dtype(text.device))))  # (P, L, d)
         kv = [block.cross.context(c) for block in self.blocks]
-        return _TextContext(tuple(k for k, _ in kv), tuple(v for _, v in kv), mask)
+        return TextContext(tuple(k for k, _ in kv), tuple(v for _, v in kv), mask)
 
     def _embed(self, g: MatrixGroup) -> tuple[Tensor, Tensor]:
-        """Tokens (n, 1 + T, d) of W / RMS(W), and RMS(W) (n,) fp32.
-
-        The 1 / RMS scale is applied after the matmul (it is linear), and the tiles
-        are unfolded a bounded chunk of matrices at a time.
-        """
+        """Tokens (n, 1 + T, d) of W / RMS(W), and RMS(W) (n,) fp32. The 1 / RMS scale is applied
+        after the matmul (it is linear); the tiles are unfolded a bounded chunk of matrices at a time."""
         p, (out_f, in_f) = self.cfg.patch_size, g.shape
         gh, gw = -(-out_f // p), -(-in_f // p)
         dtype = self._compute_dtype(g.weight.device)
@@ -704,7 +382,7 @@ class HyperNet(nn.Module):
         # are fp32, and an fp32 stream would double the traffic of every norm and residual add
         return torch.cat([cls, x], dim=1).to(dtype), torch.cat(rms)
 
-    def _text_for(self, g: MatrixGroup, ctx: _TextContext) -> tuple[Tensor | None, Tensor | None]:
+    def _text_for(self, g: MatrixGroup, ctx: TextContext) -> tuple[Tensor | None, Tensor | None]:
         """Index (n,) into the prompts, or None when the group is m consecutive matrices per prompt."""
         num_prompts, n = ctx.keys[0].shape[0], g.weight.shape[0]
         if n % num_prompts == 0:
@@ -719,57 +397,49 @@ class HyperNet(nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def _predict_group(self, g: MatrixGroup | EmbeddedGroup, ctx: _TextContext,
+    def _predict_group(self, g: MatrixGroup | EmbeddedGroup, ctx: TextContext,
                        stage1_tokens: Tensor | None) -> HyperOutput:
         embedded = g if isinstance(g, EmbeddedGroup) else None
         if embedded is not None:
             if embedded.model_id != id(self):
                 raise ValueError("HyperNet: an EmbeddedGroup made by another model")
             g = embedded.group
-        key = f"{g.shape[0]}x{g.shape[1]}"
-        if key not in self.heads:
+        if f"{g.shape[0]}x{g.shape[1]}" not in self.heads:
             raise ValueError(f"HyperNet: no head for matrices of shape {g.shape}; the vocabulary has "
                              f"{sorted(self.heads)}")
         if stage1_tokens is not None and stage1_tokens.shape[0] != g.weight.shape[0]:
             raise ValueError(f"HyperNet: stage1_tokens {tuple(stage1_tokens.shape)} for {g.weight.shape[0]} matrices")
         index, mask = self._text_for(g, ctx)  # before any heavy work: it syncs with the host
         x, rms = self._embed(g) if embedded is None else (embedded.tokens, embedded.rms)
-        x, pending = self.run_blocks(x, ctx, 0, self.cfg.num_blocks, index=index, mask=mask,
-                                     stage1_tokens=stage1_tokens, first_cached=embedded is not None)
-        return self.finish(x, g.shape, rms, pending)
+        x = self.run_blocks(x, ctx, index=index, mask=mask, stage1_tokens=stage1_tokens,
+                            first_cached=embedded is not None)
+        return self.finish(x, g.shape, rms)
 
-    def run_blocks(self, x: Tensor, ctx: _TextContext, start: int, stop: int, *, pending: Tensor | None = None,
-                   index: Tensor | None = None, mask: Tensor | None = None, stage1_tokens: Tensor | None = None,
-                   first_cached: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Trunk blocks ``start`` to ``stop - 1`` (and the stage-I blocks after them) on the stream
-        ``x + pending``; returns the new stream the same way, (x, pending): the last residual add
-        is left to the consumer (``finish``, ``final_tokens`` or the next ``run_blocks``), where it
-        fuses with the next norm.
+    def run_blocks(self, x: Tensor, ctx: TextContext, *, index: Tensor | None = None, mask: Tensor | None = None,
+                   stage1_tokens: Tensor | None = None, first_cached: bool = False) -> Tensor:
+        """The trunk blocks (and the stage-I blocks after those in ``cross_stage1_after``) on x (n, S, d).
 
         Args:
-            x, pending: (n, S, d) tokens (pending None: nothing to add); ctx: the prompts' K / V
-                (``text_context``).
-            index: (n,) prompt of each matrix, or None when x holds m consecutive matrices per prompt.
-            mask: the text mask matching ``index`` (None: every key valid).
+            ctx: the prompts' K / V (``text_context``); index: (n,) prompt of each matrix, or None when
+                x holds m consecutive matrices per prompt; mask: the text mask matching ``index``.
             stage1_tokens: (n, S1, d) frozen stage-I tokens (stage II with stage-I features).
-            first_cached: x went through block 0's self half already (``embed``).
-        """
-        for i in range(start, stop):
+            first_cached: x went through block 0's self half already (``embed``)."""
+        for i, block in enumerate(self.blocks):
             k, v = ctx.keys[i], ctx.values[i]
             if index is not None:
                 k, v = k[index], v[index]
-            x, pending = self._run(self.blocks[i], x, pending, k, v, mask, i == 0 and first_cached)
+            x = self._run(block, x, k, v, mask, i == 0 and first_cached)
             if stage1_tokens is not None and str(i) in self.stage1_blocks:
-                x, pending = self._run(self.stage1_blocks[str(i)], x, pending, stage1_tokens)
-        return x, pending
+                x = self._run(self.stage1_blocks[str(i)], x, stage1_tokens)
+        return x
 
-    def final_tokens(self, x: Tensor, pending: Tensor | None = None) -> Tensor:
-        """The final norm of the stream ``x + pending``: the tokens stage II attends to."""
-        return self.norm(_deferred(x, pending))
+    def final_tokens(self, x: Tensor) -> Tensor:
+        """The final norm of the stream: the tokens stage II attends to."""
+        return self.norm(x)
 
-    def finish(self, x: Tensor, shape: tuple[int, int], rms: Tensor, pending: Tensor | None = None) -> HyperOutput:
-        """Final norm of the stream ``x + pending``, mean pool and the heads of matrices of ``shape`` (out, in)."""
-        tokens = self.final_tokens(x, pending)
+    def finish(self, x: Tensor, shape: tuple[int, int], rms: Tensor) -> HyperOutput:
+        """Final norm, mean pool and the heads of matrices of ``shape`` (out, in)."""
+        tokens = self.final_tokens(x)
         h = tokens.mean(dim=1)
         a, b = self.heads[f"{shape[0]}x{shape[1]}"](h, rms)
         alpha = None if self.alpha_head is None else F.softplus(self.alpha_head(h).squeeze(-1).float())

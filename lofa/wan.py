@@ -245,33 +245,15 @@ def _run_block(dit: nn.Module, index: int, lora: LoRAWeights | None, freqs: torc
         return dit.blocks[index](x, context, t_mod, freqs)
 
 
-def _run_fused_block(dit: nn.Module, index: int, lora: dict, scale: float | torch.Tensor,
-                     rope: tuple[torch.Tensor, torch.Tensor], compiled: bool, x: torch.Tensor,
-                     context: torch.Tensor, t_mod: torch.Tensor) -> torch.Tensor:
-    """Block ``index`` through lofa's fused block (compiled where gradients reach its input)."""
-    block = dit.blocks[index]
-    fn = wan_fast.block_forward
-    if compiled and torch.is_grad_enabled() and x.requires_grad:
-        fn = wan_fast.compiled_block_forward()
-        wan_fast.mark_dynamic(x, dims=(0, 1))
-        wan_fast.mark_dynamic(context, t_mod, *rope, *(t for pair in lora.values() for t in pair))
-    return fn(wan_fast.block_params(block), x, context, t_mod, *rope, lora, scale, block.num_heads,
-              block.norm1.eps)
-
-
 def _block_runners(dit: nn.Module, lora: LoRAWeights | None, freqs: torch.Tensor, block_impl: str,
                    n_ckpt: int) -> list[functools.partial]:
-    """One callable ``(x, context, t_mod)`` per block, for ``block_impl`` (checkpointed blocks run eager)."""
+    """One callable ``(x, context, t_mod)`` per block, for ``block_impl``: diffsynth's block modules,
+    or lofa's fused block (``lofa.kernels.wan_fast.block_runners``; checkpointed blocks run eager)."""
     if block_impl not in BLOCK_IMPLS:
         raise ValueError(f"dit_forward: unknown block_impl {block_impl!r}; valid: {list(BLOCK_IMPLS)}")
-    n = len(dit.blocks)
     if block_impl == "diffsynth":
-        return [functools.partial(_run_block, dit, i, lora, freqs) for i in range(n)]
-    rope = (freqs.real.float().contiguous(), freqs.imag.float().contiguous())
-    loras = wan_fast.block_loras(lora, n) if lora is not None else [{} for _ in range(n)]
-    scale = lora.scale if lora is not None else 1.0
-    return [functools.partial(_run_fused_block, dit, i, loras[i], scale, rope,
-                              block_impl == "compiled" and i >= n_ckpt) for i in range(n)]
+        return [functools.partial(_run_block, dit, i, lora, freqs) for i in range(len(dit.blocks))]
+    return wan_fast.block_runners(dit, lora, freqs, compiled_from=n_ckpt if block_impl == "compiled" else None)
 
 
 def _rope_freqs(dit: nn.Module, f: int, h: int, w: int, device: torch.device) -> torch.Tensor:

@@ -207,3 +207,29 @@ def mark_dynamic(*tensors: torch.Tensor, dims: Sequence[int] = (0,)) -> None:
         for d in dims:
             if t.shape[d] > 1:
                 torch._dynamo.maybe_mark_dynamic(t, d)
+
+
+def _run_block(dit: nn.Module, index: int, lora: dict, scale: float | torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor], compiled: bool, x: torch.Tensor,
+               context: torch.Tensor, t_mod: torch.Tensor) -> torch.Tensor:
+    """Block ``index`` through the fused block (compiled where gradients reach its input)."""
+    block = dit.blocks[index]
+    fn = block_forward
+    if compiled and torch.is_grad_enabled() and x.requires_grad:
+        fn = compiled_block_forward()
+        mark_dynamic(x, dims=(0, 1))
+        mark_dynamic(context, t_mod, *rope, *(t for pair in lora.values() for t in pair))
+    return fn(block_params(block), x, context, t_mod, *rope, lora, scale, block.num_heads, block.norm1.eps)
+
+
+def block_runners(dit: nn.Module, lora: LoRAWeights | None, freqs: torch.Tensor,
+                  compiled_from: int | None = None) -> list[functools.partial]:
+    """One callable ``(x, context, t_mod)`` per block of ``dit`` through the fused block, with
+    ``lora`` (or none) and the RoPE ``freqs`` (complex, (f*h*w, 1, head_dim / 2)); blocks from
+    index ``compiled_from`` on run compiled where gradients reach them (None: all eager)."""
+    n = len(dit.blocks)
+    rope = (freqs.real.float().contiguous(), freqs.imag.float().contiguous())
+    loras = block_loras(lora, n) if lora is not None else [{} for _ in range(n)]
+    scale = lora.scale if lora is not None else 1.0
+    return [functools.partial(_run_block, dit, i, loras[i], scale, rope,
+                              compiled_from is not None and i >= compiled_from) for i in range(n)]

@@ -1,4 +1,4 @@
-"""Stage I + stage II of one prompt as a single CUDA graph (optionally the two trunks on two streams).
+"""Stage I + stage II of one prompt as a single CUDA graph.
 
 The serving path of a trained hypernetwork (``Predictor`` on a GPU) runs the same
 few hundred kernels for every prompt of a given text length. Launched one by one
@@ -6,12 +6,8 @@ from Python they leave the GPU idle between kernels (about 5 ms of a 67 ms
 prediction at the Wan2.1-1.3B shapes, benchmarks/bench_hypernet.py); replayed from a
 captured graph they run back to back.
 
-With ``streams`` the graph runs the two stages side by side where the math allows:
-stage II's trunk blocks up to the first one that reads stage-I tokens depend on the
-prompt and W only, so they can run on a second stream while stage I runs. Measured at
-the Wan2.1-1.3B shapes on an H100 this gains nothing (62.98 against 62.78 ms: the
-matrix products fill the card) and holds both trunks' activations at once (3.83
-against 2.99 GiB peak), so it is off by default.
+Running stage II's first blocks on a second stream beside stage I gained nothing and was
+removed (docs/performance.md, "Removed after measuring no gain").
 
 What a replay needs is fixed at capture: the embedded matrices (``HyperNet.embed``,
 one prompt), the models' weights (read in place: later in-place updates are seen,
@@ -29,7 +25,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import Tensor
 
-from lofa.hypernet import EmbeddedGroup, HyperNet, HyperOutput
+from lofa.hypernet import HyperNet
+from lofa.hypertypes import EmbeddedGroup, HyperOutput
 
 
 class PredictionGraph:
@@ -41,15 +38,13 @@ class PredictionGraph:
         groups1, groups2: each model's embedded matrices for one prompt (same order).
         text_len: tokens of the text every call passes.
         masked: calls pass a (1, text_len) key mask with the text (False: every token is valid).
-        streams: run stage II's first blocks on a second stream beside stage I (off: no gain
-            measured, more memory).
         context: a factory of the context to trace in (e.g. autocast with its cache off).
         graph: False runs the same schedule without capturing (for comparisons and CPU).
         pool: a graph memory pool to share with other PredictionGraphs (never replayed at once).
     """
 
     def __init__(self, stage1: HyperNet | None, stage2: HyperNet, groups1: Sequence[EmbeddedGroup] | None,
-                 groups2: Sequence[EmbeddedGroup], text_len: int, *, masked: bool = False, streams: bool = False,
+                 groups2: Sequence[EmbeddedGroup], text_len: int, *, masked: bool = False,
                  context: type[AbstractContextManager] | None = None, graph: bool = True,
                  pool: object | None = None, warmup: int = 2) -> None:
         if stage2.cfg.uses_stage1 != (stage1 is not None and groups1 is not None):
@@ -67,7 +62,6 @@ class PredictionGraph:
         self.text_len = text_len
         self.context = context or nullcontext
         self.use_graph = graph and self.device.type == "cuda"
-        self.side = torch.cuda.Stream(self.device) if streams and self.device.type == "cuda" else None
         self.text = torch.zeros(1, text_len, stage2.cfg.text_dim, device=self.device,
                                 dtype=groups2[0].tokens.dtype)
         self.mask = torch.ones(1, text_len, dtype=torch.bool, device=self.device) if masked else None
@@ -94,31 +88,14 @@ class PredictionGraph:
 
     def _forward(self, text: Tensor, mask: Tensor | None) -> list[HyperOutput]:
         s1, s2 = self.stage1, self.stage2
-        ctx2 = s2.text_context(text, mask)
-        split = min(s2.cfg.cross_stage1_after) if s2.cfg.uses_stage1 else s2.cfg.num_blocks - 1
-        x2: list[tuple[Tensor, Tensor | None]] = []
-        main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        if self.side is not None:
-            self.side.wait_stream(main)
-        with torch.cuda.stream(self.side) if self.side is not None else nullcontext():
-            for e in self.groups2:  # stage II up to (not into) its first stage-I block: no stage-I input
-                x2.append(s2.run_blocks(e.tokens, ctx2, 0, split + 1, mask=mask, first_cached=True))
         tokens1: list[Tensor | None] = [None] * len(self.groups2)
         if s1 is not None:
             ctx1 = s1.text_context(text, mask)
-            tokens1 = [s1.final_tokens(*s1.run_blocks(e.tokens, ctx1, 0, s1.cfg.num_blocks, mask=mask,
-                                                      first_cached=True))
+            tokens1 = [s1.final_tokens(s1.run_blocks(e.tokens, ctx1, mask=mask, first_cached=True))
                        for e in self.groups1]
-        if self.side is not None:
-            main.wait_stream(self.side)
-        outs = []
-        for e, (x, pending), t1 in zip(self.groups2, x2, tokens1):
-            if t1 is not None:
-                x, pending = s2.stage1_blocks[str(split)](x, pending, t1)
-            x, pending = s2.run_blocks(x, ctx2, split + 1, s2.cfg.num_blocks, pending=pending, mask=mask,
-                                       stage1_tokens=t1)
-            outs.append(s2.finish(x, e.group.shape, e.rms, pending))
-        return outs
+        ctx2 = s2.text_context(text, mask)
+        return [s2.finish(s2.run_blocks(e.tokens, ctx2, mask=mask, stage1_tokens=t1, first_cached=True),
+                          e.group.shape, e.rms) for e, t1 in zip(self.groups2, tokens1)]
 
     @torch.no_grad()
     def __call__(self, text: Tensor, mask: Tensor | None = None) -> list[HyperOutput]:
