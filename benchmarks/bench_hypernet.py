@@ -724,6 +724,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--tiny", action="store_true", help="small shapes on CPU (a smoke run)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
+    ap.add_argument("--only", default="", help="comma-separated sections to run (the rest skipped)")
     ap.add_argument("--dit", action="store_true", help="also the stage-II step with the 1.3B DiT")
     ap.add_argument("--autotune", action="store_true", help="also predict with max-autotune (minutes of compile)")
     ap.add_argument("--ckpt", action=argparse.BooleanOptionalAction, default=True,
@@ -745,7 +746,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     b = Bench(args)
     b.report.update(device=torch.cuda.get_device_name() if not args.tiny else "cpu", torch=torch.__version__,
                     inductor=args.inductor)
-    skip = set(filter(None, args.skip.split(",")))
+    skip, only = (set(filter(None, a.split(","))) for a in (args.skip, args.only))
     gpu = not args.tiny
     b.setup()
     plan = [("ceiling", lambda: matmul_ceiling(b.device, 8192 if gpu else 256), True),
@@ -769,7 +770,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ("autotune_train1", lambda: b.run_train(True, (False,), profile=True, mode="max-autotune-no-cudagraphs"),
              gpu and args.autotune)]
     for name, fn, enabled in plan:
-        if enabled and name not in skip:
+        if enabled and name not in skip and (not only or name in only):
             b.section(name, fn)
     print(json.dumps(b.report, indent=1, default=str))
     print(table(b.report))
