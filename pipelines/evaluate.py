@@ -17,6 +17,7 @@ import time
 
 import pandas as pd
 
+from lofa.artifacts.hypernets import load_hypernet, weights_file
 from lofa.ceiling import ceiling_loras, generalist_lora
 from lofa.config import ConfigError, from_dict, to_dict
 from lofa.data.preprocess import PreprocessConfig, codec_for
@@ -26,7 +27,6 @@ from lofa.evaluate import (EvalConfig, clip_losses, compare, judge_scores, metho
                            table_rows)
 from lofa.fit import FitConfig
 from lofa.fit_report import collect_curves
-from lofa.hypertrain import load_hypernet
 from lofa.io import atomic_path, read_json, write_text
 from lofa.judge import SIDECAR, load_judge
 from lofa.media import decode_latents, side_by_side, write_video
@@ -74,8 +74,8 @@ def main() -> None:
     train, held = load_sets(args.loras, args.data, vocab)
     dev = compute_device()  # the models run there; the data, LoRAs and the judge stay on the CPU
     dit.to(dev)
-    stage1, stage2 = (load_hypernet(d / "model.safetensors").to(dev) for d in (args.stage1, args.stage2))
-    naive_file = args.naive / "model.safetensors"
+    stage1, stage2 = (load_hypernet(weights_file(d)).to(dev) for d in (args.stage1, args.stage2))
+    naive_file = weights_file(args.naive)
     naive = load_hypernet(naive_file).to(dev) if naive_file.is_file() else None
     loras, predict_s = method_loras(dit, vocab, train, held, stage2, stage1, naive)
     t_fit = time.perf_counter()
