@@ -142,4 +142,3 @@ def pretraining_clips(clips: ClipSet, cfg: PretrainConfig) -> ClipSet:
                          "(coarse_context; the synthetic world writes texts/coarse_labels): rerun synthesize + "
                          "preprocess, or set pretrain_base.caption: full")
     return dataclasses.replace(clips, text=clips.coarse_text, mask=clips.coarse_mask)
-

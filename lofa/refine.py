@@ -187,8 +187,8 @@ def refine_files(lora_path: str | Path, clip_path: str | Path, *, steps: int, ba
     clip_id, caption, latents, context = load_clip_file(clip_path)
     if context.shape[-1] != base.config.text_dim or latents.shape[0] != base.config.in_dim:
         raise ArtifactError(f"{clip_path}: latents {tuple(latents.shape)} and context {tuple(context.shape)} do not "
-                           f"fit the base model {base.path} (in_dim {base.config.in_dim}, text_dim "
-                           f"{base.config.text_dim})")
+                            f"fit the base model {base.path} (in_dim {base.config.in_dim}, text_dim "
+                            f"{base.config.text_dim})")
     start = load_user_lora(lora_path, base)
     oracle = None if oracle_path is None else load_user_lora(oracle_path, base).to_weights(device)
     lora, report = refine(base.dit, start.to_weights(device), latents[None].to(device), context[None].to(device),

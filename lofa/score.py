@@ -195,7 +195,7 @@ def score_files(base_dir: str | Path, lora_paths: Sequence[str | Path], clip_fil
     ids, captions, latents, context = load_clip_files(clip_files)
     if context.shape[-1] != base.config.text_dim or latents.shape[1] != base.config.in_dim:
         raise ArtifactError(f"{clip_files[0]}: latents {tuple(latents.shape[1:])} and context "
-                           f"{tuple(context.shape[1:])} do not fit the base model {base.path}")
+                            f"{tuple(context.shape[1:])} do not fit the base model {base.path}")
     judge = None
     if judge_dir is not None:
         from lofa.judge import load_judge

@@ -24,10 +24,10 @@ import time
 import pandas as pd
 import torch
 
-from lofa.config import ConfigError, from_dict, to_dict
-from lofa.data.preprocess import load_manifest
 from lofa.artifacts.base import SIDECAR, WEIGHTS, dit_config_from_sidecar, read_sidecar
 from lofa.artifacts.loras import drop_orphans
+from lofa.config import ConfigError, from_dict, to_dict
+from lofa.data.preprocess import load_manifest
 from lofa.fit import ClipRecord, FitConfig, fit_shard, fit_shard_distributed
 from lofa.fit_report import collect_curves, plot_fit, summarize
 from lofa.inputkey import InputKey, code_deps, code_hashes
