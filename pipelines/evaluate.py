@@ -18,6 +18,7 @@ import time
 import pandas as pd
 
 from lofa.artifacts.hypernets import load_hypernet, weights_file
+from lofa.artifacts.loras import CURVES
 from lofa.ceiling import ceiling_loras, generalist_lora
 from lofa.config import ConfigError, from_dict, to_dict
 from lofa.data.preprocess import PreprocessConfig, codec_for
@@ -91,7 +92,7 @@ def main() -> None:
     baselines_s = time.perf_counter() - t_fit
     losses = clip_losses(dit, held, loras, cfg)
     table = compare(dit, vocab, held, loras, cfg, losses)
-    curves = list(collect_curves(args.loras / "curves"))
+    curves = list(collect_curves(args.loras / CURVES))
     fit_s = sum(c["batch_seconds"] / c["batch_size"] for c in curves) / len(curves)
     # wall times are no result: they go to metrics/timings/ and MLflow, never into the declared
     # metrics (a rerun on identical inputs must leave every DVC hash as it was)

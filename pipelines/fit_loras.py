@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from lofa.artifacts.base import SIDECAR, WEIGHTS, dit_config_from_sidecar, read_sidecar
-from lofa.artifacts.loras import drop_orphans
+from lofa.artifacts.loras import CURVES, drop_orphans
 from lofa.config import ConfigError, from_dict, to_dict
 from lofa.data.preprocess import load_manifest
 from lofa.fit import ClipRecord, FitConfig, fit_shard, fit_shard_distributed
@@ -89,7 +89,7 @@ def main() -> None:
     orphans = drop_orphans(args.out, [r.clip_id for r in records])
     if orphans:
         print(f"{args.out}: deleted {len(orphans)} LoRA / curve files of clips no longer in {args.data}")
-    curves = collect_curves(args.out / "curves")
+    curves = collect_curves(args.out / CURVES)
     train_ids = set(load_manifest(args.data, "train")["id"])
     fitted_now = len(report.fitted) * report.num_shards
     summary = {**summarize(curves), "train": summarize([c for c in curves if c["clip_id"] in train_ids]),
