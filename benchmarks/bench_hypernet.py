@@ -518,7 +518,8 @@ class Bench:
         replayed from the Predictor's CUDA graph, the factors as fp32 on the card. The peak leaves out
         the DiT's weights, which the Predictor keeps only to generate videos."""
         from lofa.encoders.text import TextEmbedding
-        from lofa.serving.predict import BaseModel, Predictor
+        from lofa.artifacts.base import BaseModel
+        from lofa.serving.predict import Predictor
         from lofa.wan import WAN21_T2V_1_3B, WanDiTConfig, build_dit
 
         dev, (dim, ffn, layers) = self.device, TINY["dims"]

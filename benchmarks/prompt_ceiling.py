@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lofa.config import from_dict  # noqa: E402
 from lofa.evaluate import EvalConfig, compare, lora_set_weights  # noqa: E402
 from lofa.fit import FitConfig, init_lora  # noqa: E402
-from lofa.hypertrain import LoRASet, load_lora_set  # noqa: E402
+from lofa.artifacts.loras import LoRASet, load_lora_set  # noqa: E402
 from lofa.layers import Vocabulary  # noqa: E402
 from lofa.lora import LoRAWeights  # noqa: E402
-from lofa.serving.predict import load_base  # noqa: E402
+from lofa.artifacts.base import load_base  # noqa: E402
 from lofa.wan import flow_loss, sample_timesteps  # noqa: E402
 
 

@@ -37,9 +37,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lofa.config import from_dict, to_dict  # noqa: E402
-from lofa.hypertrain import (LoRASet, Stage1Config, Stage2Config, build_hypernet, evaluate_stage1,  # noqa: E402
-                             evaluate_stage2, load_hypernet, predict_loras, stage2_batches,
-                             train_stage1, train_stage2)
+from lofa.artifacts.hypernets import load_hypernet  # noqa: E402
+from lofa.artifacts.loras import LoRASet  # noqa: E402
+from lofa.hypertrain import (Stage1Config, Stage2Config, build_hypernet, evaluate_stage1,  # noqa: E402
+                             evaluate_stage2, predict_loras, stage2_batches, train_stage1, train_stage2)
 from lofa.lora import base_weights, delta_response_map, dw_scores, map_counts, map_scores  # noqa: E402
 from lofa.objectives import Stage2LossConfig, stage2_terms  # noqa: E402
 from lofa.train import TrainConfig  # noqa: E402

@@ -120,9 +120,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     _existing(args.params, "params file")
+    from lofa.artifacts.base import load_base
+    from lofa.artifacts.loras import load_user_lora
+    from lofa.data.preprocess import codec_for, text_encoder_for
     from lofa.media import side_by_side
-    from lofa.serving.predict import (codec_for, generate_video, load_base, load_preprocess, load_user_lora,
-                              text_encoder_for, write_videos)
+    from lofa.serving.predict import generate_video, load_preprocess, write_videos
 
     pre = load_preprocess(args.params)
     frames, height, width = args.frames or pre.num_frames, args.height or pre.height, args.width or pre.width

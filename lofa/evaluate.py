@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lofa.artifacts.loras import LoRASet
 from lofa.hypernet import HyperNet
-from lofa.hypertrain import LoRASet, predict_loras
+from lofa.hypertrain import predict_loras
 from lofa.judge import Judge, accuracy, frechet_distance, judge_features, label_indices
 from lofa.layers import Vocabulary
 from lofa.lora import LoRAWeights, base_weights, delta_response_map, dw_scores, map_counts, map_scores

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import math
-import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -29,9 +28,10 @@ from torch import nn
 from lofa.kernels import flash
 from lofa.config import to_dict
 from lofa.inputkey import InputKey
-from lofa.io import SCHEMA_VERSION, ArtifactError, load_tensors, read_metadata, sha256_file, write_json
+from lofa.artifacts.loras import lora_path, save_fitted
+from lofa.io import SCHEMA_VERSION, ArtifactError, load_tensors, read_metadata, sha256_file
 from lofa.layers import ATTN_MODULES, Vocabulary
-from lofa.lora import LORA_FORMAT, LoRAWeights, base_weights, response_stats, save_lora
+from lofa.lora import LORA_FORMAT, LoRAWeights, base_weights, response_stats
 from lofa.wan import (BLOCK_IMPLS, Checkpointing, base_model_hash, dit_config, flow_loss, flow_schedule,
                       fused_rms_norm, sample_timesteps)
 
@@ -334,26 +334,6 @@ class ShardReport:
     clip_steps_per_s: float
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def safe_clip_id(clip_id: str) -> str:
-    """A file name for ``clip_id``: '/' -> '__', other unsafe characters -> '_', plus a short
-    hash whenever that mapping could be ambiguous."""
-    safe = _UNSAFE.sub("_", clip_id.replace("/", "__"))
-    if safe.replace("__", "/") != clip_id or safe.startswith("."):
-        safe = f"{safe}-{hashlib.sha256(clip_id.encode()).hexdigest()[:8]}"
-    return safe
-
-
-def lora_path(out_dir: str | Path, clip_id: str) -> Path:
-    return Path(out_dir) / "loras" / f"{safe_clip_id(clip_id)}.safetensors"
-
-
-def curve_path(out_dir: str | Path, clip_id: str) -> Path:
-    return Path(out_dir) / "curves" / f"{safe_clip_id(clip_id)}.json"
-
-
 def clip_content_hash(record: ClipRecord) -> str:
     """sha256 of the clip's tensor file (with its context file, when separate): what its LoRA is fitted on."""
     digest = sha256_file(record.latents_path)
@@ -404,18 +384,16 @@ def _write_clip(out_dir: Path, rec: ClipRecord, k: int, res: FitResult, cfg: Fit
     input metadata (clip content hash, fit params, code hashes) the LoRA's header records."""
     A, B = res.lora.factors(k)
     stats = response_stats(A, B, base_weights(dit, res.lora.vocab), res.lora.vocab, cfg.response_tau)
-    write_json(curve_path(out_dir, rec.clip_id), {
-        "schema_version": SCHEMA_VERSION, "clip_id": rec.clip_id, "prompt": rec.prompt,
-        "losses": res.losses[k].tolist(), "base_loss": float(res.base_loss[k]),
-        "final_loss": float(res.final_loss[k]), "steps": cfg.steps, "rank": cfg.rank,
-        "config": to_dict(cfg), "base_model_hash": base_hash, "response_map": stats,
-        "shard": list(shard), "batch_seconds": res.seconds, "batch_size": res.lora.num_loras,
-    })
-    save_lora(lora_path(out_dir, rec.clip_id), A, B, res.lora.vocab,
-              {"prompt": rec.prompt, "base_model_hash": base_hash, "clip_id": rec.clip_id,
-               "fit_steps": cfg.steps, "fit_config_hash": cfg.result_hash(),
-               "fit_final_loss": float(res.final_loss[k]), **made_from},
-              dtype=_DTYPES[cfg.save_dtype])
+    curve = {"schema_version": SCHEMA_VERSION, "clip_id": rec.clip_id, "prompt": rec.prompt,
+             "losses": res.losses[k].tolist(), "base_loss": float(res.base_loss[k]),
+             "final_loss": float(res.final_loss[k]), "steps": cfg.steps, "rank": cfg.rank,
+             "config": to_dict(cfg), "base_model_hash": base_hash, "response_map": stats,
+             "shard": list(shard), "batch_seconds": res.seconds, "batch_size": res.lora.num_loras}
+    save_fitted(out_dir, rec.clip_id, curve, A, B, res.lora.vocab,
+                {"prompt": rec.prompt, "base_model_hash": base_hash, "clip_id": rec.clip_id,
+                 "fit_steps": cfg.steps, "fit_config_hash": cfg.result_hash(),
+                 "fit_final_loss": float(res.final_loss[k]), **made_from},
+                dtype=_DTYPES[cfg.save_dtype])
 
 
 def _made_from(rec: ClipRecord, cfg: FitConfig, input_key: InputKey | None) -> dict[str, str]:
@@ -524,17 +502,6 @@ def _warn_redo(redo: list[tuple[str, str]], total: int, out_dir: Path) -> None:
         kinds = collections.Counter(kind for kind, _ in redo)
         warnings.warn(f"{out_dir}: {len(redo)} of {total} LoRA files fitted again ("
                       f"{', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))})", stacklevel=3)
-
-
-def drop_orphans(out_dir: str | Path, records: Sequence[ClipRecord]) -> list[Path]:
-    """Delete LoRAs and curves of clips that are not in ``records`` (a clip the data no longer
-    has); return the deleted paths."""
-    keep = {safe_clip_id(r.clip_id) for r in records}
-    gone = [p for sub, ext in (("loras", ".safetensors"), ("curves", ".json"))
-            for p in sorted((Path(out_dir) / sub).glob(f"*{ext}")) if p.name[:-len(ext)] not in keep]
-    for p in gone:
-        p.unlink()
-    return gone
 
 
 def fit_shard_distributed(build_dit: Callable[[torch.device], nn.Module], records: Sequence[ClipRecord],

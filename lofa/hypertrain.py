@@ -2,7 +2,8 @@
 
 Both stages run the one training loop (:func:`lofa.train.train`) with a stage-specific
 ``loss_step`` from :mod:`lofa.objectives`. Data are the fitted LoRAs of the
-``fit_loras`` stage joined with their clips' captions (and, for stage II, latents).
+``fit_loras`` stage joined with their clips' captions (and, for stage II, latents), read and
+written through :mod:`lofa.artifacts`.
 """
 
 from __future__ import annotations
@@ -10,23 +11,20 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from lofa.config import ConfigError, from_dict, to_dict
-from lofa.data.dataset import ClipSet, load_clips
-from lofa.fit import lora_path
+from lofa.artifacts.hypernets import hypernet_meta
+from lofa.artifacts.loras import LoRASet
+from lofa.config import ConfigError
 from lofa.hypernet import HyperNet, HyperNetConfig, MatrixGroup, group_by_shape
 from lofa.inputkey import InputKey
-from lofa.io import ArtifactError, read_json
 from lofa.layers import Vocabulary
-from lofa.lora import LoRAWeights, base_weights, load_lora
-from lofa.lora import map_scores
+from lofa.lora import LoRAWeights, base_weights, map_scores
 from lofa.objectives import (HyperBatch, Stage1LossConfig, Stage2LossConfig, make_batch, predicted_lora,
                              random_matrix_ids, stage1_loss, stage1_terms, stage2_loss)
-from lofa.train import TrainConfig, TrainResult, batch_indices, load_checkpoint_weights, train
+from lofa.train import TrainConfig, TrainResult, batch_indices, train
 from lofa.wan import sample_timesteps
 
 
@@ -60,31 +58,6 @@ class Stage2Config:
     seed: int = 0
     #: torch.compile the hypernetwork's regions, as ``Stage1Config.compile``.
     compile: bool = False
-
-
-@dataclass(frozen=True)
-class LoRASet:
-    """Fitted LoRAs of some clips: per matrix, A (N, r, in) and B (N, out, r), plus the clips."""
-
-    clips: ClipSet
-    A: tuple[torch.Tensor, ...]
-    B: tuple[torch.Tensor, ...]
-
-    def __len__(self) -> int:
-        return len(self.clips)
-
-    def lora(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return [a[i] for a in self.A], [b[i] for b in self.B]
-
-
-def load_lora_set(lora_dir: str | Path, pre_dir: str | Path, vocab: Vocabulary,
-                  splits: tuple[str, ...]) -> LoRASet:
-    """The fitted LoRA of every clip of ``splits`` (clips without one raise, naming the file)."""
-    clips = load_clips(pre_dir, splits)
-    files = [load_lora(lora_path(lora_dir, cid), vocab) for cid in clips.ids]
-    A = tuple(torch.stack([f.A[j] for f in files]).float() for j in range(len(vocab)))
-    B = tuple(torch.stack([f.B[j] for f in files]).float() for j in range(len(vocab)))
-    return LoRASet(clips, A, B)
 
 
 def check_shared(section: str, model: HyperNetConfig, data: LoRASet, *, params: str | Path, loras: str | Path,
@@ -195,29 +168,6 @@ def build_hypernet(cfg: HyperNetConfig, vocab: Vocabulary, seed: int, compile: b
     return model.compile_regions(dynamic=None) if compile else model
 
 
-def load_hypernet(path: str | Path) -> HyperNet:
-    """A trained hypernetwork from ``model.safetensors`` and its ``model.json`` sidecar (strict)."""
-    path = Path(path)
-    sidecar = read_json(path.with_suffix(".json"))
-    meta = sidecar.get("meta") if isinstance(sidecar, dict) else None
-    if not isinstance(meta, dict) or not {"hypernet", "vocab"} <= set(meta):
-        raise ArtifactError(f"{path.with_suffix('.json')}: no 'meta.hypernet' and 'meta.vocab' "
-                            "(not the sidecar of a hypernetwork export)")
-    cfg = from_dict(HyperNetConfig, meta["hypernet"], f"{path.with_suffix('.json')}:meta.hypernet")
-    vocab = Vocabulary.from_dims(**meta["vocab"])
-    model = HyperNet(cfg, vocab)
-    load_checkpoint_weights(path, model)
-    return model.eval().requires_grad_(False)
-
-
-def _meta(cfg: HyperNetConfig, vocab: Vocabulary, base_hash: str, dit: nn.Module) -> dict[str, Any]:
-    m0 = vocab[0]
-    ffn = next((m.out_features for m in vocab if m.module == "ffn.0"), m0.in_features)
-    return {"hypernet": to_dict(cfg), "base_model_hash": base_hash,
-            "vocab": {"dim": m0.in_features, "ffn_dim": ffn, "num_layers": vocab.num_blocks,
-                      "modules": list(vocab.modules)}}
-
-
 def train_stage1(cfg: Stage1Config, dit: nn.Module, vocab: Vocabulary, train_set: LoRASet, out_dir: str | Path,
                  *, base_hash: str, logger=None, input_key: InputKey | None = None) -> tuple[HyperNet, TrainResult]:
     """Train the stage-I hypernetwork on ``train_set``; final weights at ``out_dir/model.safetensors``.
@@ -228,7 +178,7 @@ def train_stage1(cfg: Stage1Config, dit: nn.Module, vocab: Vocabulary, train_set
     model = build_hypernet(cfg.model, vocab, cfg.seed, cfg.compile)
     step = functools.partial(_stage1_step, loss_cfg=cfg.loss)
     result = train(model, step, stage1_batches(train_set, base, vocab, cfg), cfg.train, out_dir, logger=logger,
-                   meta=_meta(cfg.model, vocab, base_hash, dit), input_key=input_key)
+                   meta=hypernet_meta(cfg.model, vocab, base_hash), input_key=input_key)
     return model, result
 
 
@@ -256,7 +206,7 @@ def train_stage2(cfg: Stage2Config, dit: nn.Module, vocab: Vocabulary, stage1: H
     model = build_hypernet(cfg.model, vocab, cfg.seed, cfg.compile)
     step = functools.partial(_stage2_step, stage1=stage1 if cfg.model.use_stage1 else None, dit=dit, cfg=cfg)
     result = train(model, step, stage2_batches(train_set, base, vocab, cfg), cfg.train, out_dir, logger=logger,
-                   meta=_meta(cfg.model, vocab, base_hash, dit), input_key=input_key)
+                   meta=hypernet_meta(cfg.model, vocab, base_hash), input_key=input_key)
     return model, result
 
 

@@ -1,7 +1,8 @@
 """Atomic, self-describing artifacts: safetensors tensors and JSON sidecars.
 
 Every tensor file the project reads or writes goes through this module. Nothing
-here (or anywhere in lofa) unpickles.
+here (or anywhere in lofa) unpickles. Where each trained artifact lives and how it is
+loaded and saved is :mod:`lofa.artifacts`, built on these functions.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ SCHEMA_VERSION = 1
 
 
 class ArtifactError(ValueError):
-    """An artifact that cannot be read, naming the file and the problem."""
+    """An artifact that cannot be read, or does not fit what it is used with, naming the file and
+    the problem: the one error type of :mod:`lofa.artifacts` (``lofa.lora.LoRAFormatError`` is one)."""
 
 
 @contextmanager

@@ -7,8 +7,6 @@ real profile skips this stage and loads Wan2.1 weights instead.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +15,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lofa.artifacts.base import SIDECAR, WEIGHTS, link_base, save_base
 from lofa.config import to_dict
 from lofa.data.dataset import ClipSet
 from lofa.inputkey import InputKey, StaleResultWarning, stale_message
-from lofa.io import atomic_path, read_json, save_tensors, write_json
+from lofa.io import read_json
 from lofa.train import TrainConfig, TrainResult, batch_indices, train
-from lofa.wan import WanDiTConfig, base_model_hash, build_dit, flow_loss, load_dit, sample_timesteps
+from lofa.wan import WanDiTConfig, build_dit, flow_loss, load_dit, sample_timesteps
 
 
 @dataclass(frozen=True)
@@ -95,11 +94,8 @@ def pretrain(cfg: PretrainConfig, clips: ClipSet, out_dir: str | Path, *, logger
     result = train(model, loss_step, make_batches(clips, cfg), cfg.train, out_dir / "train",
                    logger=logger, accelerator=accelerator, meta={"dit": to_dict(cfg.dit)}, input_key=input_key)
     dit.eval().requires_grad_(False)
-    save_tensors(out_dir / "dit.safetensors", dit.state_dict(), metadata={"format": "wan_video_dit"})
-    key = {"input_key": input_key.to_json()} if input_key is not None else {}
-    write_json(out_dir / "dit.json", {"config": to_dict(cfg.dit), "base_model_hash": base_model_hash(dit),
-                                      "step": result.step, "metrics": result.metrics,
-                                      "num_clips": len(clips), "schema_version": 1, **key})
+    save_base(out_dir, dit, cfg.dit, step=result.step, metrics=result.metrics, num_clips=len(clips),
+              input_key=input_key)
     return dit, result
 
 
@@ -110,24 +106,11 @@ def import_base(cfg: PretrainConfig, out_dir: str | Path, input_key: InputKey | 
     file systems, copied) to ``dit.safetensors`` beside a ``dit.json`` like the one
     :func:`pretrain` writes, so every later stage reads the same two files whatever the profile.
     """
-    out_dir = Path(out_dir)
-    src = Path(cfg.weights)
+    out_dir, src = Path(out_dir), Path(cfg.weights)
     if input_key is not None:
         _drop_stale_dit(out_dir, input_key)
     dit = load_dit(src, cfg.dit).eval().requires_grad_(False)
-    dst = out_dir / "dit.safetensors"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not (dst.is_file() and os.path.samefile(src, dst)):
-        with atomic_path(dst) as tmp:
-            tmp.unlink()  # atomic_path made an empty file there
-            try:
-                os.link(src, tmp)
-            except OSError:  # another file system, or links not allowed
-                shutil.copyfile(src, tmp)
-    key = {"input_key": input_key.to_json()} if input_key is not None else {}
-    write_json(out_dir / "dit.json", {"config": to_dict(cfg.dit), "base_model_hash": base_model_hash(dit),
-                                      "source": str(src), "step": 0, "metrics": {}, "num_clips": 0,
-                                      "schema_version": 1, **key})
+    link_base(src, out_dir, dit, cfg.dit, input_key)
     return dit
 
 
@@ -135,14 +118,14 @@ def _drop_stale_dit(out_dir: Path, key: InputKey) -> None:
     """Delete ``dit.safetensors`` + ``dit.json`` made from other inputs (main process only)."""
     from lofa.env import process_rank
 
-    side = out_dir / "dit.json"
+    side = out_dir / SIDECAR
     if process_rank() != 0 or not side.is_file():
         return
     changes = key.changes(read_json(side).get("input_key"))
     if changes:
         warnings.warn(stale_message(side, changes, "deleting the DiT, training it again"), StaleResultWarning,
                       stacklevel=3)
-        (out_dir / "dit.safetensors").unlink(missing_ok=True)
+        (out_dir / WEIGHTS).unlink(missing_ok=True)
         side.unlink()
 
 
@@ -159,9 +142,3 @@ def pretraining_clips(clips: ClipSet, cfg: PretrainConfig) -> ClipSet:
                          "(coarse_context; the synthetic world writes texts/coarse_labels): rerun synthesize + "
                          "preprocess, or set pretrain_base.caption: full")
     return dataclasses.replace(clips, text=clips.coarse_text, mask=clips.coarse_mask)
-
-
-def dit_config_from_sidecar(sidecar: dict[str, Any]) -> WanDiTConfig:
-    from lofa.config import from_dict
-
-    return from_dict(WanDiTConfig, sidecar["config"], "dit.json:config")

@@ -30,9 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lofa.artifacts.base import load_base
+from lofa.artifacts.loras import load_user_lora
 from lofa.config import load_section
 from lofa.fit import ClipRecord, FitConfig, derive_seed, eval_loss, fit_batch, load_clip
-from lofa.io import read_metadata, write_json
+from lofa.io import ArtifactError, read_metadata, write_json
 from lofa.layers import Vocabulary
 from lofa.lora import LoRAWeights, save_lora
 from lofa.wan import dit_config
@@ -179,16 +181,14 @@ def refine_files(lora_path: str | Path, clip_path: str | Path, *, steps: int, ba
     Writes the refined LoRA to ``output`` (export format; the header keeps the prompt
     and names the start file and the clip) and the report to ``report_path`` as JSON.
     """
-    from lofa.serving.predict import PredictError, load_base, load_user_lora
-
     base = load_base(base_dir, device)
     cfg = load_section(FitConfig, "fit_loras", params_path)
     cfg = dataclasses.replace(cfg, steps=steps, **({} if lr is None else {"lr": lr}))
     clip_id, caption, latents, context = load_clip_file(clip_path)
     if context.shape[-1] != base.config.text_dim or latents.shape[0] != base.config.in_dim:
-        raise PredictError(f"{clip_path}: latents {tuple(latents.shape)} and context {tuple(context.shape)} do not "
-                           f"fit the base model {base.path} (in_dim {base.config.in_dim}, text_dim "
-                           f"{base.config.text_dim})")
+        raise ArtifactError(f"{clip_path}: latents {tuple(latents.shape)} and context {tuple(context.shape)} do not "
+                            f"fit the base model {base.path} (in_dim {base.config.in_dim}, text_dim "
+                            f"{base.config.text_dim})")
     start = load_user_lora(lora_path, base)
     oracle = None if oracle_path is None else load_user_lora(oracle_path, base).to_weights(device)
     lora, report = refine(base.dit, start.to_weights(device), latents[None].to(device), context[None].to(device),

@@ -23,7 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from lofa.artifacts.base import load_base
+from lofa.artifacts.loras import load_user_lora
 from lofa.fit import derive_seed
+from lofa.io import ArtifactError
 from lofa.lora import LoRAWeights
 from lofa.sampling import sample
 from lofa.wan import flow_loss, flow_schedule
@@ -185,16 +188,14 @@ def score_files(base_dir: str | Path, lora_paths: Sequence[str | Path], clip_fil
     file and the key. Returns a JSON-ready dict: per entry (``base``, then each path as given), the mean
     and per-clip flow loss and, when generating, the judge's report.
     """
-    from lofa.serving.predict import PredictError, load_base, load_user_lora
-
     base = load_base(base_dir, device)
     loras: dict[str, LoRAWeights | None] = {"base": None}
     for p in lora_paths:
         loras[str(p)] = load_user_lora(p, base).to_weights(device)
     ids, captions, latents, context = load_clip_files(clip_files)
     if context.shape[-1] != base.config.text_dim or latents.shape[1] != base.config.in_dim:
-        raise PredictError(f"{clip_files[0]}: latents {tuple(latents.shape[1:])} and context "
-                           f"{tuple(context.shape[1:])} do not fit the base model {base.path}")
+        raise ArtifactError(f"{clip_files[0]}: latents {tuple(latents.shape[1:])} and context "
+                            f"{tuple(context.shape[1:])} do not fit the base model {base.path}")
     judge = None
     if judge_dir is not None:
         from lofa.judge import load_judge

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from torch import nn
 
-from lofa.hypertrain import LoRASet, load_lora_set
+from lofa.artifacts.base import load_base as load_base_model
+from lofa.artifacts.loras import LoRASet, load_lora_set
 from lofa.layers import Vocabulary
-from lofa.serving.predict import load_base as load_base_model
 
 HELDOUT = ("val", "test")
 

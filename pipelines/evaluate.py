@@ -17,6 +17,8 @@ import time
 
 import pandas as pd
 
+from lofa.artifacts.hypernets import load_hypernet, weights_file
+from lofa.artifacts.loras import CURVES
 from lofa.ceiling import ceiling_loras, generalist_lora
 from lofa.config import ConfigError, from_dict, to_dict
 from lofa.data.preprocess import PreprocessConfig, codec_for
@@ -26,7 +28,6 @@ from lofa.evaluate import (EvalConfig, clip_losses, compare, judge_scores, metho
                            table_rows)
 from lofa.fit import FitConfig
 from lofa.fit_report import collect_curves
-from lofa.hypertrain import load_hypernet
 from lofa.io import atomic_path, read_json, write_text
 from lofa.judge import SIDECAR, load_judge
 from lofa.media import decode_latents, side_by_side, write_video
@@ -74,8 +75,8 @@ def main() -> None:
     train, held = load_sets(args.loras, args.data, vocab)
     dev = compute_device()  # the models run there; the data, LoRAs and the judge stay on the CPU
     dit.to(dev)
-    stage1, stage2 = (load_hypernet(d / "model.safetensors").to(dev) for d in (args.stage1, args.stage2))
-    naive_file = args.naive / "model.safetensors"
+    stage1, stage2 = (load_hypernet(weights_file(d)).to(dev) for d in (args.stage1, args.stage2))
+    naive_file = weights_file(args.naive)
     naive = load_hypernet(naive_file).to(dev) if naive_file.is_file() else None
     loras, predict_s = method_loras(dit, vocab, train, held, stage2, stage1, naive)
     t_fit = time.perf_counter()
@@ -91,7 +92,7 @@ def main() -> None:
     baselines_s = time.perf_counter() - t_fit
     losses = clip_losses(dit, held, loras, cfg)
     table = compare(dit, vocab, held, loras, cfg, losses)
-    curves = list(collect_curves(args.loras / "curves"))
+    curves = list(collect_curves(args.loras / CURVES))
     fit_s = sum(c["batch_seconds"] / c["batch_size"] for c in curves) / len(curves)
     # wall times are no result: they go to metrics/timings/ and MLflow, never into the declared
     # metrics (a rerun on identical inputs must leave every DVC hash as it was)

@@ -24,13 +24,13 @@ import time
 import pandas as pd
 import torch
 
+from lofa.artifacts.base import SIDECAR, WEIGHTS, dit_config_from_sidecar, read_sidecar
+from lofa.artifacts.loras import CURVES, drop_orphans
 from lofa.config import ConfigError, from_dict, to_dict
 from lofa.data.preprocess import load_manifest
-from lofa.fit import ClipRecord, FitConfig, drop_orphans, fit_shard, fit_shard_distributed
+from lofa.fit import ClipRecord, FitConfig, fit_shard, fit_shard_distributed
 from lofa.fit_report import collect_curves, plot_fit, summarize
 from lofa.inputkey import InputKey, code_deps, code_hashes
-from lofa.io import read_json
-from lofa.pretrain import dit_config_from_sidecar
 from lofa.tracking import log_manifest, stage_run
 from lofa.wan import load_dit
 from pipelines._common import ROOT, section, stage_args, write_metrics
@@ -53,7 +53,7 @@ def _check_text_width(args: argparse.Namespace, text_dim: int, widths: set[int])
     """The base DiT reads text of its ``text_dim``; the preprocessed text must have that width
     (else every clip's fit fails inside the DiT's text projection)."""
     if widths != {text_dim}:
-        raise ConfigError(f"{args.params}: the base model {args.base / 'dit.json'} has config.text_dim {text_dim} "
+        raise ConfigError(f"{args.params}: the base model {args.base / SIDECAR} has config.text_dim {text_dim} "
                           f"(pretrain_base.dit.text_dim) but the text in {args.data} is "
                           f"{'/'.join(map(str, sorted(widths)))}-d "
                           "(the preprocess section's text encoder)")
@@ -65,7 +65,7 @@ def main() -> None:
     if (args.shard_index is None) != (args.num_shards is None):
         raise SystemExit("fit_loras: --shard-index and --num-shards go together")
     cfg = from_dict(FitConfig, section(args, "fit_loras"), "fit_loras")
-    sidecar = read_json(args.base / "dit.json")
+    sidecar = read_sidecar(args.base)
     dit_cfg = dit_config_from_sidecar(sidecar)
     manifest = load_manifest(args.data)
     _check_text_width(args, dit_cfg.text_dim, {int(shape[-1]) for shape in manifest["text_shape"]})
@@ -74,22 +74,22 @@ def main() -> None:
     # the stage's code is the part of the input key common to all clips
     key = InputKey(code=code_hashes(code_deps("fit_loras", ROOT), ROOT))
     if args.num_shards is not None:
-        dit = load_dit(args.base / "dit.safetensors", dit_cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+        dit = load_dit(args.base / WEIGHTS, dit_cfg, device="cuda" if torch.cuda.is_available() else "cpu")
         report = fit_shard(dit, records, args.out, cfg, shard_index=args.shard_index, num_shards=args.num_shards,
                            base_hash=sidecar["base_model_hash"], progress=not args.no_progress, input_key=key)
         print(json.dumps(dataclasses.asdict(report)))
         return
     t0 = time.perf_counter()
-    report = fit_shard_distributed(lambda device: load_dit(args.base / "dit.safetensors", dit_cfg, device=device),
+    report = fit_shard_distributed(lambda device: load_dit(args.base / WEIGHTS, dit_cfg, device=device),
                                    records, args.out, cfg, cpu=not torch.cuda.is_available(),
                                    base_hash=sidecar["base_model_hash"], progress=not args.no_progress,
                                    input_key=key)
     if report.shard_index != 0:
         return
-    orphans = drop_orphans(args.out, records)
+    orphans = drop_orphans(args.out, [r.clip_id for r in records])
     if orphans:
         print(f"{args.out}: deleted {len(orphans)} LoRA / curve files of clips no longer in {args.data}")
-    curves = collect_curves(args.out / "curves")
+    curves = collect_curves(args.out / CURVES)
     train_ids = set(load_manifest(args.data, "train")["id"])
     fitted_now = len(report.fitted) * report.num_shards
     summary = {**summarize(curves), "train": summarize([c for c in curves if c["clip_id"] in train_ids]),

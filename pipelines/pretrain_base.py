@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from lofa.artifacts.base import SIDECAR
 from lofa.config import from_dict, to_dict
 from lofa.data.dataset import load_clips
 from lofa.encoders.video import build_codec
@@ -35,7 +36,7 @@ def main() -> None:
             logged = write_metrics(args.metrics, {"final_loss": None, "steps": 0, "imported": cfg.weights},
                                    {"seconds": round(time.perf_counter() - t0, 1)})
             mlflow.log_metrics({k: float(v) for k, v in logged.items() if isinstance(v, (int, float))})
-            mlflow.log_artifact(str(args.out / "dit.json"))
+            mlflow.log_artifact(str(args.out / SIDECAR))
         print(f"pretrain_base: imported {cfg.weights} as the base model ({args.out})")
         return
     clips = load_clips(args.data, ("train",))
@@ -60,7 +61,7 @@ def main() -> None:
         summary = {"final_loss": result.metrics.get("loss"), "steps": result.step}
         logged = write_metrics(args.metrics, summary, {"seconds": round(seconds, 1)})
         mlflow.log_metrics({k: float(v) for k, v in logged.items() if v is not None})
-        mlflow.log_artifact(str(args.out / "dit.json"))
+        mlflow.log_artifact(str(args.out / SIDECAR))
     print(summary)
 
 

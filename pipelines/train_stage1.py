@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from lofa.artifacts.hypernets import SIDECAR
 from lofa.config import from_dict, to_dict
 from lofa.env import process_rank
 from lofa.hypertrain import Stage1Config, check_shared, evaluate_stage1, summary as train_summary, train_stage1
@@ -40,7 +41,7 @@ def main() -> None:
         summary = train_summary(result, held)
         logged = write_metrics(args.metrics, summary, {"seconds": round(time.perf_counter() - t0, 1)})
         mlflow.log_metrics({k: v for k, v in logged.items() if isinstance(v, (int, float))})
-        mlflow.log_artifact(str(args.out / "model.json"))
+        mlflow.log_artifact(str(args.out / SIDECAR))
     print(summary)
 
 

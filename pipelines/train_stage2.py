@@ -17,8 +17,8 @@ import time
 
 from lofa.config import from_dict, to_dict
 from lofa.env import compute_device, process_rank
-from lofa.hypertrain import (Stage2Config, check_shared, evaluate_stage2, load_hypernet, summary as train_summary,
-                             train_stage2)
+from lofa.artifacts.hypernets import SIDECAR, load_hypernet, weights_file
+from lofa.hypertrain import Stage2Config, check_shared, evaluate_stage2, summary as train_summary, train_stage2
 from lofa.lora import base_weights
 from lofa.tracking import log_manifest, stage_run
 from lofa.train import RESUMABLE_CHANGES
@@ -36,10 +36,10 @@ def main() -> None:
     dit, vocab, base_hash = load_base(args.base)
     dev = compute_device()  # the flow-matching term runs the frozen DiT (and stage I) beside stage II
     dit.to(dev)
-    stage1 = load_hypernet(args.stage1 / "model.safetensors").to(dev) if cfg.model.use_stage1 else None
+    stage1 = load_hypernet(weights_file(args.stage1)).to(dev) if cfg.model.use_stage1 else None
     train_set, heldout = load_sets(args.loras, args.data, vocab)
     check_shared("train_stage2", cfg.model, train_set, params=args.params, loras=args.loras, pre=args.data,
-                 stage1=stage1, stage1_file=args.stage1 / "model.safetensors")
+                 stage1=stage1, stage1_file=weights_file(args.stage1))
     t0 = time.perf_counter()
     inputs = {"data": args.data, "base": args.base, "loras": args.loras}
     if stage1 is not None:
@@ -57,7 +57,7 @@ def main() -> None:
         summary = train_summary(result, held)
         logged = write_metrics(args.metrics, summary, {"seconds": round(time.perf_counter() - t0, 1)})
         mlflow.log_metrics({k: v for k, v in logged.items() if isinstance(v, (int, float))})
-        mlflow.log_artifact(str(args.out / "model.json"))
+        mlflow.log_artifact(str(args.out / SIDECAR))
     print(summary)
 
 

@@ -29,7 +29,8 @@ if str(ROOT) not in sys.path:
 from lofa.config import from_dict  # noqa: E402
 from lofa.env import compute_device  # noqa: E402
 from lofa.fit import FitConfig, derive_seed  # noqa: E402
-from lofa.hypertrain import load_hypernet, predict_loras  # noqa: E402
+from lofa.artifacts.hypernets import load_hypernet  # noqa: E402
+from lofa.hypertrain import predict_loras  # noqa: E402
 from lofa.io import write_json  # noqa: E402
 from lofa.lora import LoRAWeights, base_weights  # noqa: E402
 from lofa.refine import refine  # noqa: E402

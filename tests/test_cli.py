@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 from lofa import fit
+from lofa.artifacts.base import load_base
+from lofa.artifacts.loras import lora_path
 from lofa.cli import main
 from lofa.config import from_dict
 from lofa.io import load_tensors, read_json, read_metadata, save_tensors
 from lofa.layers import Vocabulary
 from lofa.lora import load_lora
-from lofa.serving.predict import load_base
 from tiny_artifacts import CAPTION, CLIP_ID, DIT, PARAMS, RANK, write_artifacts, write_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +128,7 @@ def test_refine_reports_curves_and_steps_to_the_oracle(art, tmp_path, capsys):
     cfg = from_dict(fit.FitConfig, PARAMS["fit_loras"])
     fit.fit_shard(load_base(art["base"]).dit, [fit.ClipRecord(CLIP_ID, str(clip), CAPTION)], tmp_path / "fit", cfg,
                   progress=False)  # the clip's oracle, as the fit_loras stage makes it
-    oracle = fit.lora_path(tmp_path / "fit", CLIP_ID)
+    oracle = lora_path(tmp_path / "fit", CLIP_ID)
     report = tmp_path / "r.json"
     steps = str(cfg.steps)
     assert main(["refine", "--lora", str(pred), "--clip", str(clip), "--steps", steps, "-o", str(tmp_path / "ref.safetensors"),

@@ -74,7 +74,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from lofa.data.preprocess import PreprocessConfig, load_manifest, preprocess
     from lofa.data.synthetic import SynthConfig, generate
     from lofa.fit import ClipRecord, FitConfig, fit_shard
-    from lofa.hypertrain import Stage1Config, Stage2Config, load_hypernet, train_stage1, train_stage2
+    from lofa.artifacts.hypernets import load_hypernet
+    from lofa.hypertrain import Stage1Config, Stage2Config, train_stage1, train_stage2
     from lofa.pretrain import PretrainConfig, pretrain
     from pipelines._hyper import load_base, load_sets
 

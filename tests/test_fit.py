@@ -15,8 +15,8 @@ import torch
 
 from lofa.config import ConfigError, from_dict, to_dict
 from lofa.lora import LoRAWeights
-from lofa.fit import (ClipRecord, FitConfig, curve_path, derive_seed, draw_step, fit_batch, fit_shard,
-                      init_lora, lora_path, safe_clip_id, select_shard)
+from lofa.artifacts.loras import curve_path, lora_path, safe_clip_id
+from lofa.fit import ClipRecord, FitConfig, derive_seed, draw_step, fit_batch, fit_shard, init_lora, select_shard
 from lofa.io import load_tensors, read_metadata, save_tensors
 from lofa.layers import Vocabulary
 from lofa.lora import load_lora

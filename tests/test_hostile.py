@@ -31,7 +31,8 @@ from torch import nn
 from lofa.config import to_dict
 from lofa.data.motionx import MAX_PIXELS, list_clips
 from lofa.data.preprocess import PreprocessConfig, load_manifest, preprocess
-from lofa.fit import ClipRecord, FitConfig, fit_shard, lora_path
+from lofa.artifacts.loras import lora_path
+from lofa.fit import ClipRecord, FitConfig, fit_shard
 from lofa.io import ArtifactError, load_tensors, read_metadata, save_tensors
 from lofa.layers import Vocabulary
 from lofa.lora import LoRAFormatError, load_lora
@@ -107,7 +108,7 @@ def art(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def base(art: dict[str, Path]):
-    from lofa.serving.predict import load_base
+    from lofa.artifacts.base import load_base
 
     return load_base(art["base"])
 
@@ -192,8 +193,7 @@ def loras(pre: Path, base, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_non_finite_lora_is_named_by_every_consumer(loras: Path, pre: Path, base, tmp_path: Path) -> None:
-    from lofa.hypertrain import load_lora_set
-    from lofa.serving.predict import load_user_lora
+    from lofa.artifacts.loras import load_lora_set, load_user_lora
 
     out = tmp_path / "loras"
     shutil.copytree(loras, out)
@@ -228,7 +228,7 @@ def _cases(good: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Ten
 
 
 def test_wrong_keys_shapes_dtypes_are_refused_naming_file_and_key(loras: Path, pre: Path, tmp_path: Path) -> None:
-    from lofa.hypertrain import load_lora_set
+    from lofa.artifacts.loras import load_lora_set
 
     good = load_tensors(lora_path(loras, GOOD[0]))
     for name, tensors, pattern in _cases(good):
@@ -351,8 +351,9 @@ def _loaders(art, base, pre, tokenizer_dir) -> dict[str, Callable[[Path, Path], 
     from lofa.data.dataset import load_clips
     from lofa.encoders import WanT5TextEncoder, WanVAECodec
     from lofa.fit import load_clip
-    from lofa.hypertrain import load_hypernet
-    from lofa.serving.predict import load_base, load_stage, load_user_lora
+    from lofa.artifacts.base import load_base
+    from lofa.artifacts.hypernets import load_hypernet, load_stage
+    from lofa.artifacts.loras import load_user_lora
     from lofa.refine import load_clip_file
     from lofa.train import load_checkpoint_weights
     from lofa.wan import load_dit
@@ -363,12 +364,12 @@ def _loaders(art, base, pre, tokenizer_dir) -> dict[str, Callable[[Path, Path], 
         "load_lora": lambda e, d: load_lora(e, VOCAB),
         "load_user_lora": lambda e, d: load_user_lora(e, base),
         "load_dit": lambda e, d: load_dit(e, DIT),
-        "predict.load_base": lambda e, d: load_base(_base_dir(art, d / "base", e)),
+        "artifacts.load_base": lambda e, d: load_base(_base_dir(art, d / "base", e)),
         "WanVAECodec": lambda e, d: WanVAECodec(e, dim=8),
         "WanT5TextEncoder": lambda e, d: WanT5TextEncoder(e, tokenizer_dir, max_length=8, **TINY_T5),
         "load_checkpoint_weights": lambda e, d: load_checkpoint_weights(e, nn.Linear(2, 1)),
         "load_hypernet": lambda e, d: load_hypernet(_hypernet_dir(art, d / "s1", e) / "model.safetensors"),
-        "predict.load_stage": lambda e, d: load_stage(_hypernet_dir(art, d / "s1", e), 1),
+        "artifacts.load_stage": lambda e, d: load_stage(_hypernet_dir(art, d / "s1", e), 1),
         "train resume (model)": lambda e, d: _train_resume(d / "run", e, "model"),
         "train resume (optimizer)": lambda e, d: _train_resume(d / "run", e, "optimizer"),
         "fit.load_clip": lambda e, d: load_clip(ClipRecord("x", str(e))),
@@ -377,8 +378,8 @@ def _loaders(art, base, pre, tokenizer_dir) -> dict[str, Callable[[Path, Path], 
     }
 
 
-LOADERS = ("load_tensors", "read_metadata", "load_lora", "load_user_lora", "load_dit", "predict.load_base",
-           "WanVAECodec", "WanT5TextEncoder", "load_checkpoint_weights", "load_hypernet", "predict.load_stage",
+LOADERS = ("load_tensors", "read_metadata", "load_lora", "load_user_lora", "load_dit", "artifacts.load_base",
+           "WanVAECodec", "WanT5TextEncoder", "load_checkpoint_weights", "load_hypernet", "artifacts.load_stage",
            "train resume (model)", "train resume (optimizer)", "fit.load_clip", "refine.load_clip_file",
            "dataset.load_clips")
 

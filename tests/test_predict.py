@@ -18,8 +18,9 @@ from lofa.hypernet import MatrixGroup, group_by_shape
 from lofa.io import load_tensors, read_metadata, save_tensors
 from lofa.lora import LoRAFormatError, base_weights
 from lofa.objectives import predicted_lora
-from lofa.serving.predict import (PredictError, Predictor, codec_for, generate_video, load_preprocess, load_user_lora,
-                          text_bucket, write_videos)
+from lofa.artifacts.loras import load_user_lora
+from lofa.serving.predict import (PredictError, Predictor, codec_for, generate_video, load_preprocess, text_bucket,
+                                  write_videos)
 from lofa.wan import dit_forward
 from tiny_artifacts import DIT, RANK, hypernet_config, write_artifacts, write_base, write_clip, write_hypernet
 
@@ -199,7 +200,8 @@ class _WordText:
 def test_cuda_graph_predictions_are_the_callers_own(art, dtype):
     """On a GPU the one-prompt path replays a captured graph whose outputs the next call overwrites:
     a returned prediction must not change with later calls, and matches the CPU predictor."""
-    from lofa.serving.predict import load_base, load_stage
+    from lofa.artifacts.base import load_base
+    from lofa.artifacts.hypernets import load_stage
 
     def make(device: str, dtype: str) -> Predictor:
         s1, s2 = load_stage(art["stage1"], 1)[0], load_stage(art["stage2"], 2)[0]

@@ -246,7 +246,7 @@ def _rewrite_clip(pre: Path) -> str:
 
 
 def test_changed_clip_refits_its_lora_only_and_training_starts_over(world: dict, tmp_path: Path) -> None:
-    from lofa.fit import lora_path
+    from lofa.artifacts.loras import lora_path
 
     pre, loras = tmp_path / "pre", tmp_path / "loras"
     shutil.copytree(world["dirs"]["pre"], pre)

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from lofa import fit
+from lofa.artifacts.base import load_base
+from lofa.artifacts.loras import lora_path
 from lofa.cli import main
 from lofa.config import from_dict
 from lofa.io import load_tensors, save_tensors
 from lofa.lora import LoRAWeights, save_lora
-from lofa.serving.predict import load_base
 from lofa.score import ScoreConfig, bootstrap_gap, flow_losses
 from tiny_artifacts import CAPTION, CLIP_ID, DIT, PARAMS, RANK, write_artifacts, write_clip
 
@@ -68,7 +69,7 @@ def scored(tmp_path_factory):
     zero = tmp / "zero.safetensors"
     save_lora(zero, [torch.randn(RANK, m.in_features) for m in vocab], [torch.zeros(m.out_features, RANK) for m in vocab],
               vocab, {"prompt": CAPTION, "base_model_hash": base.hash})
-    return {"art": art, "clip": clip, "zero": zero, "fitted": fit.lora_path(tmp / "fit", CLIP_ID), "tmp": tmp}
+    return {"art": art, "clip": clip, "zero": zero, "fitted": lora_path(tmp / "fit", CLIP_ID), "tmp": tmp}
 
 
 def test_lofa_score_base_equals_a_zero_lora_and_the_fitted_lora_scores_lower(scored, capsys):

@@ -20,9 +20,11 @@ import torch
 import yaml
 from tiny_artifacts import DIT, PARAMS, RANK, hypernet_config, write_base, write_hypernet
 
+from lofa.artifacts.hypernets import load_hypernet
+from lofa.artifacts.loras import LoRASet
 from lofa.config import ConfigError
 from lofa.data.dataset import ClipSet
-from lofa.hypertrain import LoRASet, check_shared, load_hypernet
+from lofa.hypertrain import check_shared
 from lofa.layers import Vocabulary
 from pipelines.orchestration import PipelineError
 from pipelines.stagedeps import check_stages, entry_module, import_closure, report

@@ -8,9 +8,9 @@ every later prompt; a prediction is then the text encoding plus the two trunks.
 keys, alpha folded into B, prompt / base-model hash / rank / producer in the
 safetensors header), which DiffSynth, ComfyUI and diffusers load.
 
-Artifact layout read here (what the pipeline stages write): ``<base>/dit.safetensors``
-+ ``dit.json``, ``<stage>/model.safetensors`` + ``model.json``, and the ``preprocess``
-section of ``params.yaml`` (profile, text length, clip size, local weight paths).
+What it reads (what the pipeline stages write): the base model and the two stage directories
+through :mod:`lofa.artifacts`, and the ``preprocess`` section of ``params.yaml`` (profile, text
+length, clip size, local weight paths).
 """
 
 from __future__ import annotations
@@ -24,24 +24,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from lofa.artifacts.base import BaseModel, load_base
+from lofa.artifacts.hypernets import load_stage
 from lofa.config import load_section
 from lofa.data.preprocess import PreprocessConfig, codec_for, text_encoder_for
 from lofa.encoders.text import TextEncoder, is_blank
 from lofa.encoders.video import VideoCodec, latent_shape
 from lofa.hypernet import EmbeddedGroup, HyperNet, HyperOutput, MatrixGroup, group_by_shape, trim_text
-from lofa.hypertrain import load_hypernet
-from lofa.io import ArtifactError, read_json
-from lofa.layers import ATTN_MODULES, Vocabulary
-from lofa.lora import LoRAFile, LoRAFormatError, LoRAWeights, base_weights, load_lora, save_lora
-from lofa.lora_formats import modules_in
+from lofa.layers import Vocabulary
+from lofa.lora import LoRAWeights, base_weights, save_lora
 from lofa.media import decode_latents, write_video
 from lofa.objectives import predicted_lora
 from lofa.serving.predict_graph import PredictionGraph
-from lofa.pretrain import dit_config_from_sidecar
 from lofa.sampling import sample
-from lofa.wan import WanDiTConfig, load_dit
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -62,82 +59,11 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
     return prompts
 
 
-# --------------------------------------------------------------------------- artifacts
-
-@dataclass(frozen=True)
-class BaseModel:
-    """The frozen base DiT, its shape and its content hash (from ``dit.json``)."""
-
-    dit: nn.Module
-    config: WanDiTConfig
-    hash: str
-    path: Path
-
-    def vocabulary(self, modules: Sequence[str] = ATTN_MODULES) -> Vocabulary:
-        return Vocabulary.from_dit_config(self.config, modules)
-
-
-def _require(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise ArtifactError(f"{path}: {what} not found")
-    return path
-
-
-def load_base(base_dir: str | Path, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32) -> BaseModel:
-    """The base DiT of ``base_dir`` (``dit.safetensors`` + ``dit.json``), frozen, in eval mode."""
-    base_dir = _require(Path(base_dir), "base model directory (with dit.safetensors and dit.json)")
-    sidecar = read_json(_require(base_dir / "dit.json", "base model sidecar"))
-    if "base_model_hash" not in sidecar or "config" not in sidecar:
-        raise ArtifactError(f"{base_dir / 'dit.json'}: lacks 'config' or 'base_model_hash'")
-    cfg = dit_config_from_sidecar(sidecar)
-    dit = load_dit(base_dir / "dit.safetensors", cfg, device=device, dtype=dtype).eval().requires_grad_(False)
-    return BaseModel(dit, cfg, str(sidecar["base_model_hash"]), base_dir / "dit.safetensors")
-
-
-def load_stage(stage_dir: str | Path, stage: int) -> tuple[HyperNet, str, str]:
-    """(frozen hypernetwork, its base-model hash, its weights hash) from a stage directory."""
-    weights = _require(Path(stage_dir), f"stage-{'I' * stage} directory") / "model.safetensors"
-    sidecar = read_json(_require(weights, f"stage-{'I' * stage} weights").with_suffix(".json"))
-    if not isinstance(sidecar.get("meta"), dict) or "hypernet" not in sidecar["meta"]:
-        raise ArtifactError(f"{weights.with_suffix('.json')}: no 'meta.hypernet' (not a hypernetwork export)")
-    model = load_hypernet(weights)
-    if model.cfg.stage != stage:
-        raise PredictError(f"{weights}: a stage-{model.cfg.stage} model where stage {stage} was expected")
-    return model, str(sidecar["meta"].get("base_model_hash", "")), str(sidecar.get("tensors_hash", ""))
-
+# --------------------------------------------------------------------------- params
 
 def load_preprocess(params_path: str | Path) -> PreprocessConfig:
     """The ``preprocess`` section: how prompts were encoded and clips sized for training."""
     return load_section(PreprocessConfig, "preprocess", params_path)
-
-
-def load_user_lora(path: str | Path, base: BaseModel) -> LoRAFile:
-    """A LoRA file validated against ``base`` (keys and shapes; first mismatch named).
-
-    The adapted modules are read from the file's keys (any of ``ALL_MODULES``, in any key
-    style of :mod:`lofa.lora_formats`), so attention-only and attention + FFN LoRAs both load.
-    A file made for another base model (header ``base_model_hash``) with matching shapes
-    loads with a warning.
-    """
-    path = _require(Path(path), "LoRA file")
-    modules = modules_in(_lora_keys(path)) or list(ATTN_MODULES)  # the file's modules, in any key style
-    lora = load_lora(path, base.vocabulary(modules))
-    made_for = lora.metadata.get("base_model_hash")
-    if made_for and made_for != base.hash:
-        warnings.warn(f"{path}: made for base model {made_for}, applied to {base.hash} ({base.path})",
-                      stacklevel=2)
-    return lora
-
-
-def _lora_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception as e:  # safetensors raises several unrelated types for a bad header
-        raise LoRAFormatError(f"{path}: not a valid safetensors file ({e})") from None
 
 
 # --------------------------------------------------------------------------- prediction

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lofa.io import read_json
+from lofa.artifacts.hypernets import SIDECAR, WEIGHTS, stage_meta
 from lofa.lora_formats import hypernet_card
 from lofa.serving.predict import Predictor, PredictError
 
@@ -57,12 +57,6 @@ class RegisterConfig:
     champion_bar: float = 0.05
 
 
-def _stage_meta(stage_dir: Path) -> dict[str, Any]:
-    sidecar = read_json(stage_dir / "model.json")
-    return {"config": sidecar["meta"]["hypernet"], "base_model_hash": sidecar["meta"].get("base_model_hash", ""),
-            "weights_hash": sidecar.get("tensors_hash", "")}
-
-
 def register_hypernet(mlflow: Any, stage2_dir: str | Path, stage1_dir: str | Path | None,
                       params_path: str | Path, base_dir: str | Path, *, name: str = MODEL_NAME) -> Any:
     """Log the hypernetwork to the active run and register it; returns the ModelVersion.
@@ -72,14 +66,14 @@ def register_hypernet(mlflow: Any, stage2_dir: str | Path, stage1_dir: str | Pat
         stage1_dir: None for the one-stage ablation (its stage II reads no stage-I tokens).
     """
     stage2_dir, params_path = Path(stage2_dir), Path(params_path)
-    s2 = _stage_meta(stage2_dir)
+    s2 = stage_meta(stage2_dir)
     artifacts = {"stage2": str(stage2_dir), "params": str(params_path)}
     tags = {"base_model_hash": s2["base_model_hash"], "stage2_weights_hash": s2["weights_hash"],
             "stage2_config": json.dumps(s2["config"], sort_keys=True)}
     if s2["config"].get("use_stage1", True):
         if stage1_dir is None:
             raise PredictError(f"{stage2_dir}: this stage-II model needs its stage-I directory")
-        s1 = _stage_meta(Path(stage1_dir))
+        s1 = stage_meta(Path(stage1_dir))
         if s1["base_model_hash"] != s2["base_model_hash"]:
             raise PredictError(f"{stage1_dir} was trained on base model {s1['base_model_hash']}, "
                                f"{stage2_dir} on {s2['base_model_hash']}")
@@ -90,11 +84,11 @@ def register_hypernet(mlflow: Any, stage2_dir: str | Path, stage1_dir: str | Pat
             if key in artifacts:
                 dst = Path(tmp) / key
                 dst.mkdir()
-                for f in ("model.safetensors", "model.json"):
+                for f in (WEIGHTS, SIDECAR):
                     shutil.copy2(Path(artifacts[key]) / f, dst / f)
                 artifacts[key] = str(dst)
         card = Path(tmp) / "README.md"  # the model card travels in the model's artifacts
-        card.write_text(hypernet_card(name, s2["base_model_hash"], {k: _stage_meta(Path(artifacts[k]))
+        card.write_text(hypernet_card(name, s2["base_model_hash"], {k: stage_meta(Path(artifacts[k]))
                                                                       for k in ("stage1", "stage2") if k in artifacts}))
         artifacts["model_card"] = str(card)
         with warnings.catch_warnings():  # no input example: it would load the base model while logging
