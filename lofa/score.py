@@ -198,7 +198,7 @@ def score_files(base_dir: str | Path, lora_paths: Sequence[str | Path], clip_fil
                             f"{tuple(context.shape[1:])} do not fit the base model {base.path}")
     judge = None
     if judge_dir is not None:
-        from lofa.judge import load_judge
+        from lofa.artifacts.judge import load_judge
 
         judge = load_judge(judge_dir)
     result: dict[str, Any] = {"clips": ids, "captions": captions, "config": dataclasses.asdict(cfg), "loras": {}}

@@ -18,6 +18,7 @@ import time
 import pandas as pd
 
 from lofa.artifacts.hypernets import load_hypernet, weights_file
+from lofa.artifacts.judge import SIDECAR, load_judge
 from lofa.artifacts.loras import CURVES
 from lofa.ceiling import ceiling_loras, generalist_lora
 from lofa.config import ConfigError, from_dict, to_dict
@@ -29,7 +30,6 @@ from lofa.evaluate import (EvalConfig, clip_losses, compare, judge_scores, metho
 from lofa.fit import FitConfig
 from lofa.fit_report import collect_curves
 from lofa.io import atomic_path, read_json, write_text
-from lofa.judge import SIDECAR, load_judge
 from lofa.media import decode_latents, side_by_side, write_video
 from lofa.objectives import Stage1LossConfig
 from lofa.serving.registry import CHAMPION, RegisterConfig, promote, register_hypernet

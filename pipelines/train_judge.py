@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 
+from lofa.artifacts.judge import KIND, SIDECAR, save_judge
 from lofa.config import from_dict, to_dict
 from lofa.data.preprocess import PreprocessConfig, codec_for
 from lofa.data.synthetic import SynthConfig
 from lofa.env import compute_device
 from lofa.io import SCHEMA_VERSION, write_json
-from lofa.judge import KIND, SIDECAR, JudgeConfig, build_judge, save_judge
+from lofa.judge import JudgeConfig, build_judge
 from lofa.tracking import stage_run
 from pipelines._common import section, stage_args, write_metrics
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lofa.artifacts.judge import load_judge, save_judge
 from lofa.data.preprocess import PreprocessConfig, codec_for
 from lofa.data.synthetic import STATED, SynthConfig
 from lofa.io import ArtifactError, write_json
-from lofa.judge import (JudgeConfig, accuracy, attribute_values, build_judge, label_indices, load_judge, predict,
-                        rendered_set, save_judge)
+from lofa.judge import JudgeConfig, accuracy, attribute_values, build_judge, label_indices, predict, rendered_set
 
 SYNTH = SynthConfig.from_params({"preset": "default", "frames": 9, "height": 32, "width": 32})
 PRE = PreprocessConfig(num_frames=9, height=32, width=32)

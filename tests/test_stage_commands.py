@@ -79,7 +79,7 @@ def test_synthesize_writes_every_clip_its_meta_and_a_contact_sheet(world: dict) 
 
 def test_train_judge_writes_a_judge_that_loads(world: dict) -> None:
     from lofa.data.synthetic import STATED
-    from lofa.judge import load_judge
+    from lofa.artifacts.judge import load_judge
 
     m = world["metrics"]["train_judge"]
     assert set(m["render_val"]) == {f"{a}_acc" for a in STATED} | {"all_acc"}

@@ -9,6 +9,8 @@ One module per kind of artifact, so that a stage imports only the kinds it reads
 - :mod:`lofa.artifacts.loras`: the fitted LoRAs of ``fit_loras`` (``<out>/loras/<clip>.safetensors`` and
   ``<out>/curves/<clip>.json``), the LoRA sets the hypernetwork stages train on, and user LoRA files
   checked against a base model. The file format itself is :mod:`lofa.lora` and :mod:`lofa.lora_formats`.
+- :mod:`lofa.artifacts.judge`: the synthetic profile's judge, ``<judge>/judge.safetensors`` + ``judge.json``
+  (``train_judge`` writes them; ``evaluate`` and ``lofa score`` read them).
 - :mod:`lofa.artifacts.hypernets`: the stage-I and stage-II hypernetworks, ``<stage>/model.safetensors`` +
   ``model.json`` (exported at the end of :func:`lofa.train.train`, with the sidecar
   ``meta`` of :func:`lofa.artifacts.hypernets.hypernet_meta`).
