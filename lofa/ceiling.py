@@ -27,10 +27,9 @@ from torch import nn
 from lofa.data.motionx import resize_center_crop, sample_indices
 from lofa.data.preprocess import PreprocessConfig
 from lofa.data.synthetic import SynthConfig, render_like
-from lofa.fit import FitConfig, attention_backend, autocast, derive_seed, draw_step, init_lora
+from lofa.fit import FitConfig, attention_backend, derive_seed, draw_step, init_lora, train_losses
 from lofa.layers import Vocabulary
 from lofa.lora import LoRAWeights
-from lofa.wan import flow_loss
 
 
 @torch.no_grad()
@@ -80,7 +79,6 @@ def fit_pooled(dit: nn.Module, vocab: Vocabulary, latents: torch.Tensor, context
     opt = torch.optim.AdamW(lora.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                             weight_decay=cfg.weight_decay)
     rep = torch.arange(k, device=device).repeat_interleave(per_step)  # sample -> its LoRA
-    impl = cfg.block_impl_on(latents.device)
     for _ in range(steps):
         pick = torch.cat([p[torch.randint(len(p), (per_step,), generator=g, device=g.device).cpu()]
                           for p, g in zip(pool_t, gens)]).to(device)
@@ -88,9 +86,7 @@ def fit_pooled(dit: nn.Module, vocab: Vocabulary, latents: torch.Tensor, context
         batch = lora if k == 1 else LoRAWeights(vocab, tuple(a[rep] for a in lora.A),
                                                 tuple(b[rep] for b in lora.B), lora.scale)
         with attention_backend(cfg):  # fit_loras' precision, kernels and checkpointing
-            with autocast(dit, cfg):
-                losses = flow_loss(dit, latents[pick], context[pick], ts, noise, lora=batch,
-                                   grad_checkpointing=cfg.checkpointing, block_impl=impl)
+            losses = train_losses(dit, latents[pick], context[pick], ts, noise, batch, cfg)
             (losses.sum() / per_step).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

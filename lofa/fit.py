@@ -291,17 +291,24 @@ def _from_init(init: LoRAWeights, k: int, cfg: FitConfig, device: torch.device) 
     return LoRAWeights(init.vocab, A, B, cfg.scale)
 
 
+def train_losses(dit: nn.Module, latents: torch.Tensor, context: torch.Tensor, ts: torch.Tensor,
+                 noise: torch.Tensor, lora: LoRAWeights, cfg: FitConfig) -> torch.Tensor:
+    """(K,) flow losses of one training step as ``fit_loras`` computes them: ``cfg``'s compute dtype,
+    block implementation and checkpointing. Call it inside :func:`attention_backend`, which must
+    also cover the backward (checkpointed blocks recompute there)."""
+    with autocast(dit, cfg):
+        return flow_loss(dit, latents, context, ts, noise, lora=lora, grad_checkpointing=cfg.checkpointing,
+                         block_impl=cfg.block_impl_on(latents.device))
+
+
 def _train(dit: nn.Module, latents: torch.Tensor, context: torch.Tensor, cfg: FitConfig,
            gens: Sequence[torch.Generator], lora: LoRAWeights, opt: torch.optim.Optimizer,
            curve: torch.Tensor, on_step: Callable[[int, torch.Tensor], None] | None) -> None:
     """The optimisation loop of :func:`fit_batch`; fills ``curve`` (K, steps)."""
-    impl = cfg.block_impl_on(latents.device)
     for step in range(cfg.steps):
         ts, noise = draw_step(gens, latents.shape[1:], cfg, latents.device)
         with attention_backend(cfg):
-            with autocast(dit, cfg):
-                losses = flow_loss(dit, latents, context, ts, noise, lora=lora,
-                                   grad_checkpointing=cfg.checkpointing, block_impl=impl)
+            losses = train_losses(dit, latents, context, ts, noise, lora, cfg)
             losses.sum().backward()
         if cfg.max_grad_norm is not None:
             _clip_per_clip(lora.parameters(), cfg.max_grad_norm)

@@ -36,12 +36,18 @@ def hypernet_meta(cfg: HyperNetConfig, vocab: Vocabulary, base_hash: str) -> dic
                       "modules": list(vocab.modules)}}
 
 
+def _read_meta(sidecar_path: Path) -> tuple[Any, dict[str, Any]]:
+    """A sidecar and its ``meta`` ({} when it has none)."""
+    sidecar = read_json(sidecar_path)
+    meta = sidecar.get("meta") if isinstance(sidecar, dict) else None
+    return sidecar, meta if isinstance(meta, dict) else {}
+
+
 def load_hypernet(path: str | Path) -> HyperNet:
     """A trained hypernetwork from ``model.safetensors`` and its ``model.json`` sidecar (strict)."""
     path = Path(path)
-    sidecar = read_json(path.with_suffix(".json"))
-    meta = sidecar.get("meta") if isinstance(sidecar, dict) else None
-    if not isinstance(meta, dict) or not {"hypernet", "vocab"} <= set(meta):
+    _, meta = _read_meta(path.with_suffix(".json"))
+    if not {"hypernet", "vocab"} <= set(meta):
         raise ArtifactError(f"{path.with_suffix('.json')}: no 'meta.hypernet' and 'meta.vocab' "
                             "(not the sidecar of a hypernetwork export)")
     cfg = from_dict(HyperNetConfig, meta["hypernet"], f"{path.with_suffix('.json')}:meta.hypernet")
@@ -55,9 +61,8 @@ def stage_meta(stage_dir: str | Path) -> dict[str, Any]:
     """A stage directory's hypernetwork config, base-model hash and weights hash, from its sidecar
     alone (no weights read)."""
     path = Path(stage_dir) / SIDECAR
-    sidecar = read_json(path)
-    meta = sidecar.get("meta") if isinstance(sidecar, dict) else None
-    if not isinstance(meta, dict) or "hypernet" not in meta:
+    sidecar, meta = _read_meta(path)
+    if "hypernet" not in meta:
         raise ArtifactError(f"{path}: no 'meta.hypernet' (not a hypernetwork export)")
     return {"config": meta["hypernet"], "base_model_hash": str(meta.get("base_model_hash", "")),
             "weights_hash": str(sidecar.get("tensors_hash", ""))}
