@@ -33,7 +33,7 @@ from prefect.tasks import exponential_backoff
 from lofa.env import setup_env
 from pipelines.flow_artifacts import apply_overrides, parse_set, publish_evaluation
 from pipelines.orchestration import (Stage, StageFailed, Step, load_stages, plan, read_metrics, record_stage,
-                                run_command, save_experiment, stage_up_to_date)
+                                     run_command, save_experiment, stage_up_to_date)
 
 FLOW_NAME = "lofa-pipeline"
 RUNNERS = ("thread", "dask")

@@ -5,8 +5,7 @@
 #   ONLY=predict,train1 bash scripts/device_bench.sh  # other sections of benchmarks/bench_hypernet.py
 set -uo pipefail
 OUT=${OUT:-/tmp/bench_out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+source scripts/device_env.sh .whl/*.whl
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 python3 benchmarks/bench_hypernet.py --repeats 10 --no-ckpt --only "${ONLY:-ceiling,graph_predict,predictor,train1_compiled}" \
   2>&1 | grep --line-buffered -v -e Warning -e warnings.warn | tee "$OUT/bench.log" | tail -30

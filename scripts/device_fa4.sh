@@ -9,9 +9,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/fa4_out}; mkdir -p "$OUT"
 cat .fa4/gpa/cu12.part.aa .fa4/gpb/cu12.part.ab > /tmp/nvidia_cutlass_dsl_libs_cu12-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .fa4/gpa/*.whl || exit 1
+source scripts/device_env.sh .fa4/gpa/*.whl
 for w in .fa4/gpb/*.whl /tmp/nvidia_cutlass_dsl_libs_cu12-*.whl; do python3 -m zipfile -e "$w" /tmp/site || exit 1; done
-export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
 python3 -c "import flash_attn.cute.interface; print('flash-attn-4 imports')" || exit 1
 python3 benchmarks/bench_fit.py --resolutions "${RESOLUTIONS:-81x480x832,17x256x256}" --budget-s "${BUDGET_S:-150}" 2>&1 \
   | tee "$OUT/bench.log" | tail -30

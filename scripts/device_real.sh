@@ -6,8 +6,8 @@
 # $OUT/real_runs.tar.gz (import here: `python -m lofa.device_runs import DIR`).
 set -uo pipefail
 OUT=${OUT:-/tmp/real_out}; WORK=${WORK:-/tmp/real}; mkdir -p "$OUT" "$WORK/track"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .real/whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 LOFA_REGISTER_MODEL=0
+source scripts/device_env.sh .whl/*.whl .real/whl/*.whl
+export LOFA_REGISTER_MODEL=0
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # fewer fragments beside the 1.3B DiT
 export MLFLOW_TRACKING_URI=sqlite:///$WORK/track/mlflow.db LOFA_MLFLOW_ARTIFACTS=$WORK/track/artifacts
 export LOFA_PIPELINE_ID=${LOFA_PIPELINE_ID:-real-$(date -u +%Y%m%dT%H%M%SZ)}

@@ -251,9 +251,9 @@ class Rows:
             print(f"[real_profile] {name} at {size}: done in an earlier call, skipped", flush=True)
             return
         self.rows.append({**_run(name, argv, cwd, log), "size": size})
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.rows, indent=1) + "\n")
-        tmp.replace(self.path)
+        from lofa.io import write_json  # atomic
+
+        write_json(self.path, self.rows)
 
 
 def run_stages(root: Path, work: Path, params: Path, size: str, log: Path, rows: Rows) -> None:

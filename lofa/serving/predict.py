@@ -37,8 +37,8 @@ from lofa.layers import Vocabulary
 from lofa.lora import LoRAWeights, base_weights, save_lora
 from lofa.media import decode_latents, write_video
 from lofa.objectives import predicted_lora
-from lofa.serving.predict_graph import PredictionGraph
 from lofa.sampling import sample
+from lofa.serving.predict_graph import PredictionGraph
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
