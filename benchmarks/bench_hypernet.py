@@ -236,6 +236,16 @@ def attention_off(fn: Callable[[], object]) -> object:
         attention.ENABLED = True
 
 
+def kernel_kind(name: str) -> str:
+    """A CUDA kernel's kind from its name: attention, gemm, triton (inductor's fused ops) or other."""
+    low = name.lower()
+    if any(k in low for k in ("flash", "fmha", "attention", "cudnn", "sdpa")):
+        return "attention"
+    if any(k in low for k in ("gemm", "nvjet", "xmma", "cutlass", "sm90", "scaled_mm")):
+        return "gemm"
+    return "triton" if low.startswith("triton") else "other"
+
+
 def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]:
     """Device time of one call of ``fn`` by kernel, and summed by kind (gemm, attention, triton, other)."""
     from torch.profiler import ProfilerActivity, profile
@@ -255,16 +265,9 @@ def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]
                 "kernels": len(spans)}
     rows = sorted((r for r in rows if r[2] > 0), key=lambda r: -r[2])
 
-    def kind(name: str) -> str:
-        low = name.lower()
-        if any(k in low for k in ("flash", "fmha", "attention", "cudnn", "sdpa")):
-            return "attention"
-        if any(k in low for k in ("gemm", "nvjet", "xmma", "cutlass", "sm90", "scaled_mm")):
-            return "gemm"
-        return "triton" if low.startswith("triton") else "other"
     by_kind: dict[str, float] = {}
     for name, _, ms in rows:
-        by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + ms
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
     return {"total_ms": sum(r[2] for r in rows), "by_kind_ms": by_kind, **timeline,
             "top": [{"kernel": n[:100], "calls": c, "ms": round(ms, 3)} for n, c, ms in rows[:top]]}
 
@@ -770,6 +773,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                                                                 profile=True), gpu and args.autotune),
             ("autotune_train1", lambda: b.run_train(True, (False,), profile=True, mode="max-autotune-no-cudagraphs"),
              gpu and args.autotune)]
+    # these sections compare against the eager bf16 prediction ("predict" keeps its models and output)
+    if only & {"compiled_predict", "compiled_predict_cached", "graphs_predict_cached", "graph_predict",
+               "graph_predict_sdpa", "graph_predict_eager", "fp8", "dit", "autotune_predict"}:
+        only.add("predict")
     for name, fn, enabled in plan:
         if enabled and name not in skip and (not only or name in only):
             b.section(name, fn)

@@ -13,5 +13,7 @@ source scripts/device_env.sh .fa4/gpa/*.whl
 for w in .fa4/gpb/*.whl /tmp/nvidia_cutlass_dsl_libs_cu12-*.whl; do python3 -m zipfile -e "$w" /tmp/site || exit 1; done
 export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
 python3 -c "import flash_attn.cute.interface; print('flash-attn-4 imports')" || exit 1
+[ -n "${BREAKDOWN:-}" ] && python3 benchmarks/fit_breakdown.py --attention fa4,sdpa 2>&1 \
+  | grep --line-buffered -v -e Warning -e warnings.warn | tee "$OUT/breakdown.log" | tail -60
 python3 benchmarks/bench_fit.py --resolutions "${RESOLUTIONS:-81x480x832,17x256x256}" --budget-s "${BUDGET_S:-150}" 2>&1 \
   | tee "$OUT/bench.log" | tail -30

@@ -13,7 +13,7 @@ export MLFLOW_TRACKING_URI=sqlite:///$WORK/track/mlflow.db LOFA_MLFLOW_ARTIFACTS
 export LOFA_PIPELINE_ID=${LOFA_PIPELINE_ID:-real-$(date -u +%Y%m%dT%H%M%SZ)}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 scripts/real_profile.py run --root .real/motionx --work "$WORK" --out "$OUT" "$@" 2>&1 \
-  | grep --line-buffered -v -e Warning -e warnings.warn | tee "$OUT/real.log" | grep --line-buffered -e '^\[real_profile\]' -e Error -e '^[a-z_]* .* s ' 
+  | grep --line-buffered -v -e Warning -e warnings.warn | tee "$OUT/real.log" | grep --line-buffered -e '^\[real_profile\]' -e Error -e '^[a-z_0-9]* .* s ' 
 rc=${PIPESTATUS[0]}
 cp "$WORK/stages.log" "$OUT/" 2>/dev/null
 rm -rf "$WORK/track/export"

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 STAGES = ("preprocess", "pretrain_base", "fit_loras", "train_stage1", "train_stage2", "train_stage2_naive",
           "evaluate")
+SKIPPABLE = ("train_stage2_naive", "evaluate")  # stages that predict and generate do not read
 UMT5_VOCAB = 256384
 CAPTIONS = ("a person walks forward and waves the right hand", "a person jumps twice in place",
             "a person turns around slowly with arms raised", "a person kicks with the left leg",
@@ -208,13 +209,17 @@ class GpuPeak:
             self._thread.join(timeout=5)
 
 
-def stage_commands(root: Path, params: Path) -> list[tuple[str, list[str]]]:
-    """(stage, argv) for STAGES: the commands of dvc.yaml with the MotionX root and params file."""
+def stage_commands(root: Path, params: Path, skip: frozenset[str] = frozenset()) -> list[tuple[str, list[str]]]:
+    """(stage, argv) for STAGES but ``skip`` (of SKIPPABLE): the commands of dvc.yaml with the
+    MotionX root and params file."""
+    if skip - set(SKIPPABLE):
+        raise ValueError(f"only {', '.join(SKIPPABLE)} can be skipped (predict and generate need the "
+                         f"others), not {', '.join(sorted(skip - set(SKIPPABLE)))}")
     from pipelines.orchestration import load_stages
 
     stages = {s.name: s for s in load_stages(REPO / "dvc.yaml")}
     out = []
-    for name in STAGES:
+    for name in (n for n in STAGES if n not in skip):
         argv = shlex.split(stages[name].cmd.replace("data/motionx_synth", str(root)))
         if argv[0].endswith("python"):
             argv[0] = sys.executable
@@ -256,9 +261,10 @@ class Rows:
         write_json(self.path, self.rows)
 
 
-def run_stages(root: Path, work: Path, params: Path, size: str, log: Path, rows: Rows) -> None:
-    """Every stage, then predict and generate at ``size`` (frames x height x width)."""
-    for name, argv in stage_commands(root, params):
+def run_stages(root: Path, work: Path, params: Path, size: str, log: Path, rows: Rows,
+               skip: frozenset[str] = frozenset()) -> None:
+    """Every stage but ``skip``, then predict and generate at ``size`` (frames x height x width)."""
+    for name, argv in stage_commands(root, params, skip):
         rows.run(name, argv, work, log, size)
     pre = yaml.safe_load(params.read_text())["preprocess"]
     device = "cuda" if pre["device"] == "cuda" else "cpu"
@@ -320,7 +326,11 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--phase", choices=("setup", "stages", "all"), default="all")
     r.add_argument("--tiny", action="store_true", help="CPU: tiny umT5 and DiT, 17x64x64")
     r.add_argument("--small", default="17x256x256", help="also preprocess + fit at this size ('' to skip)")
+    r.add_argument("--skip", default="", help=f"comma-separated stages not to run (of {', '.join(SKIPPABLE)})")
     args = p.parse_args(argv)
+    skip = frozenset(filter(None, getattr(args, "skip", "").split(",")))
+    if skip - set(SKIPPABLE):
+        p.error(f"--skip: only {', '.join(SKIPPABLE)} can be left out, not {', '.join(sorted(skip - set(SKIPPABLE)))}")
     if args.cmd == "clips":
         f, h, w = (int(x) for x in args.size.split("x"))
         make_clips(args.root, args.num, f, h, w)
@@ -337,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         pre = yaml.safe_load(params.read_text())["preprocess"]
         size = f"{pre['num_frames']}x{pre['height']}x{pre['width']}"
         rows = Rows(work / "rows.json")
-        run_stages(args.root.resolve(), work, params, size, work / "stages.log", rows)
+        run_stages(args.root.resolve(), work, params, size, work / "stages.log", rows, skip)
         if args.small and not args.tiny:
             small = work / f"size_{args.small}"
             sp = run_params(small, models, args.tiny, tuple(int(x) for x in args.small.split("x")))

@@ -261,3 +261,23 @@ def test_stale_loras_are_fitted_again(tmp_path, dit):
     with pytest.warns(UserWarning, match="fitted on base model"):
         again = fit_shard(copy.deepcopy(dit), recs, out, longer, base_hash="another-base", progress=False)
     assert len(again.fitted) == 2
+
+
+def test_fit_breakdown_tiny(tmp_path, monkeypatch):
+    """benchmarks/fit_breakdown.py on a tiny DiT: the step's FLOPs by part, timed steps, a profile."""
+    import runpy
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["fit_breakdown.py", "--tiny", "--attention", "sdpa", "--steps", "4"])
+    runpy.run_path(str(ROOT / "benchmarks" / "fit_breakdown.py"), run_name="__main__")
+    result = json.loads((tmp_path / "fit_breakdown.json").read_text())
+    tokens = result["tokens"]
+    assert tokens == 2 * 8 * 8 // 4
+    from lofa.wan import WAN_TINY as cfg
+    # self-attention: 4 * heads * S^2 * head_dim * 3.5 per layer
+    assert result["tflop"]["self_attention"] * 1e12 == pytest.approx(
+        4 * cfg.num_heads * tokens ** 2 * (cfg.dim // cfg.num_heads) * 3.5 * cfg.num_layers)
+    assert all(v > 0 for v in result["tflop"].values())
+    (run,) = result["runs"]
+    assert "status" not in run and len(run["steps"]) == 4 and run["s_per_step"] > 0
+    assert run["profile"]["device_ms"] > 0 and run["profile"]["top"]

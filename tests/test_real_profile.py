@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "real_profile.py"
 
 
@@ -27,6 +26,7 @@ def _script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_tiny_real_profile_end_to_end(tmp_path: Path) -> None:
     root, work = tmp_path / "motionx", tmp_path / "work"
     _script("clips", "--root", str(root), "--size", "33x96x128", cwd=tmp_path)
@@ -51,3 +51,24 @@ def test_tiny_real_profile_end_to_end(tmp_path: Path) -> None:
     assert (work / "generated.gif").stat().st_size > 0
     est = report["estimates"]["by_size"]["17x64x64"]
     assert est["fit_clip_steps_per_s"] > 0 and est["gpu_hours_10000_clips"] > est["gpu_hours_1000_clips"] > 0
+
+
+def test_skip_leaves_out_only_what_predict_and_generate_do_not_read(tmp_path: Path) -> None:
+    """--skip evaluate,train_stage2_naive keeps every stage predict and generate need, in order;
+    a stage they need cannot be skipped, on the command line or in the function."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_profile", SCRIPT)
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    params = tmp_path / "params.yaml"
+    names = [n for n, _ in rp.stage_commands(tmp_path, params, frozenset({"evaluate", "train_stage2_naive"}))]
+    assert names == ["preprocess", "pretrain_base", "fit_loras", "train_stage1", "train_stage2"]
+    commands = dict(rp.stage_commands(tmp_path, params))
+    assert list(commands) == list(rp.STAGES)
+    assert commands["preprocess"][-2:] == ["--params", str(params)] and str(tmp_path) in commands["preprocess"]
+    with pytest.raises(ValueError, match="not fit_loras"):
+        rp.stage_commands(tmp_path, params, frozenset({"fit_loras"}))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "run", "--root", "r", "--work", "w", "--skip", "fit_loras"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "only train_stage2_naive, evaluate can be left out, not fit_loras" in proc.stderr
