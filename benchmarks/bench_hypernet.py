@@ -246,6 +246,17 @@ def kernel_kind(name: str) -> str:
     return "triton" if low.startswith("triton") else "other"
 
 
+def kernel_times(prof, field: str = "self_device_time_total") -> tuple[list[tuple[str, int, float]], dict[str, float]]:
+    """A finished profile's kernels as (name, calls, ms) rows, longest first, and their ms summed by
+    :func:`kernel_kind`; ``field``: the profiler's time to read (``self_cpu_time_total`` on a CPU)."""
+    rows = [(e.key, e.count, getattr(e, field, 0.0) / 1e3) for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r[2] > 0), key=lambda r: -r[2])
+    by_kind: dict[str, float] = {}
+    for name, _, ms in rows:
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+    return rows, by_kind
+
+
 def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]:
     """Device time of one call of ``fn`` by kernel, and summed by kind (gemm, attention, triton, other)."""
     from torch.profiler import ProfilerActivity, profile
@@ -253,7 +264,6 @@ def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    rows = [(e.key, e.count, getattr(e, "self_device_time_total", 0.0) / 1e3) for e in prof.key_averages()]
     # the kernels' timeline: from the first start to the last end, and the time no kernel ran in it
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
@@ -263,11 +273,7 @@ def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict[str, object]
         reach = max(reach, end)
     timeline = {"span_ms": round((reach - spans[0][0]) / 1e3, 3) if spans else 0.0, "idle_ms": round(idle / 1e3, 3),
                 "kernels": len(spans)}
-    rows = sorted((r for r in rows if r[2] > 0), key=lambda r: -r[2])
-
-    by_kind: dict[str, float] = {}
-    for name, _, ms in rows:
-        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+    rows, by_kind = kernel_times(prof)
     return {"total_ms": sum(r[2] for r in rows), "by_kind_ms": by_kind, **timeline,
             "top": [{"kernel": n[:100], "calls": c, "ms": round(ms, 3)} for n, c, ms in rows[:top]]}
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_hypernet import kernel_kind, matmul_ceiling  # noqa: E402
+from bench_hypernet import kernel_times, matmul_ceiling  # noqa: E402
 
 from lofa.fit import FitConfig, fit_batch  # noqa: E402
 from lofa.layers import Vocabulary  # noqa: E402
@@ -87,12 +87,7 @@ def measure(dit, vocab: Vocabulary, lat_shape: tuple[int, ...], text_dim: int, a
 
 def _profile_summary(prof, device: torch.device) -> dict:
     """The profiled step's kernels (operators on CPU), summed by kind."""
-    field = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    rows = [(e.key, e.count, getattr(e, field, 0.0) / 1e3) for e in prof.key_averages()]
-    rows = sorted((r for r in rows if r[2] > 0), key=lambda r: -r[2])
-    by_kind: dict[str, float] = {}
-    for name, _, ms in rows:
-        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+    rows, by_kind = kernel_times(prof, "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total")
     return {"device_ms": round(sum(r[2] for r in rows), 2), "by_kind_ms": {k: round(v, 2) for k, v in by_kind.items()},
             "top": [{"kernel": n[:90], "calls": c, "ms": round(ms, 2)} for n, c, ms in rows[:20]]}
 
@@ -135,7 +130,8 @@ def main() -> None:
         result["runs"].append(run)
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "fit_breakdown.json").write_text(json.dumps(result, indent=2) + "\n")
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print(json.dumps(result, indent=2))
 
 

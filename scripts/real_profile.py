@@ -209,12 +209,17 @@ class GpuPeak:
             self._thread.join(timeout=5)
 
 
+def check_skip(skip: frozenset[str]) -> None:
+    """ValueError unless every stage in ``skip`` is one of SKIPPABLE."""
+    if skip - set(SKIPPABLE):
+        raise ValueError(f"only {', '.join(SKIPPABLE)} can be left out, not {', '.join(sorted(skip - set(SKIPPABLE)))} "
+                         "(predict and generate need it)")
+
+
 def stage_commands(root: Path, params: Path, skip: frozenset[str] = frozenset()) -> list[tuple[str, list[str]]]:
     """(stage, argv) for STAGES but ``skip`` (of SKIPPABLE): the commands of dvc.yaml with the
     MotionX root and params file."""
-    if skip - set(SKIPPABLE):
-        raise ValueError(f"only {', '.join(SKIPPABLE)} can be skipped (predict and generate need the "
-                         f"others), not {', '.join(sorted(skip - set(SKIPPABLE)))}")
+    check_skip(skip)
     from pipelines.orchestration import load_stages
 
     stages = {s.name: s for s in load_stages(REPO / "dvc.yaml")}
@@ -329,8 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--skip", default="", help=f"comma-separated stages not to run (of {', '.join(SKIPPABLE)})")
     args = p.parse_args(argv)
     skip = frozenset(filter(None, getattr(args, "skip", "").split(",")))
-    if skip - set(SKIPPABLE):
-        p.error(f"--skip: only {', '.join(SKIPPABLE)} can be left out, not {', '.join(sorted(skip - set(SKIPPABLE)))}")
+    try:
+        check_skip(skip)
+    except ValueError as e:
+        p.error(f"--skip: {e}")
     if args.cmd == "clips":
         f, h, w = (int(x) for x in args.size.split("x"))
         make_clips(args.root, args.num, f, h, w)
